@@ -1,0 +1,63 @@
+import json
+
+import pytest
+
+from larosa.cli import main
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_calibrate_then_eval_ppl_json(model_dir, tmp_path, capsys):
+    text, rot = tmp_path / "text.txt", tmp_path / "rot.safetensors"
+    code, out, _ = run(capsys, "calibrate", model_dir, "--data", text, "--out", rot, "--windows", 4,
+                       "--seq-len", 32, "--json", "--quiet")
+    assert code == 0 and rot.exists()
+    meta = json.loads(out)
+    assert meta["tokens"] == "128" and meta["num_layers"] == "3"
+
+    common = ("eval", "ppl", model_dir, "--data", text, "--seq-len", 32, "--windows", 3, "--json", "--quiet")
+    code, out, _ = run(capsys, *common)
+    dense = json.loads(out)
+    assert code == 0 and dense["tokens"] == 3 * 31 and dense["windows"] == 3 and dense["site_sparsity"] == {}
+    assert set(dense) >= {"ppl", "tokens", "windows", "nominal_sparsity", "param_weighted_sparsity",
+                          "site_sparsity", "seconds"}
+
+    code, out, _ = run(capsys, *common, "--rotations", rot, "--sparsity", 0)
+    zero = json.loads(out)
+    assert zero["ppl"] == pytest.approx(dense["ppl"], rel=1e-5)
+
+    code, out, _ = run(capsys, *common, "--rotations", rot, "--sparsity", 0.5, "--site", "down_in=0.25")
+    sparse = json.loads(out)
+    assert sparse["nominal_sparsity"] == 0.5
+    assert sparse["configured_site_sparsity"] == pytest.approx(
+        {"attn_in": 0.4, "o_in": 0.6, "mlp_in": 0.4, "down_in": 0.25})
+    for site, s in sparse["configured_site_sparsity"].items():
+        assert sparse["site_sparsity"][site] == pytest.approx(s, abs=1 / 64)
+    assert 0 < sparse["param_weighted_sparsity"] < 0.6 and sparse["ppl"] != dense["ppl"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sparsity", 1.2], "must be in [0, 1)"),
+    (["--rotations", "missing.safetensors", "--sparsity", 0.4], "rotations file not found"),
+    (["--rotations", "text.txt"], "--rotations needs --sparsity"),
+])
+def test_bad_input_exits_2_with_a_message(model_dir, tmp_path, capsys, argv, message):
+    argv = [str(tmp_path / a) if str(a).endswith((".safetensors", ".txt")) else a for a in argv]
+    code, _, err = run(capsys, "eval", "ppl", model_dir, "--data", tmp_path / "text.txt", "--seq-len", 32,
+                       "--quiet", *argv)
+    assert code == 2 and message in err
+
+
+def test_rotations_for_another_model_exit_2(model_dir, tmp_path, capsys):
+    from conftest import random_windows, tiny_model
+
+    import larosa
+
+    larosa.calibrate(tiny_model("qwen2"), random_windows(), progress=False).save(tmp_path / "q.safetensors")
+    code, _, err = run(capsys, "eval", "ppl", model_dir, "--data", tmp_path / "text.txt", "--seq-len", 32,
+                       "--quiet", "--rotations", tmp_path / "q.safetensors", "--sparsity", 0.4)
+    assert code == 2 and "calibrate this model first" in err

@@ -1,0 +1,102 @@
+import pytest
+import torch
+from conftest import random_windows, tiny_model
+
+import larosa
+from larosa.rotations import Rotations, pca_rotation
+
+
+def test_pca_rotation_is_an_orthogonal_descending_eigenbasis():
+    x = torch.randn(500, 24, dtype=torch.float64) @ torch.randn(24, 24, dtype=torch.float64)
+    xtx = x.T @ x
+    q, ev = pca_rotation(xtx)
+    assert (q.double().T @ q.double() - torch.eye(24, dtype=torch.float64)).abs().max() < 1e-6
+    assert torch.all(ev[:-1] >= ev[1:])
+    torch.testing.assert_close((xtx @ q.double()) / ev.double().clamp_min(1e-9), q.double(), atol=1e-4, rtol=1e-4)
+
+
+def _reference_second_moments(model, windows):
+    """XᵀX of every norm output from ordinary full-model forwards: what layerwise calibration must reproduce."""
+    acc, hooks = {}, []
+    for i, layer in enumerate(model.model.layers):
+        for block, norm in (("attn", layer.input_layernorm), ("mlp", layer.post_attention_layernorm)):
+            def hook(mod, args, out, key=(i, block)):
+                x = out.reshape(-1, out.shape[-1]).double()
+                acc[key] = acc.get(key, 0) + x.T @ x
+            hooks.append(norm.register_forward_hook(hook))
+    with torch.no_grad():
+        for w in windows:
+            model(w[None])
+    for h in hooks:
+        h.remove()
+    return acc
+
+
+def test_layerwise_calibration_matches_full_forward(model):
+    windows = random_windows()
+    rot = larosa.calibrate(model, windows, device="cpu", progress=False)
+    ref = _reference_second_moments(model, windows)
+    assert rot.n_layers == 3 and rot.hidden_size == 64
+    for (i, block), xtx in ref.items():
+        q = rot.q[block][i].double()
+        assert (q.T @ q - torch.eye(64, dtype=torch.float64)).abs().max() < 1e-5
+        q_ref, ev_ref = pca_rotation(xtx)
+        torch.testing.assert_close(rot.eigvals[block][i], ev_ref, rtol=1e-4, atol=1e-3)
+        # Same eigenbasis: Q_refᵀ Q is the identity wherever eigenvalues are well separated.
+        torch.testing.assert_close(q_ref.double().T @ q, torch.eye(64, dtype=torch.float64), atol=2e-3, rtol=0)
+    assert rot.meta["tokens"] == str(windows.numel())
+
+
+def test_save_load_round_trip_is_bit_exact(tmp_path):
+    model = tiny_model("qwen2")
+    rot = larosa.calibrate(model, random_windows(), device="cpu", progress=False)
+    rot.save(tmp_path / "r.safetensors")
+    back = Rotations.load(tmp_path / "r.safetensors")
+    assert back.meta == rot.meta
+    for block in ("attn", "mlp"):
+        for a, b in zip(rot.q[block] + rot.eigvals[block], back.q[block] + back.eigvals[block]):
+            assert torch.equal(a, b)
+    assert not list(tmp_path.glob("*.tmp"))
+    back.check_model(model)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    rot = larosa.calibrate(tiny_model("llama"), random_windows(), device="cpu", progress=False)
+    rot.save(tmp_path / "r.safetensors")
+    return tmp_path / "r.safetensors"
+
+
+def test_rotations_for_another_architecture_are_refused(saved):
+    rot = Rotations.load(saved)
+    with pytest.raises(larosa.LarosaError, match="calibrate this model first"):
+        rot.check_model(tiny_model("qwen2"))  # same dims, other family
+    with pytest.raises(larosa.LarosaError, match="calibrate this model first"):
+        larosa.sparsify(tiny_model("llama", vocab=128), rot, 0.4)  # same family, other config
+
+
+def test_rotations_from_other_weights_warn(saved):
+    with pytest.warns(UserWarning, match="other weights"):
+        Rotations.load(saved).check_model(tiny_model("llama", seed=5))
+
+
+def test_missing_truncated_and_foreign_files_are_clear_errors(saved, tmp_path):
+    with pytest.raises(larosa.LarosaError, match="not found"):
+        Rotations.load(tmp_path / "nope.safetensors")
+    data = saved.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(larosa.LarosaError, match="truncated or corrupted"):
+        Rotations.load(tmp_path / "cut.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, tmp_path / "other.safetensors")
+    with pytest.raises(larosa.LarosaError, match="not a larosa rotations file"):
+        Rotations.load(tmp_path / "other.safetensors")
+
+
+def test_non_orthogonal_rotation_is_refused(saved, tmp_path):
+    rot = Rotations.load(saved)
+    rot.q["mlp"][1] = rot.q["mlp"][1] * 1.01
+    rot.save(tmp_path / "bad.safetensors")
+    with pytest.raises(larosa.LarosaError, match="layers.1.mlp is not orthogonal"):
+        Rotations.load(tmp_path / "bad.safetensors")
