@@ -17,7 +17,8 @@ from . import __version__
 from .adapters import Adapter, adapter_for
 from .data import token_windows
 from .models import default_device
-from .rotations import BLOCKS, Rotations, config_hash, pca_rotation, weights_fingerprint
+from .errors import LarosaError
+from .rotations import SIGNALS, Rotations, config_hash, pca_rotation, weights_fingerprint
 
 
 def _first_layer_inputs(adapter: Adapter, windows: torch.Tensor, device: torch.device):
@@ -60,16 +61,34 @@ def _first_layer_inputs(adapter: Adapter, windows: torch.Tensor, device: torch.d
 
 
 class SecondMoment:
-    """Running XᵀX over tokens in float64: sums of outer products lose digits in float32 over many tokens."""
+    """Running XᵀX over tokens in float64 (sums of outer products lose digits in float32 over many tokens).
 
-    def __init__(self) -> None:
+    With ``groups``, the last dimension is cut into ``groups`` x ``members`` x ``width`` and one ``width``-square
+    moment is kept per group, pooling its members: the o_proj input per KV group of query heads.
+    """
+
+    def __init__(self, groups: int | None = None, members: int = 1) -> None:
+        self.groups, self.members = groups, members
         self.xtx: torch.Tensor | None = None
-        self.tokens = 0
 
-    def hook(self, module: nn.Module, args, output: torch.Tensor) -> None:
-        x = output.reshape(-1, output.shape[-1]).double()
-        self.xtx = x.T @ x if self.xtx is None else self.xtx.addmm_(x.T, x)
-        self.tokens += x.shape[0]
+    def add(self, x: torch.Tensor) -> None:
+        x = x.double()
+        if self.groups is None:
+            x = x.reshape(-1, x.shape[-1])
+            xtx = x.T @ x
+        else:
+            x = x.reshape(-1, self.groups, self.members, x.shape[-1] // (self.groups * self.members))
+            x = x.transpose(0, 1).reshape(self.groups, -1, x.shape[-1])
+            xtx = x.transpose(1, 2) @ x
+        self.xtx = xtx if self.xtx is None else self.xtx.add_(xtx)
+
+
+def _gain_free(xtx: torch.Tensor, gain: torch.Tensor, where: str) -> torch.Tensor:
+    """XᵀX of n(h) from XᵀX of n(h) ⊙ γ: divide by γ γᵀ (exact; impossible only where a gain is zero)."""
+    gain = gain.detach().double().cpu()
+    if (gain == 0).any():
+        raise LarosaError(f"{where} has zero norm gains; the gain-free signal cannot be recovered")
+    return xtx / torch.outer(gain, gain)
 
 
 @torch.no_grad()
@@ -80,15 +99,21 @@ def calibrate(
     tokenizer=None,
     n_windows: int = 16,
     seq_len: int = 2048,
+    signal: str = "gain",
     device: str | None = None,
     progress: bool = True,
 ) -> Rotations:
-    """PCA rotations for every layer's attention and MLP inputs.
+    """PCA rotations of every layer's attention input, MLP input and o_proj input (per KV group), plus one
+    global rotation of all block inputs pooled.
 
     ``data`` is a text spec (needs ``tokenizer``; see :mod:`larosa.data`) or a ``[n, seq_len]`` token tensor.
-    The rotated signal is the norm's output with its gain, as in the paper's reference code.
+    ``signal="gain"`` takes X as the norm's output with its gain (the paper's reference code); ``"gainfree"``
+    takes it without, which is what Top-K sees once the gains are folded into the weights.
     """
+    if signal not in SIGNALS:
+        raise LarosaError(f"signal must be one of {', '.join(SIGNALS)}, got {signal!r}")
     adapter = adapter_for(model)
+    dims = adapter.dims
     if isinstance(data, str):
         windows, spec = token_windows(tokenizer, data, n_windows, seq_len), data
     else:
@@ -97,16 +122,18 @@ def calibrate(
     start = time.perf_counter()
 
     hidden, layer_calls = _first_layer_inputs(adapter, windows, device)
-    q: dict[str, list[torch.Tensor]] = {b: [] for b in BLOCKS}
-    eigvals: dict[str, list[torch.Tensor]] = {b: [] for b in BLOCKS}
+    tensors: dict[str, torch.Tensor] = {}
+    pooled = torch.zeros(dims.hidden, dims.hidden, dtype=torch.float64)
     layers = adapter.layers()
     for i, layer in enumerate(tqdm(layers, desc="calibrating", unit="layer", disable=not progress)):
         home = next(layer.parameters()).device
         layer.to(device)
-        moments = {b: SecondMoment() for b in BLOCKS}
+        moments = {"attn": SecondMoment(), "mlp": SecondMoment(),
+                   "heads": SecondMoment(dims.n_kv_heads, dims.n_heads // dims.n_kv_heads)}
         handles = [
-            adapter.attn_norm(layer).register_forward_hook(moments["attn"].hook),
-            adapter.mlp_norm(layer).register_forward_hook(moments["mlp"].hook),
+            adapter.attn_norm(layer).register_forward_hook(lambda m, a, out: moments["attn"].add(out)),
+            adapter.mlp_norm(layer).register_forward_hook(lambda m, a, out: moments["mlp"].add(out)),
+            adapter.o_proj(layer).register_forward_pre_hook(lambda m, a: moments["heads"].add(a[0])),
         ]
         try:
             for j in range(hidden.shape[0]):
@@ -117,12 +144,15 @@ def calibrate(
             for h in handles:
                 h.remove()
             layer.to(home)
-        for b in BLOCKS:
-            rot, ev = pca_rotation(moments[b].xtx)
-            q[b].append(rot.cpu())
-            eigvals[b].append(ev.cpu())
+        for block, norm in (("attn", adapter.attn_norm(layer)), ("mlp", adapter.mlp_norm(layer))):
+            xtx = moments[block].xtx.cpu()
+            if signal == "gainfree":
+                xtx = _gain_free(xtx, norm.weight, f"layer {i} {block} norm")
+            pooled += xtx
+            tensors[f"layers.{i}.{block}"], tensors[f"layers.{i}.{block}.eigvals"] = pca_rotation(xtx)
+        tensors[f"layers.{i}.heads"], tensors[f"layers.{i}.heads.eigvals"] = pca_rotation(moments["heads"].xtx.cpu())
+    tensors["global"], tensors["global.eigvals"] = pca_rotation(pooled)
 
-    dims = adapter.dims
     meta = {
         "model": str(getattr(model.config, "name_or_path", "") or model.config.model_type),
         "model_type": model.config.model_type,
@@ -130,7 +160,7 @@ def calibrate(
         "weights_fingerprint": weights_fingerprint(model),
         "hidden_size": str(dims.hidden),
         "num_layers": str(dims.n_layers),
-        "signal": "norm_output_with_gain",
+        "signal": signal,
         "data": spec,
         "windows": str(windows.shape[0]),
         "seq_len": str(windows.shape[1]),
@@ -138,4 +168,4 @@ def calibrate(
         "seconds": f"{time.perf_counter() - start:.1f}",
         "larosa_version": __version__,
     }
-    return Rotations(q, eigvals, meta)
+    return Rotations(tensors, meta)

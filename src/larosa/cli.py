@@ -18,7 +18,8 @@ from .errors import LarosaError
 from .evaluate import perplexity
 from .models import load_model
 from .rotations import Rotations
-from .sparsify import DEFAULT_SPLIT, SCOPES, SITES, SparsityConfig, sparsify, unsparsify
+from .rotations import SCOPES
+from .sparsify import DEFAULT_SPLIT, SITES, SparsityConfig, sparsify, unsparsify
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -67,6 +68,7 @@ def _cmd_calibrate(a: argparse.Namespace) -> dict:
     model, tok = load_model(a.model, device="cpu", dtype=DTYPES[a.dtype] if a.dtype else None)
     rot = calibrate(model, a.data, tokenizer=tok, n_windows=a.windows, seq_len=a.seq_len,
                     device=a.device, progress=not a.quiet)
+    rot.meta["model"] = a.model
     rot.save(a.out)
     return {"out": a.out, **rot.meta, "peak_rss_mb": round(_peak_rss_mb(), 1)}
 

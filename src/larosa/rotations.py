@@ -1,9 +1,11 @@
-"""Orthogonal PCA rotations per layer and block, and their file format.
+"""Orthogonal PCA rotations and their file format.
 
-A rotations file is one safetensors file: ``layers.{i}.{block}`` holds Q (``[d, d]``, float32, columns are the
-eigenvectors of XᵀX in descending eigenvalue order) and ``layers.{i}.{block}.eigvals`` the eigenvalues, for
-block in ``attn`` (attention input) and ``mlp`` (MLP input). Its metadata names the model it was made for, so
-that pairing it with another model is an error instead of a silently wrong result.
+A rotations file is one safetensors file. Per layer i it holds ``layers.{i}.attn`` and ``layers.{i}.mlp``
+(``[d, d]`` Q of the attention and MLP block inputs), ``layers.{i}.heads`` (``[n_kv_heads, head_dim, head_dim]``,
+one Q per KV group of the o_proj input) and, for the whole model, ``global`` (Q of all block inputs pooled).
+Each Q is float32, its columns the eigenvectors of XᵀX in descending eigenvalue order, and ``NAME.eigvals``
+holds the eigenvalues. The metadata names the model it was made for and the signal X was taken from, so that
+pairing the file with another model is an error instead of a silently wrong result.
 """
 
 from __future__ import annotations
@@ -23,27 +25,31 @@ from .adapters import adapter_for
 from .errors import LarosaError
 
 FORMAT = "larosa-rotations/1"
-BLOCKS = ("attn", "mlp")
+SCOPES = ("block", "layer", "global")
+# What Top-K sees at a rotated site: the norm output with its gain (the reference code), or without (the folded
+# model, whose gains live in the weights).
+SIGNALS = ("gain", "gainfree")
 
 
 def pca_rotation(second_moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Q, eigenvalues) of a symmetric XᵀX, solved in float64; Q's columns sorted by descending eigenvalue.
+    """(Q, eigenvalues) of symmetric XᵀX (batched over leading dims), solved in float64, descending.
 
     Each column's sign is fixed (largest-magnitude entry positive) so the same data gives the same file.
     """
     evals, evecs = torch.linalg.eigh(second_moment.double())
-    evals, evecs = evals.flip(0), evecs.flip(1)
-    pivot = evecs.abs().argmax(0)
-    signs = evecs.gather(0, pivot[None]).sign()
+    evals, evecs = evals.flip(-1), evecs.flip(-1)
+    pivot = evecs.abs().argmax(-2, keepdim=True)
+    signs = evecs.gather(-2, pivot).sign()
     signs[signs == 0] = 1
     return (evecs * signs).float(), evals.float()
 
 
 def config_hash(config) -> str:
     """Hash of the config fields that decide the shapes and meaning of the rotations."""
-    keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "head_dim", "vocab_size")
-    blob = json.dumps({k: getattr(config, k, None) for k in keys}, sort_keys=True)
+    family = config.model_type.removeprefix("larosa_")
+    blob = json.dumps({"model_type": family, **{k: getattr(config, k, None) for k in keys}}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -55,28 +61,41 @@ def weights_fingerprint(model) -> str:
 
 @dataclass
 class Rotations:
-    q: dict[str, list[torch.Tensor]]  # block -> per-layer Q
-    eigvals: dict[str, list[torch.Tensor]]
+    tensors: dict[str, torch.Tensor]  # NAME -> Q and NAME.eigvals -> eigenvalues
     meta: dict[str, str] = field(default_factory=dict)
 
     @property
     def n_layers(self) -> int:
-        return len(self.q["attn"])
+        return int(self.meta["num_layers"])
 
     @property
     def hidden_size(self) -> int:
-        return self.q["attn"][0].shape[0]
+        return self.tensors["global"].shape[0]
+
+    @property
+    def signal(self) -> str:
+        return self.meta["signal"]
+
+    def q(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def for_scope(self, scope: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(Q of the attention input, Q of the MLP input) per layer: ``block`` gives each block its own Q,
+        ``layer`` one Q per layer (the attention Q, as in the paper's reference code), ``global`` one for all."""
+        if scope not in SCOPES:
+            raise LarosaError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+        out = []
+        for i in range(self.n_layers):
+            attn = self.tensors["global"] if scope == "global" else self.tensors[f"layers.{i}.attn"]
+            mlp = self.tensors[f"layers.{i}.mlp"] if scope == "block" else attn
+            out.append((attn, mlp))
+        return out
 
     def save(self, path: str | os.PathLike) -> None:
         """Written to a temporary file and renamed, so an interrupted save never leaves a broken file."""
-        tensors = {}
-        for block in BLOCKS:
-            for i, (q, ev) in enumerate(zip(self.q[block], self.eigvals[block])):
-                tensors[f"layers.{i}.{block}"] = q.contiguous()
-                tensors[f"layers.{i}.{block}.eigvals"] = ev.contiguous()
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, tmp, metadata={"format": FORMAT, **self.meta})
+        save_file({k: v.contiguous() for k, v in self.tensors.items()}, tmp, metadata={"format": FORMAT, **self.meta})
         os.replace(tmp, path)
 
     @classmethod
@@ -92,23 +111,23 @@ class Rotations:
             raise LarosaError(f"{path} is not a readable safetensors file (truncated or corrupted?): {e}") from e
         if meta.pop("format", None) != FORMAT:
             raise LarosaError(f"{path} is not a larosa rotations file (expected format {FORMAT})")
-        n = int(meta.get("num_layers", -1))
-        try:
-            q = {b: [tensors[f"layers.{i}.{b}"] for i in range(n)] for b in BLOCKS}
-            ev = {b: [tensors[f"layers.{i}.{b}.eigvals"] for i in range(n)] for b in BLOCKS}
-        except KeyError as e:
-            raise LarosaError(f"{path} lacks tensor {e}; the file is incomplete") from e
-        rot = cls(q, ev, meta)
-        rot.check_orthogonal(path)
+        rot = cls(tensors, meta)
+        rot.validate(path)
         return rot
 
-    def check_orthogonal(self, where: object = "rotations", tol: float = 1e-3) -> None:
-        for block in BLOCKS:
-            for i, q in enumerate(self.q[block]):
-                eye = torch.eye(q.shape[0])
-                err = (q.double().T @ q.double() - eye).abs().max().item()
-                if not err < tol:  # also catches NaN
-                    raise LarosaError(f"{where}: layers.{i}.{block} is not orthogonal (max |QᵀQ - I| = {err:.2e})")
+    def validate(self, where: object = "rotations", tol: float = 1e-3) -> None:
+        """Every expected Q is present and orthogonal (a flipped bit or a hand-edited file fails here)."""
+        if self.meta.get("signal") not in SIGNALS or "num_layers" not in self.meta:
+            raise LarosaError(f"{where}: metadata lacks num_layers or a signal in {SIGNALS}")
+        names = ["global"] + [f"layers.{i}.{b}" for i in range(self.n_layers) for b in ("attn", "mlp", "heads")]
+        for name in names:
+            if name not in self.tensors or f"{name}.eigvals" not in self.tensors:
+                raise LarosaError(f"{where} lacks tensor {name!r}; the file is incomplete")
+            q = self.tensors[name].double()
+            eye = torch.eye(q.shape[-1], dtype=torch.float64)
+            err = (q.transpose(-1, -2) @ q - eye).abs().max().item()
+            if not err < tol:  # also catches NaN
+                raise LarosaError(f"{where}: {name} is not orthogonal (max |QᵀQ - I| = {err:.2e})")
 
     def check_model(self, model) -> None:
         """Raise unless these rotations were made for this model's architecture and shapes."""

@@ -19,7 +19,6 @@ from .errors import LarosaError
 from .rotations import Rotations
 
 SITES = ("attn_in", "o_in", "mlp_in", "down_in")
-SCOPES = ("block", "layer")
 # The reference code's split of a nominal sparsity s: 0.8 s where the input is rotated, 1.2 s where it is not.
 DEFAULT_SPLIT = (0.8, 1.2)
 
@@ -77,16 +76,24 @@ def topk(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class TopKSite(nn.Module):
-    """One site: optional rotation in, Top-K, rotation back; counts the zeros it feeds the weights."""
+    """One site: optional rotation in, Top-K, rotation back; counts the zeros it feeds the weights.
 
-    def __init__(self, size: int, sparsity: float, rotation: torch.Tensor | None = None):
+    With ``gain``, Top-K runs on the gain-free signal: the input is divided by the norm gain before the rotation
+    and multiplied back after, which is what the folded model computes.
+    """
+
+    def __init__(self, size: int, sparsity: float, rotation: torch.Tensor | None = None,
+                 gain: torch.Tensor | None = None):
         super().__init__()
         self.k = keep_count(sparsity, size)
         self.register_buffer("rotation", rotation, persistent=False)
-        self.register_buffer("zeros", torch.zeros((), dtype=torch.float64), persistent=False)
-        self.register_buffer("seen", torch.zeros((), dtype=torch.float64), persistent=False)
+        self.register_buffer("gain", gain, persistent=False)
+        self.register_buffer("zeros", torch.zeros((), dtype=torch.long), persistent=False)
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gain is not None:
+            x = x / self.gain
         if self.rotation is not None:
             x = x @ self.rotation
         x = topk(x, self.k)
@@ -94,15 +101,27 @@ class TopKSite(nn.Module):
         self.seen += x.numel()
         if self.rotation is not None:
             x = x @ self.rotation.T
+        if self.gain is not None:
+            x = x * self.gain
         return x
 
 
-def _output_hook(site: TopKSite):
-    return lambda module, args, output: site(output)
-
-
-def _input_hook(site: TopKSite):
-    return lambda module, args: (site(args[0]), *args[1:])
+def attach_sites(adapter, layer: nn.Module, config: SparsityConfig, rotations=(None, None), gains=(None, None)):
+    """Hook the four Top-K sites into one decoder layer; returns the hook handles."""
+    dims = adapter.dims
+    sites = {
+        "attn_in": TopKSite(dims.hidden, config.attn_in, rotations[0], gains[0]),
+        "o_in": TopKSite(dims.n_heads * dims.head_dim, config.o_in),
+        "mlp_in": TopKSite(dims.hidden, config.mlp_in, rotations[1], gains[1]),
+        "down_in": TopKSite(dims.intermediate, config.down_in),
+    }
+    layer.larosa_sites = nn.ModuleDict(sites).to(adapter.o_proj(layer).weight.device)
+    return [
+        adapter.attn_norm(layer).register_forward_hook(lambda m, a, out: sites["attn_in"](out)),
+        adapter.o_proj(layer).register_forward_pre_hook(lambda m, a: (sites["o_in"](a[0]), *a[1:])),
+        adapter.mlp_norm(layer).register_forward_hook(lambda m, a, out: sites["mlp_in"](out)),
+        adapter.down_proj(layer).register_forward_pre_hook(lambda m, a: (sites["down_in"](a[0]), *a[1:])),
+    ]
 
 
 def sparsify(
@@ -114,43 +133,37 @@ def sparsify(
 ) -> nn.Module:
     """Make ``model`` sparse in place (simulate form) and return it; a second call replaces the first.
 
-    ``scope="block"`` rotates each block's input by its own Q; ``"layer"`` uses the attention Q for both
-    blocks, as the paper's reference code does. ``rotations=None`` gives plain, unrotated Top-K.
+    ``scope`` picks the rotation of each block input (see :meth:`Rotations.for_scope`); Top-K runs on the
+    signal the rotations were calibrated on. ``rotations=None`` gives plain, unrotated Top-K.
     """
     adapter = adapter_for(model)
-    if scope not in SCOPES:
-        raise LarosaError(f"scope must be one of {SCOPES}, got {scope!r}")
+    _refuse_folded(model)
     config = sparsity if isinstance(sparsity, SparsityConfig) else SparsityConfig.from_nominal(sparsity)
     if rotations is not None:
         rotations.check_model(model)
+        per_layer = rotations.for_scope(scope)
     unsparsify(model)
-    dims = adapter.dims
     handles = []
     for i, layer in enumerate(adapter.layers()):
-        weight = adapter.o_proj(layer).weight
-        q = {b: None for b in ("attn", "mlp")}
+        qs, gains = (None, None), (None, None)
         if rotations is not None:
-            q["attn"] = rotations.q["attn"][i].to(weight.device, weight.dtype)
-            q["mlp"] = q["attn"] if scope == "layer" else rotations.q["mlp"][i].to(weight.device, weight.dtype)
-        sites = {
-            "attn_in": TopKSite(dims.hidden, config.attn_in, q["attn"]),
-            "o_in": TopKSite(dims.n_heads * dims.head_dim, config.o_in),
-            "mlp_in": TopKSite(dims.hidden, config.mlp_in, q["mlp"]),
-            "down_in": TopKSite(dims.intermediate, config.down_in),
-        }
-        layer.larosa_sites = nn.ModuleDict(sites).to(weight.device)
-        handles += [
-            adapter.attn_norm(layer).register_forward_hook(_output_hook(sites["attn_in"])),
-            adapter.o_proj(layer).register_forward_pre_hook(_input_hook(sites["o_in"])),
-            adapter.mlp_norm(layer).register_forward_hook(_output_hook(sites["mlp_in"])),
-            adapter.down_proj(layer).register_forward_pre_hook(_input_hook(sites["down_in"])),
-        ]
+            w = adapter.o_proj(layer).weight
+            qs = tuple(q.to(w.device, w.dtype) for q in per_layer[i])
+            if rotations.signal == "gainfree":
+                gains = (adapter.attn_norm(layer).weight.detach(), adapter.mlp_norm(layer).weight.detach())
+        handles += attach_sites(adapter, layer, config, qs, gains)
     model.larosa = {"handles": handles, "sparsity": config, "scope": scope, "rotated": rotations is not None}
     return model
 
 
+def _refuse_folded(model: nn.Module) -> None:
+    if model.config.model_type.startswith("larosa_"):
+        raise LarosaError("this model is folded and carries its own sparsity; simulate on the dense model")
+
+
 def unsparsify(model: nn.Module) -> nn.Module:
     """Remove what :func:`sparsify` added; the model is dense again."""
+    _refuse_folded(model)
     state = model.__dict__.pop("larosa", None)
     if state is not None:
         for h in state["handles"]:

@@ -42,6 +42,7 @@ class Adapter:
     """Hugging Face's standard decoder layout; families that differ override the accessors."""
 
     model_types: tuple[str, ...] = ()
+    folded: type | None = None  # the family's registered folded *ForCausalLM, if it has one
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -69,6 +70,9 @@ class Adapter:
     def layers(self) -> nn.ModuleList:
         return self.body().layers
 
+    def final_norm(self) -> nn.Module:
+        return self.body().norm
+
     # -- per-layer modules ------------------------------------------------------------------------------
     def attn_norm(self, layer: nn.Module) -> nn.Module:
         return layer.input_layernorm
@@ -94,13 +98,21 @@ _REGISTRY: dict[str, type[Adapter]] = {}
 
 
 def register(cls: type[Adapter]) -> type[Adapter]:
+    """Register a family; its folded model type, if any, is registered with transformers' Auto classes too."""
     for t in cls.model_types:
         _REGISTRY[t] = cls
+    if cls.folded is not None:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config_class = cls.folded.config_class
+        _REGISTRY[config_class.model_type] = cls
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        AutoModelForCausalLM.register(config_class, cls.folded, exist_ok=True)
     return cls
 
 
 def supported() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(t for t in _REGISTRY if not t.startswith("larosa_"))
 
 
 def adapter_class(config) -> type[Adapter]:

@@ -1,0 +1,223 @@
+"""The deployable form: norm gains and rotations folded into the weights (the paper's Fig. 2).
+
+The residual stream of layer l is carried in basis Q_l, so no block input is rotated at run time; Top-K runs
+directly on the gain-free norm output. The only online rotation left is a d x d residual adapter where the
+basis changes: none for the ``global`` scope, one per layer for ``layer``, two for ``block``. The equations are
+in docs/method.md (shared with the project).
+
+A folded model is a registered Hugging Face model type (``larosa_llama``, ``larosa_qwen2``): after
+``import larosa``, ``AutoModelForCausalLM.from_pretrained(dir)`` loads it and ``generate()`` works.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers.initialization import no_init_weights
+
+from . import __version__
+from .adapters import adapter_class, adapter_for
+from .errors import LarosaError
+from .rotations import Rotations
+from .sparsify import SparsityConfig, attach_sites
+
+CHECKSUMS = "larosa_checksums.json"
+
+
+class FoldedDecoderLayer(nn.Module):
+    """A standard HF decoder layer (same children, same weight names) plus the residual adapters of its scope."""
+
+    def __init__(self, layer: nn.Module, hidden: int, mid_adapter: bool, out_adapter: bool):
+        super().__init__()
+        for name, child in layer.named_children():
+            self.add_module(name, child)
+        if hasattr(layer, "attention_type"):
+            self.attention_type = layer.attention_type
+        self.mid_adapter = nn.Linear(hidden, hidden, bias=False) if mid_adapter else None
+        self.out_adapter = nn.Linear(hidden, hidden, bias=False) if out_adapter else None
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        h = hidden_states
+        h = h + self.self_attn(hidden_states=self.input_layernorm(h), **kwargs)[0]
+        if self.mid_adapter is not None:
+            h = self.mid_adapter(h)
+        h = h + self.mlp(self.post_attention_layernorm(h))
+        if self.out_adapter is not None:
+            h = self.out_adapter(h)
+        return h
+
+
+class FoldedCausalLM:
+    """Mixin for a family's ``*ForCausalLM``: builds the folded structure from ``config.larosa``.
+
+    Loading is strict: a weight the config does not expect, or one it expects and the files lack, is an error
+    (transformers would otherwise initialise it at random and go on), and weight files are checked against the
+    checksums written with them.
+    """
+
+    def __init__(self, config):
+        super().__init__(config)
+        settings = config.larosa
+        sparsity = SparsityConfig(**settings["sparsity"])
+        scope, layers = settings["scope"], self.model.layers
+        adapter = adapter_for(self)
+        for i, layer in enumerate(layers):
+            layers[i] = FoldedDecoderLayer(
+                layer, config.hidden_size, mid_adapter=scope == "block",
+                out_adapter=scope != "global" and i < len(layers) - 1,
+            )
+            attach_sites(adapter, layers[i], sparsity)
+
+    @classmethod
+    def from_pretrained(cls, path, *args, **kwargs):
+        if Path(path).is_dir():
+            verify_checksums(Path(path))
+        asked = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
+        bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+        if bad:
+            raise LarosaError(f"{path}: weights do not match the folded config: {bad}")
+        return (model, info) if asked else model
+
+
+def verify_checksums(path: Path) -> None:
+    sums = path / CHECKSUMS
+    if not sums.exists():
+        raise LarosaError(f"{path} has no {CHECKSUMS}; it was not written by larosa sparsify, or not completely")
+    for name, want in json.loads(sums.read_text()).items():
+        file = path / name
+        if not file.exists():
+            raise LarosaError(f"{path}: {name} is missing")
+        if _sha256(file) != want:
+            raise LarosaError(f"{path}: {name} is corrupted or truncated (sha256 differs from {CHECKSUMS})")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _set(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    linear.weight.data = weight.to(linear.weight.dtype)
+    if bias is not None:
+        linear.bias.data = bias.to(linear.bias.dtype)
+
+
+@torch.no_grad()
+def fold(
+    model: nn.Module,
+    rotations: Rotations,
+    sparsity: float | SparsityConfig = 0.4,
+    *,
+    scope: str = "layer",
+    head_rotation: bool = False,
+) -> nn.Module:
+    """A new folded model from ``model`` (whose weights are changed in place and should be discarded).
+
+    All products are taken in float64 and cast back to the model's dtype once.
+    """
+    adapter = adapter_for(model)
+    folded_cls = adapter_class(model.config).folded
+    if folded_cls is None:
+        raise LarosaError(f"folding is not implemented for {model.config.model_type!r}")
+    if model.config.model_type.startswith("larosa_"):
+        raise LarosaError("this model is already folded")
+    config = sparsity if isinstance(sparsity, SparsityConfig) else SparsityConfig.from_nominal(sparsity)
+    rotations.check_model(model)
+    per_layer = [(a.double(), m.double()) for a, m in rotations.for_scope(scope)]
+    dims = adapter.dims
+    f64 = lambda t: t.detach().double().cpu()  # noqa: E731
+
+    emb = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    head_weight = f64(head.weight)  # read before the embedding changes: they may be one tensor
+    emb.weight = nn.Parameter((f64(emb.weight) @ per_layer[0][0]).to(emb.weight.dtype))
+
+    layers = adapter.layers()
+    for i, layer in enumerate(layers):
+        q_attn, q_mlp = per_layer[i]
+        # Attention: gain and Q into q/k/v inputs; Q back out of o_proj's output.
+        gain = f64(adapter.attn_norm(layer).weight)
+        for lin in adapter.qkv(layer):
+            _set(lin, f64(lin.weight) * gain @ q_attn)
+        adapter.attn_norm(layer).weight.fill_(1.0)
+        o = adapter.o_proj(layer)
+        o_weight = f64(o.weight)
+        if head_rotation:
+            v = adapter.qkv(layer)[2]
+            r = rotations.q(f"layers.{i}.heads").double()  # [n_kv, hd, hd]
+            hd, group = dims.head_dim, dims.n_heads // dims.n_kv_heads
+            v_weight = f64(v.weight).view(dims.n_kv_heads, hd, -1)
+            v_bias = None if v.bias is None else (f64(v.bias).view(dims.n_kv_heads, 1, hd) @ r).flatten()
+            _set(v, (r.transpose(1, 2) @ v_weight).flatten(0, 1), v_bias)
+            o_cols = o_weight.view(-1, dims.n_kv_heads, group, hd)
+            o_weight = torch.einsum("dgmh,ghk->dgmk", o_cols, r).flatten(1)
+        _set(o, q_attn.T @ o_weight, None if o.bias is None else f64(o.bias) @ q_attn)
+        # MLP: the same with Q_mlp.
+        gain = f64(adapter.mlp_norm(layer).weight)
+        for lin in adapter.gate_up(layer):
+            _set(lin, f64(lin.weight) * gain @ q_mlp)
+        adapter.mlp_norm(layer).weight.fill_(1.0)
+        down = adapter.down_proj(layer)
+        _set(down, q_mlp.T @ f64(down.weight), None if down.bias is None else f64(down.bias) @ q_mlp)
+
+    final_norm = adapter.final_norm()
+    head.weight = nn.Parameter((head_weight * f64(final_norm.weight) @ per_layer[-1][1]).to(head.weight.dtype))
+    final_norm.weight.fill_(1.0)
+
+    # Residual adapters, as y = x Wᵀ: W = (Q_fromᵀ Q_to)ᵀ = Q_toᵀ Q_from.
+    state = model.state_dict()
+    for i, (q_attn, q_mlp) in enumerate(per_layer):
+        if scope == "block":
+            state[f"model.layers.{i}.mid_adapter.weight"] = q_mlp.T @ q_attn
+        if scope != "global" and i + 1 < len(per_layer):
+            state[f"model.layers.{i}.out_adapter.weight"] = per_layer[i + 1][0].T @ q_mlp
+
+    settings = {
+        "sparsity": config.to_dict(),
+        "scope": scope,
+        "head_rotation": head_rotation,
+        "signal": rotations.signal,
+        "rotations": {k: v for k, v in rotations.meta.items() if k != "weights_fingerprint"},
+        "larosa_version": __version__,
+    }
+    config_dict = {k: v for k, v in model.config.to_dict().items() if k not in ("model_type", "architectures")}
+    folded_config = folded_cls.config_class(**{**config_dict, "tie_word_embeddings": False, "larosa": settings})
+    dtype, device = emb.weight.dtype, emb.weight.device
+    with no_init_weights(), torch.device(device):
+        folded = folded_cls(folded_config).to(dtype)
+    state = {k: v.to(dtype) for k, v in state.items()}
+    folded.load_state_dict(state, strict=True)
+    return folded.eval()
+
+
+def save_folded(model: nn.Module, tokenizer, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write a loadable directory atomically: staged next to ``out``, checksummed, then renamed into place."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise LarosaError(f"{out} exists; choose another directory or pass overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(staged)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staged)
+        sums = {p.name: _sha256(p) for p in sorted(staged.glob("*.safetensors"))}
+        (staged / CHECKSUMS).write_text(json.dumps(sums, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staged, out)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    return out
