@@ -61,3 +61,26 @@ def test_rotations_for_another_model_exit_2(model_dir, tmp_path, capsys):
     code, _, err = run(capsys, "eval", "ppl", model_dir, "--data", tmp_path / "text.txt", "--seq-len", 32,
                        "--quiet", "--rotations", tmp_path / "q.safetensors", "--sparsity", 0.4)
     assert code == 2 and "calibrate this model first" in err
+
+
+def test_sparsify_writes_a_directory_that_eval_reads_like_the_in_memory_fold(model_dir, tmp_path, capsys):
+    text, rot, out = tmp_path / "text.txt", tmp_path / "rot.safetensors", tmp_path / "folded"
+    assert run(capsys, "calibrate", model_dir, "--data", text, "--out", rot, "--windows", 4, "--seq-len", 32,
+               "--signal", "gainfree", "--quiet")[0] == 0
+    settings = ("--rotations", rot, "--sparsity", 0.4, "--scope", "block")
+    code, printed, _ = run(capsys, "sparsify", model_dir, *settings, "--out", out, "--json", "--quiet")
+    assert code == 0 and json.loads(printed)["scope"] == "block"
+    assert (out / "config.json").exists() and (out / "tokenizer.json").exists()
+
+    common = ("--data", text, "--seq-len", 32, "--windows", 3, "--json", "--quiet")
+    saved = json.loads(run(capsys, "eval", "ppl", out, *common)[1])
+    in_memory = json.loads(run(capsys, "eval", "ppl", model_dir, *common, *settings, "--mode", "folded")[1])
+    simulated = json.loads(run(capsys, "eval", "ppl", model_dir, *common, *settings)[1])
+    assert saved["mode"] == in_memory["mode"] == "folded" and simulated["mode"] == "simulate"
+    assert saved["ppl"] == pytest.approx(in_memory["ppl"], rel=1e-6)
+    assert simulated["ppl"] == pytest.approx(in_memory["ppl"], rel=1e-4)
+    assert saved["site_sparsity"] == pytest.approx(simulated["site_sparsity"])
+    assert saved["param_weighted_sparsity"] == pytest.approx(simulated["param_weighted_sparsity"])
+
+    code, _, err = run(capsys, "sparsify", model_dir, *settings, "--out", out, "--quiet")
+    assert code == 2 and "exists" in err

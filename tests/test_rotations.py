@@ -16,14 +16,29 @@ def test_pca_rotation_is_an_orthogonal_descending_eigenbasis():
 
 
 def _reference_second_moments(model, windows):
-    """XᵀX of every norm output from ordinary full-model forwards: what layerwise calibration must reproduce."""
+    """XᵀX of every site from ordinary full-model forwards: what layerwise calibration must reproduce.
+
+    The gain-free signal is recomputed from the norm's input, independently of the gain division larosa uses.
+    """
     acc, hooks = {}, []
+
+    def add(key, x):
+        x = x.double()
+        acc[key] = acc.get(key, 0) + x.transpose(-1, -2) @ x
+
     for i, layer in enumerate(model.model.layers):
         for block, norm in (("attn", layer.input_layernorm), ("mlp", layer.post_attention_layernorm)):
-            def hook(mod, args, out, key=(i, block)):
-                x = out.reshape(-1, out.shape[-1]).double()
-                acc[key] = acc.get(key, 0) + x.T @ x
+            def hook(mod, args, out, i=i, block=block):
+                add((i, block, "gain"), out.reshape(-1, out.shape[-1]))
+                h = args[0].double()
+                add((i, block, "gainfree"), (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + mod.variance_epsilon)
+                                             ).reshape(-1, h.shape[-1]))
             hooks.append(norm.register_forward_hook(hook))
+
+        def heads(mod, args, i=i):  # 4 query heads of 16 in 2 KV groups
+            x = args[0].reshape(-1, 2, 2, 16).transpose(0, 1).reshape(2, -1, 16)
+            add((i, "heads", None), x)
+        hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(heads))
     with torch.no_grad():
         for w in windows:
             model(w[None])
@@ -32,19 +47,42 @@ def _reference_second_moments(model, windows):
     return acc
 
 
-def test_layerwise_calibration_matches_full_forward(model):
+def _same_basis(q, xtx, eigvals):
+    q_ref, ev_ref = pca_rotation(xtx)
+    torch.testing.assert_close(eigvals, ev_ref, rtol=1e-4, atol=1e-3)
+    eye = torch.eye(q.shape[-1], dtype=torch.float64).expand_as(q)
+    assert (q.double().transpose(-1, -2) @ q.double() - eye).abs().max() < 1e-5
+    # Same eigenbasis: Q_refᵀ Q is the identity wherever eigenvalues are well separated.
+    torch.testing.assert_close(q_ref.double().transpose(-1, -2) @ q.double(), eye, atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("signal", ["gain", "gainfree"])
+def test_layerwise_calibration_matches_full_forward(model, signal):
     windows = random_windows()
-    rot = larosa.calibrate(model, windows, device="cpu", progress=False)
+    rot = larosa.calibrate(model, windows, signal=signal, device="cpu", progress=False)
     ref = _reference_second_moments(model, windows)
-    assert rot.n_layers == 3 and rot.hidden_size == 64
-    for (i, block), xtx in ref.items():
-        q = rot.q[block][i].double()
-        assert (q.T @ q - torch.eye(64, dtype=torch.float64)).abs().max() < 1e-5
-        q_ref, ev_ref = pca_rotation(xtx)
-        torch.testing.assert_close(rot.eigvals[block][i], ev_ref, rtol=1e-4, atol=1e-3)
-        # Same eigenbasis: Q_refᵀ Q is the identity wherever eigenvalues are well separated.
-        torch.testing.assert_close(q_ref.double().T @ q, torch.eye(64, dtype=torch.float64), atol=2e-3, rtol=0)
+    assert rot.n_layers == 3 and rot.hidden_size == 64 and rot.signal == signal
+    pooled = 0
+    for i in range(3):
+        for block in ("attn", "mlp"):
+            xtx = ref[(i, block, signal)]
+            pooled = pooled + xtx
+            _same_basis(rot.q(f"layers.{i}.{block}"), xtx, rot.tensors[f"layers.{i}.{block}.eigvals"])
+        assert rot.q(f"layers.{i}.heads").shape == (2, 16, 16)
+        _same_basis(rot.q(f"layers.{i}.heads"), ref[(i, "heads", None)], rot.tensors[f"layers.{i}.heads.eigvals"])
+    _same_basis(rot.q("global"), pooled, rot.tensors["global.eigvals"])
     assert rot.meta["tokens"] == str(windows.numel())
+
+
+def test_scopes_pick_the_documented_rotations():
+    rot = larosa.calibrate(tiny_model("llama"), random_windows(), progress=False)
+    for i, (a, m) in enumerate(rot.for_scope("block")):
+        assert a is rot.q(f"layers.{i}.attn") and m is rot.q(f"layers.{i}.mlp")
+    for i, (a, m) in enumerate(rot.for_scope("layer")):
+        assert a is m is rot.q(f"layers.{i}.attn")
+    assert all(a is m is rot.q("global") for a, m in rot.for_scope("global"))
+    with pytest.raises(larosa.LarosaError, match="scope must be one of"):
+        rot.for_scope("head")
 
 
 def test_save_load_round_trip_is_bit_exact(tmp_path):
@@ -52,10 +90,8 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
     rot = larosa.calibrate(model, random_windows(), device="cpu", progress=False)
     rot.save(tmp_path / "r.safetensors")
     back = Rotations.load(tmp_path / "r.safetensors")
-    assert back.meta == rot.meta
-    for block in ("attn", "mlp"):
-        for a, b in zip(rot.q[block] + rot.eigvals[block], back.q[block] + back.eigvals[block]):
-            assert torch.equal(a, b)
+    assert back.meta == rot.meta and back.tensors.keys() == rot.tensors.keys()
+    assert all(torch.equal(rot.tensors[k], back.tensors[k]) for k in rot.tensors)
     assert not list(tmp_path.glob("*.tmp"))
     back.check_model(model)
 
@@ -96,7 +132,7 @@ def test_missing_truncated_and_foreign_files_are_clear_errors(saved, tmp_path):
 
 def test_non_orthogonal_rotation_is_refused(saved, tmp_path):
     rot = Rotations.load(saved)
-    rot.q["mlp"][1] = rot.q["mlp"][1] * 1.01
+    rot.tensors["layers.1.mlp"] = rot.tensors["layers.1.mlp"] * 1.01
     rot.save(tmp_path / "bad.safetensors")
     with pytest.raises(larosa.LarosaError, match="layers.1.mlp is not orthogonal"):
         Rotations.load(tmp_path / "bad.safetensors")

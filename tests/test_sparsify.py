@@ -30,12 +30,13 @@ def test_keep_count_rounds():
     assert keep_count(0.999, 10) == 1
 
 
-@pytest.mark.parametrize("scope", ["block", "layer"])
-def test_sparsity_zero_reproduces_dense_logits(model, scope):
+@pytest.mark.parametrize("scope", ["block", "layer", "global"])
+@pytest.mark.parametrize("signal", ["gain", "gainfree"])
+def test_sparsity_zero_reproduces_dense_logits(model, scope, signal):
     windows = random_windows(2)
     with torch.no_grad():
         dense = model(windows).logits
-        rot = larosa.calibrate(model, windows, device="cpu", progress=False)
+        rot = larosa.calibrate(model, windows, signal=signal, device="cpu", progress=False)
         larosa.sparsify(model, rot, 0.0, scope=scope)
         sparse = model(windows).logits
     assert (sparse - dense).abs().max() / dense.abs().max() < 1e-5
@@ -119,5 +120,7 @@ def test_unsupported_architecture_names_the_supported_ones():
 
 
 def test_unknown_scope_is_refused():
-    with pytest.raises(larosa.LarosaError, match="scope"):
-        larosa.sparsify(tiny_model("llama"), None, 0.4, scope="global")
+    model = tiny_model("llama")
+    rot = larosa.calibrate(model, random_windows(), progress=False)
+    with pytest.raises(larosa.LarosaError, match="scope must be one of"):
+        larosa.sparsify(model, rot, 0.4, scope="head")

@@ -2,7 +2,9 @@
 
     model, tok = larosa.load_model("builtin:smollm2")
     rotations = larosa.calibrate(model, "builtin:wiki", tokenizer=tok)
-    larosa.sparsify(model, rotations, sparsity=0.4)
+    larosa.sparsify(model, rotations, sparsity=0.4)              # simulate: quality, as the paper's code
+    folded = larosa.fold(model, rotations, sparsity=0.4)         # deployable: rotations in the weights
+    larosa.save_folded(folded, tok, "out/")                      # AutoModelForCausalLM.from_pretrained("out/")
 """
 
 __version__ = "0.1.0"
@@ -11,6 +13,7 @@ from .calibrate import calibrate
 from .data import token_windows
 from .errors import LarosaError
 from .evaluate import perplexity
+from .fold import fold, save_folded
 from .models import load_model
 from .rotations import Rotations
 from .sparsify import SparsityConfig, site_sparsity, sparsify, unsparsify
@@ -20,8 +23,10 @@ __all__ = [
     "Rotations",
     "SparsityConfig",
     "calibrate",
+    "fold",
     "load_model",
     "perplexity",
+    "save_folded",
     "site_sparsity",
     "sparsify",
     "token_windows",

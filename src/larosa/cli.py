@@ -18,7 +18,8 @@ from .errors import LarosaError
 from .evaluate import perplexity
 from .models import load_model
 from .rotations import Rotations
-from .rotations import SCOPES
+from .fold import fold, save_folded
+from .rotations import SCOPES, SIGNALS
 from .sparsify import DEFAULT_SPLIT, SITES, SparsityConfig, sparsify, unsparsify
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -59,14 +60,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="Hugging Face name or local directory, or builtin:smollm2 (offline)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=DTYPES, help="default: float32 on CPU, bfloat16 on GPU")
-    p.add_argument("--seq-len", type=int, default=2048, help="tokens per window (default 2048)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _cmd_calibrate(a: argparse.Namespace) -> dict:
     model, tok = load_model(a.model, device="cpu", dtype=DTYPES[a.dtype] if a.dtype else None)
-    rot = calibrate(model, a.data, tokenizer=tok, n_windows=a.windows, seq_len=a.seq_len,
+    rot = calibrate(model, a.data, tokenizer=tok, n_windows=a.windows, seq_len=a.seq_len, signal=a.signal,
                     device=a.device, progress=not a.quiet)
     rot.meta["model"] = a.model
     rot.save(a.out)
@@ -79,8 +79,16 @@ def _cmd_eval_ppl(a: argparse.Namespace) -> dict:
         raise LarosaError("--rotations needs --sparsity (or --site)")
     rotations = Rotations.load(a.rotations) if a.rotations else None
     model, tok = load_model(a.model, device=a.device, dtype=DTYPES[a.dtype] if a.dtype else None)
-    if config is not None:
+    if a.mode == "folded":
+        if rotations is None:
+            raise LarosaError("--mode folded needs --rotations and --sparsity")
+        model = fold(model, rotations, config, scope=a.scope, head_rotation=a.head_rotation)
+    elif a.head_rotation:
+        raise LarosaError("--head-rotation applies to --mode folded only")
+    elif config is not None:
         sparsify(model, rotations, config, scope=a.scope)
+    if getattr(model.config, "larosa", None):  # a saved folded model carries its own settings
+        config = SparsityConfig(**model.config.larosa["sparsity"])
     windows = token_windows(tok, a.data, a.windows, a.seq_len)
     result = perplexity(model, windows, progress=not a.quiet)
     dims = adapter_for(model).dims
@@ -89,11 +97,25 @@ def _cmd_eval_ppl(a: argparse.Namespace) -> dict:
         "nominal_sparsity": config.nominal if config else 0.0,
         "param_weighted_sparsity": config.param_weighted(dims) if config else 0.0,
         "configured_site_sparsity": config.sites() if config else {},
-        "rotated": rotations is not None,
-        "scope": a.scope if rotations is not None else None,
+        "mode": "folded" if getattr(model.config, "larosa", None) else a.mode if config else "dense",
+        "scope": getattr(model.config, "larosa", {}).get("scope") or (a.scope if rotations is not None else None),
+        "head_rotation": getattr(model.config, "larosa", {}).get("head_rotation", False),
+        "signal": rotations.signal if rotations is not None else None,
         "model": a.model,
         "data": a.data,
     }
+
+
+def _cmd_sparsify(a: argparse.Namespace) -> dict:
+    config = sparsity_config(a.sparsity, a.split, a.site)
+    if config is None:
+        raise LarosaError("give --sparsity (or --site)")
+    rotations = Rotations.load(a.rotations)
+    model, tok = load_model(a.model, device="cpu", dtype=DTYPES[a.dtype] if a.dtype else None)
+    folded = fold(model, rotations, config, scope=a.scope, head_rotation=a.head_rotation)
+    save_folded(folded, tok, a.out, overwrite=a.overwrite)
+    return {"out": a.out, **folded.config.larosa,
+            "param_weighted_sparsity": config.param_weighted(adapter_for(folded).dims)}
 
 
 def _cmd_demo(a: argparse.Namespace) -> dict:
@@ -128,6 +150,9 @@ def _print_text(command: str, out: dict) -> None:
             label = "dense" if r["nominal_sparsity"] == 0 else f"{r['nominal_sparsity']:.0%}"
             print(f"| {label} | {r['param_weighted_sparsity']:.3f} | {r['ppl']:.3f} | {site} |")
         print(f"\ntotal {out['seconds']:.0f} s")
+    elif command == "sparsify":
+        print(f"wrote {out['out']}: {out['scope']} scope, head rotation {out['head_rotation']}, "
+              f"parameter-weighted sparsity {out['param_weighted_sparsity']:.4f}")
     elif command == "calibrate":
         print(f"wrote {out['out']}: {out['num_layers']} layers, {out['tokens']} tokens from {out['data']}, "
               f"{out['seconds']} s, peak RSS {out['peak_rss_mb']:.0f} MB")
@@ -142,6 +167,16 @@ def _print_text(command: str, out: dict) -> None:
                       f"measured {out['site_sparsity'].get(s, 0):.4f}")
 
 
+def _sparsity_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--site", type=_site_override, action="append", default=[], metavar="SITE=S",
+                   help=f"set one site's sparsity ({', '.join(SITES)}); repeatable")
+    p.add_argument("--scope", choices=SCOPES, default="layer",
+                   help="layer: one Q per layer, the attention input's, as the paper (default); block: each "
+                        "block its own Q; global: one Q for all layers (no residual adapters when folded)")
+    p.add_argument("--head-rotation", action="store_true",
+                   help="folded only: rotate the o_proj input per KV head (free at run time)")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="larosa", description=__doc__)
     p.add_argument("--version", action="version", version=f"larosa {__version__}")
@@ -152,6 +187,10 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--data", required=True, help="wikitext2[:split], builtin:wiki, builtin:c4, or a .txt/.jsonl")
     c.add_argument("--out", required=True, help="rotations file to write (.safetensors)")
     c.add_argument("--windows", type=int, default=16, help="calibration windows (default 16)")
+    c.add_argument("--seq-len", type=int, default=2048, help="tokens per window (default 2048)")
+    c.add_argument("--signal", choices=SIGNALS, default="gain",
+                   help="gain: PCA of the norm output with its gain (the reference code, default); gainfree: "
+                        "without it, the signal Top-K sees in the folded model")
 
     e = sub.add_parser("eval", help="evaluate a dense or sparse model")
     esub = e.add_subparsers(dest="metric", required=True)
@@ -162,11 +201,22 @@ def parser() -> argparse.ArgumentParser:
     ppl.add_argument("--sparsity", type=float, help="nominal sparsity in [0, 1)")
     ppl.add_argument("--split", type=_split, default=DEFAULT_SPLIT,
                      help="multipliers of the nominal sparsity at rotated,plain sites (default 0.8,1.2)")
-    ppl.add_argument("--site", type=_site_override, action="append", default=[], metavar="SITE=S",
-                     help=f"set one site's sparsity ({', '.join(SITES)}); repeatable")
-    ppl.add_argument("--scope", choices=SCOPES, default="block",
-                     help="block: each block's own Q (default); layer: the attention Q for both, as the reference")
+    _sparsity_args(ppl)
+    ppl.add_argument("--mode", choices=("simulate", "folded"), default="simulate",
+                     help="simulate: rotate, Top-K, rotate back around dense weights (the paper's code); "
+                          "folded: the deployable model, built in memory")
     ppl.add_argument("--windows", type=int, help="score the first N windows (default: all)")
+    ppl.add_argument("--seq-len", type=int, default=2048, help="tokens per window (default 2048)")
+
+    f = sub.add_parser("sparsify", help="fold rotations and norm gains into the weights; save a loadable directory")
+    _model_args(f)
+    f.add_argument("--rotations", required=True, help="rotations file from `larosa calibrate`")
+    f.add_argument("--sparsity", type=float, help="nominal sparsity in [0, 1)")
+    f.add_argument("--split", type=_split, default=DEFAULT_SPLIT,
+                   help="multipliers of the nominal sparsity at rotated,plain sites (default 0.8,1.2)")
+    _sparsity_args(f)
+    f.add_argument("--out", required=True, help="directory to write (safetensors, config, tokenizer)")
+    f.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
     d = sub.add_parser("demo", help="offline: calibrate SmolLM2-135M, then PPL at dense/25/40/50%%")
     d.add_argument("--calib-windows", type=int, default=8)
@@ -177,7 +227,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS = {"calibrate": _cmd_calibrate, "eval": _cmd_eval_ppl, "demo": _cmd_demo}
+COMMANDS = {"calibrate": _cmd_calibrate, "eval": _cmd_eval_ppl, "sparsify": _cmd_sparsify, "demo": _cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
