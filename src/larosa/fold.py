@@ -11,7 +11,6 @@ A folded model is a registered Hugging Face model type (``larosa_llama``, ``laro
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,6 +23,7 @@ from transformers.initialization import no_init_weights
 
 from . import __version__
 from .adapters import adapter_class, adapter_for
+from .assets import sha256
 from .errors import LarosaError
 from .rotations import Rotations
 from .sparsify import SparsityConfig, attach_sites
@@ -95,16 +95,8 @@ def verify_checksums(path: Path) -> None:
         file = path / name
         if not file.exists():
             raise LarosaError(f"{path}: {name} is missing")
-        if _sha256(file) != want:
+        if sha256(file) != want:
             raise LarosaError(f"{path}: {name} is corrupted or truncated (sha256 differs from {CHECKSUMS})")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _set(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
@@ -212,7 +204,7 @@ def save_folded(model: nn.Module, tokenizer, out: str | os.PathLike, *, overwrit
         model.save_pretrained(staged)
         if tokenizer is not None:
             tokenizer.save_pretrained(staged)
-        sums = {p.name: _sha256(p) for p in sorted(staged.glob("*.safetensors"))}
+        sums = {p.name: sha256(p) for p in sorted(staged.glob("*.safetensors"))}
         (staged / CHECKSUMS).write_text(json.dumps(sums, indent=2))
         if out.exists():
             shutil.rmtree(out)
