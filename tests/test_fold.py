@@ -141,3 +141,12 @@ def test_folded_models_refuse_simulation_and_refolding(saved, calibrated):
         larosa.sparsify(folded, rot, 0.4)
     with pytest.raises(larosa.LarosaError, match="already folded"):
         fold(folded, rot, 0.4)
+
+
+def test_adapter_overhead_counts_d_squared_per_adapter():
+    from larosa.adapters import adapter_for
+
+    dims = adapter_for(tiny_model("llama")).dims  # layer: 64*128 + 64*64 + 2*64*96 + 96*64 = 30720 weights
+    assert dims.adapter_overhead("global") == 0
+    assert dims.adapter_overhead("layer") == pytest.approx(4096 / 30720)
+    assert dims.adapter_overhead("block") == pytest.approx(2 * 4096 / 30720)

@@ -77,30 +77,34 @@ def _cmd_eval_ppl(a: argparse.Namespace) -> dict:
     config = sparsity_config(a.sparsity, a.split, a.site)
     if a.rotations and config is None:
         raise LarosaError("--rotations needs --sparsity (or --site)")
+    if a.mode == "folded" and not (a.rotations and config):
+        raise LarosaError("--mode folded needs --rotations and --sparsity")
+    if a.head_rotation and a.mode != "folded":
+        raise LarosaError("--head-rotation applies to --mode folded only")
     rotations = Rotations.load(a.rotations) if a.rotations else None
     model, tok = load_model(a.model, device=a.device, dtype=DTYPES[a.dtype] if a.dtype else None)
     if a.mode == "folded":
-        if rotations is None:
-            raise LarosaError("--mode folded needs --rotations and --sparsity")
         model = fold(model, rotations, config, scope=a.scope, head_rotation=a.head_rotation)
-    elif a.head_rotation:
-        raise LarosaError("--head-rotation applies to --mode folded only")
     elif config is not None:
         sparsify(model, rotations, config, scope=a.scope)
-    if getattr(model.config, "larosa", None):  # a saved folded model carries its own settings
-        config = SparsityConfig(**model.config.larosa["sparsity"])
-    windows = token_windows(tok, a.data, a.windows, a.seq_len)
-    result = perplexity(model, windows, progress=not a.quiet)
+    folded = getattr(model.config, "larosa", None)  # folded here, or a saved folded directory
+    if folded:
+        config = SparsityConfig(**folded["sparsity"])
+        scope, signal, head_rotation = folded["scope"], folded["signal"], folded["head_rotation"]
+    else:
+        scope, signal, head_rotation = (a.scope, rotations.signal, False) if rotations else (None, None, False)
+    result = perplexity(model, token_windows(tok, a.data, a.windows, a.seq_len), progress=not a.quiet)
     dims = adapter_for(model).dims
     return {
         **result,
         "nominal_sparsity": config.nominal if config else 0.0,
         "param_weighted_sparsity": config.param_weighted(dims) if config else 0.0,
         "configured_site_sparsity": config.sites() if config else {},
-        "mode": "folded" if getattr(model.config, "larosa", None) else a.mode if config else "dense",
-        "scope": getattr(model.config, "larosa", {}).get("scope") or (a.scope if rotations is not None else None),
-        "head_rotation": getattr(model.config, "larosa", {}).get("head_rotation", False),
-        "signal": rotations.signal if rotations is not None else None,
+        "mode": "folded" if folded else "simulate" if config else "dense",
+        "scope": scope,
+        "signal": signal,
+        "head_rotation": head_rotation,
+        "adapter_overhead": dims.adapter_overhead(scope) if folded else 0.0,
         "model": a.model,
         "data": a.data,
     }
@@ -114,8 +118,9 @@ def _cmd_sparsify(a: argparse.Namespace) -> dict:
     model, tok = load_model(a.model, device="cpu", dtype=DTYPES[a.dtype] if a.dtype else None)
     folded = fold(model, rotations, config, scope=a.scope, head_rotation=a.head_rotation)
     save_folded(folded, tok, a.out, overwrite=a.overwrite)
-    return {"out": a.out, **folded.config.larosa,
-            "param_weighted_sparsity": config.param_weighted(adapter_for(folded).dims)}
+    dims = adapter_for(folded).dims
+    return {"out": a.out, **folded.config.larosa, "param_weighted_sparsity": config.param_weighted(dims),
+            "adapter_overhead": dims.adapter_overhead(a.scope)}
 
 
 def _cmd_demo(a: argparse.Namespace) -> dict:
@@ -152,7 +157,8 @@ def _print_text(command: str, out: dict) -> None:
         print(f"\ntotal {out['seconds']:.0f} s")
     elif command == "sparsify":
         print(f"wrote {out['out']}: {out['scope']} scope, head rotation {out['head_rotation']}, "
-              f"parameter-weighted sparsity {out['param_weighted_sparsity']:.4f}")
+              f"parameter-weighted sparsity {out['param_weighted_sparsity']:.4f}, "
+              f"residual adapters {out['adapter_overhead']:.1%} of a layer's weight bytes")
     elif command == "calibrate":
         print(f"wrote {out['out']}: {out['num_layers']} layers, {out['tokens']} tokens from {out['data']}, "
               f"{out['seconds']} s, peak RSS {out['peak_rss_mb']:.0f} MB")

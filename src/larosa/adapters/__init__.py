@@ -37,6 +37,11 @@ class Dims:
             "down_in": i * d,
         }
 
+    def adapter_overhead(self, scope: str) -> float:
+        """Residual-adapter weights of a folded layer (d x d each, read densely) over the layer's linear weights."""
+        adapters = {"global": 0, "layer": 1, "block": 2}[scope]
+        return adapters * self.hidden**2 / sum(self.site_weights().values())
+
 
 class Adapter:
     """Hugging Face's standard decoder layout; families that differ override the accessors."""
