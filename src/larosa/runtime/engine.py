@@ -1,0 +1,218 @@
+"""A short, readable decoder for batch-1 generation, in the manner of gpt-fast.
+
+One ``Transformer`` serves the dense model and the folded LaRoSa model, so their speed ratio is fair: the same
+attention, cache and graph; only the projections differ. A sparse projection keeps its weight input-major
+(``[d_in, d_out]``) so that the k rows Top-K selects are contiguous, and at decode runs the fused Top-K +
+gather-GEMV kernel; a dense one keeps the ``[d_out, d_in]`` layout cuBLAS reads fastest.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..adapters import adapter_for
+from ..sparsify import SparsityConfig, keep_count, topk
+
+
+class Proj(nn.Module):
+    """y = x Wᵀ + b, or, with ``k``, y = topk(x, k) Wᵀ + b reading only the k selected rows of W."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, k: int | None = None):
+        super().__init__()
+        self.k = None if k is None or k >= weight.shape[1] else k
+        self.weight = nn.Parameter(weight.T.contiguous() if self.k else weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.k is None:
+            return F.linear(x, self.weight, self.bias)
+        if x.shape[0] == 1 and x.is_cuda:
+            from ..kernels import topk_gemv
+
+            y = topk_gemv(x[0], self.weight, self.k)[None]
+        else:
+            y = topk(x, self.k) @ self.weight
+        return y if self.bias is None else y + self.bias
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(weight, requires_grad=False), eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+@dataclass
+class Shape:
+    hidden: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate: int
+
+
+class Layer(nn.Module):
+    def __init__(self, shape: Shape, attn_norm, qkv: Proj, o: Proj, mlp_norm, gate_up: Proj, down: Proj,
+                 mid_adapter: torch.Tensor | None, out_adapter: torch.Tensor | None):
+        super().__init__()
+        self.shape = shape
+        self.attn_norm, self.qkv, self.o, self.mlp_norm, self.gate_up, self.down = (
+            attn_norm, qkv, o, mlp_norm, gate_up, down)
+        self.mid_adapter = None if mid_adapter is None else Proj(mid_adapter)
+        self.out_adapter = None if out_adapter is None else Proj(out_adapter)
+
+    def forward(self, h, cos, sin, k_cache, v_cache, pos, mask):
+        s = self.shape
+        t = h.shape[0]
+        q, k, v = self.qkv(self.attn_norm(h)).split(
+            [s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim, s.n_kv_heads * s.head_dim], dim=-1)
+        q = q.view(t, s.n_heads, s.head_dim).transpose(0, 1)
+        k = k.view(t, s.n_kv_heads, s.head_dim).transpose(0, 1)
+        v = v.view(t, s.n_kv_heads, s.head_dim).transpose(0, 1)
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        k_cache.index_copy_(1, pos, k)
+        v_cache.index_copy_(1, pos, v)
+        attn = F.scaled_dot_product_attention(q[None], k_cache[None], v_cache[None], attn_mask=mask[None, None],
+                                              enable_gqa=True)
+        h = h + self.o(attn[0].transpose(0, 1).reshape(t, -1))
+        if self.mid_adapter is not None:
+            h = self.mid_adapter(h)
+        gate, up = self.gate_up(self.mlp_norm(h)).chunk(2, dim=-1)
+        h = h + self.down(F.silu(gate) * up)
+        if self.out_adapter is not None:
+            h = self.out_adapter(h)
+        return h
+
+
+class Transformer(nn.Module):
+    """Embedding, layers, final norm, lm_head; a static KV cache of ``max_seq`` positions."""
+
+    def __init__(self, embedding, layers, final_norm, lm_head, cos, sin, max_seq: int):
+        super().__init__()
+        self.embedding = nn.Parameter(embedding, requires_grad=False)
+        self.layers, self.final_norm, self.lm_head = nn.ModuleList(layers), final_norm, lm_head
+        self.register_buffer("cos", cos[:max_seq], persistent=False)
+        self.register_buffer("sin", sin[:max_seq], persistent=False)
+        s = layers[0].shape
+        cache = (len(layers), s.n_kv_heads, max_seq, s.head_dim)
+        self.register_buffer("k_cache", torch.zeros(cache, dtype=embedding.dtype), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(cache, dtype=embedding.dtype), persistent=False)
+        causal = torch.ones(max_seq, max_seq, dtype=torch.bool).tril()
+        self.register_buffer("causal", causal, persistent=False)
+        self.max_seq = max_seq
+
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Logits for ``tokens`` (1-D) at cache positions ``pos`` (1-D, same length)."""
+        h = self.embedding[tokens]
+        cos, sin, mask = self.cos[pos][None], self.sin[pos][None], self.causal[pos]
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, self.k_cache[i], self.v_cache[i], pos, mask)
+        return self.lm_head(self.final_norm(h)).float()
+
+    @classmethod
+    @torch.no_grad()
+    def from_hf(cls, model: nn.Module, max_seq: int, sparsity: SparsityConfig | None = None) -> "Transformer":
+        """From a dense or folded Hugging Face model; a folded one brings its own sparsity and adapters."""
+        adapter = adapter_for(model)
+        dims = adapter.dims
+        settings = getattr(model.config, "larosa", None)
+        if settings is not None:
+            sparsity = SparsityConfig(**settings["sparsity"])
+        kept = {}
+        if sparsity is not None:
+            sizes = {"attn_in": dims.hidden, "o_in": dims.n_heads * dims.head_dim, "mlp_in": dims.hidden,
+                     "down_in": dims.intermediate}
+            kept = {site: keep_count(s, sizes[site]) for site, s in sparsity.sites().items()}
+        shape = Shape(dims.hidden, dims.n_heads, dims.n_kv_heads, dims.head_dim, dims.intermediate)
+        eps = model.config.rms_norm_eps
+        layers = []
+        for layer in adapter.layers():
+            q, k, v = adapter.qkv(layer)
+            biases = [p.bias for p in (q, k, v)]
+            qkv_bias = None if biases[0] is None else torch.cat(biases)
+            gate, up = adapter.gate_up(layer)
+            adapters = [getattr(layer, name, None) for name in ("mid_adapter", "out_adapter")]
+            layers.append(Layer(
+                shape,
+                RMSNorm(adapter.attn_norm(layer).weight.clone(), eps),
+                Proj(torch.cat([q.weight, k.weight, v.weight]), qkv_bias, kept.get("attn_in")),
+                Proj(adapter.o_proj(layer).weight.clone(), adapter.o_proj(layer).bias, kept.get("o_in")),
+                RMSNorm(adapter.mlp_norm(layer).weight.clone(), eps),
+                Proj(torch.cat([gate.weight, up.weight]), None, kept.get("mlp_in")),
+                Proj(adapter.down_proj(layer).weight.clone(), adapter.down_proj(layer).bias, kept.get("down_in")),
+                *[None if a is None else a.weight.clone() for a in adapters],
+            ))
+        device = model.get_input_embeddings().weight.device
+        positions = torch.arange(max_seq, device=device)[None]
+        probe = torch.zeros(1, dtype=model.get_input_embeddings().weight.dtype, device=device)
+        cos, sin = adapter.body().rotary_emb(probe, positions)
+        head = model.get_output_embeddings()
+        return cls(model.get_input_embeddings().weight.clone(), layers,
+                   RMSNorm(adapter.final_norm().weight.clone(), eps), Proj(head.weight.clone(), head.bias),
+                   cos[0], sin[0], max_seq)
+
+
+class Engine:
+    """Greedy generation with a dense prefill and a decode step replayed from a CUDA graph (on CUDA)."""
+
+    def __init__(self, model: Transformer, use_graph: bool = True):
+        self.model = model.eval()
+        device = model.embedding.device
+        self.token = torch.zeros(1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.graph = None
+        if use_graph and device.type == "cuda":
+            self._capture()
+
+    @torch.no_grad()
+    def _capture(self) -> None:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):  # warm-up: kernel compilation and cuBLAS handles outside the graph
+                self.model(self.token, self.pos)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self.model(self.token, self.pos)
+
+    @torch.no_grad()
+    def step(self, token: int | torch.Tensor, pos: int) -> torch.Tensor:
+        """Logits of the next token after ``token`` at position ``pos``."""
+        self.token.fill_(token) if isinstance(token, int) else self.token.copy_(token.view(1))
+        self.pos.fill_(pos)
+        if self.graph is None:
+            return self.model(self.token, self.pos)
+        self.graph.replay()
+        return self.logits
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int) -> tuple[torch.Tensor, float]:
+        """(prompt + greedy continuation, decode tokens per second); prefill is dense and untimed."""
+        if prompt.numel() + max_new_tokens > self.model.max_seq:
+            raise ValueError(f"prompt + new tokens exceed the cache of {self.model.max_seq} positions")
+        device = self.token.device
+        prompt = prompt.to(device).view(-1)
+        logits = self.model(prompt, torch.arange(prompt.numel(), device=device))
+        out = [prompt, logits[-1:].argmax(-1)]
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        for i in range(max_new_tokens - 1):
+            out.append(self.step(out[-1], prompt.numel() + i).argmax(-1))
+        sync()
+        seconds = time.perf_counter() - start
+        return torch.cat(out), (max_new_tokens - 1) / max(seconds, 1e-9)
