@@ -12,6 +12,8 @@ import torch
 
 from . import __version__
 from .adapters import adapter_for
+from . import bench
+from .bench import CONFIGS
 from .calibrate import calibrate
 from .data import token_windows
 from .errors import LarosaError
@@ -145,8 +147,28 @@ def _cmd_demo(a: argparse.Namespace) -> dict:
             "rows": rows, "seconds": time.perf_counter() - start}
 
 
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from e
+
+
+def _cmd_bench(a: argparse.Namespace) -> dict:
+    if not torch.cuda.is_available():
+        raise LarosaError("larosa bench needs a CUDA GPU")
+    result = bench.bench_decode(a.config, a.sparsity, scope=a.scope, tokens=a.tokens, prompt_len=a.prompt,
+                                repeats=a.repeats, hf=not a.no_hf)
+    result["table"] = bench.decode_table(result)
+    if a.out:
+        bench.write(a.out, f"decode-{a.config}-{a.scope}", result, result["table"])
+    return result
+
+
 def _print_text(command: str, out: dict) -> None:
-    if command == "demo":
+    if command == "bench":
+        print(out["table"])
+    elif command == "demo":
         print(f"\n{out['model']}\ncalibrated on {out['calibration']}; perplexity on {out['evaluation']}\n")
         print("| sparsity | param-weighted | PPL | measured attn_in / o_in / mlp_in / down_in |")
         print("|---:|---:|---:|---|")
@@ -224,6 +246,19 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--out", required=True, help="directory to write (safetensors, config, tokenizer)")
     f.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
+    b = sub.add_parser("bench", help="GPU speed benchmarks on random weights with real shapes")
+    bsub = b.add_subparsers(dest="what", required=True)
+    bd = bsub.add_parser("decode", help="end-to-end batch-1 decode tokens/s: dense vs folded LaRoSa vs HF generate")
+    bd.add_argument("--config", choices=CONFIGS, default="llama2-7b")
+    bd.add_argument("--sparsity", type=_floats, default=[0.25, 0.4, 0.5], help="comma-separated (default 0.25,0.4,0.5)")
+    bd.add_argument("--scope", choices=SCOPES, default="layer")
+    bd.add_argument("--tokens", type=int, default=128, help="new tokens per generation (default 128)")
+    bd.add_argument("--prompt", type=int, default=16, help="prompt tokens (default 16)")
+    bd.add_argument("--repeats", type=int, default=3, help="generations per engine; the median counts")
+    bd.add_argument("--no-hf", action="store_true", help="skip timing transformers' generate")
+    bd.add_argument("--out", help="directory for JSON and a markdown table")
+    bd.add_argument("--json", action="store_true")
+
     d = sub.add_parser("demo", help="offline: calibrate SmolLM2-135M, then PPL at dense/25/40/50%%")
     d.add_argument("--calib-windows", type=int, default=8)
     d.add_argument("--windows", type=int, default=8)
@@ -233,7 +268,8 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS = {"calibrate": _cmd_calibrate, "eval": _cmd_eval_ppl, "sparsify": _cmd_sparsify, "demo": _cmd_demo}
+COMMANDS = {"calibrate": _cmd_calibrate, "eval": _cmd_eval_ppl, "sparsify": _cmd_sparsify, "bench": _cmd_bench,
+            "demo": _cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
