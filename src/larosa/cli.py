@@ -1,4 +1,4 @@
-"""The ``larosa`` command: calibrate, eval ppl, demo. Every command is a thin shell over the Python API."""
+"""The ``larosa`` command: calibrate, eval ppl, sparsify, bench decode, demo; each a thin shell over the API."""
 
 from __future__ import annotations
 
@@ -10,18 +10,16 @@ import time
 
 import torch
 
-from . import __version__
+from . import __version__, bench
 from .adapters import adapter_for
-from . import bench
 from .bench import CONFIGS
 from .calibrate import calibrate
 from .data import token_windows
 from .errors import LarosaError
 from .evaluate import perplexity
-from .models import load_model
-from .rotations import Rotations
 from .fold import fold, save_folded
-from .rotations import SCOPES, SIGNALS
+from .models import default_device, default_dtype, load_model
+from .rotations import SCOPES, SIGNALS, Rotations
 from .sparsify import DEFAULT_SPLIT, SITES, SparsityConfig, sparsify, unsparsify
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -67,7 +65,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_calibrate(a: argparse.Namespace) -> dict:
-    model, tok = load_model(a.model, device="cpu", dtype=DTYPES[a.dtype] if a.dtype else None)
+    # Weights stay in CPU RAM; one layer at a time visits the compute device, in that device's dtype.
+    dtype = DTYPES[a.dtype] if a.dtype else default_dtype(a.device or default_device())
+    model, tok = load_model(a.model, device="cpu", dtype=dtype)
     rot = calibrate(model, a.data, tokenizer=tok, n_windows=a.windows, seq_len=a.seq_len, signal=a.signal,
                     device=a.device, progress=not a.quiet)
     rot.meta["model"] = a.model
