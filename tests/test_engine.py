@@ -55,3 +55,17 @@ def test_generate_is_greedy_and_matches_hf_generate(pair):
     assert torch.equal(out, ref) and tokens_per_s > 0
     with pytest.raises(ValueError, match="exceed the cache"):
         Engine(Transformer.from_hf(hf, max_seq=8)).generate(prompt, 10)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_decode_with_the_kernels_matches_the_hf_model(pair):
+    """On the GPU a sparse projection runs the Triton Top-K + gather-GEMV kernels inside the CUDA graph."""
+    hf = pair[1].cuda()
+    tokens = random_windows(1, seq_len=20)[0].cuda()
+    with torch.no_grad():
+        ref = hf(tokens[None]).logits[0]
+    engine = Engine(Transformer.from_hf(hf, max_seq=32))
+    assert engine.graph is not None
+    engine.model(tokens[:12], torch.arange(12, device="cuda"))
+    for pos in range(12, 20):
+        assert _rel(engine.step(tokens[pos : pos + 1], pos), ref[pos : pos + 1]) < 1e-3
