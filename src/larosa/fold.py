@@ -111,7 +111,7 @@ def fold(
     rotations: Rotations,
     sparsity: float | SparsityConfig = 0.4,
     *,
-    scope: str = "layer",
+    scope: str = "block",
     head_rotation: bool = False,
 ) -> nn.Module:
     """A new folded model from ``model`` (whose weights are changed in place and should be discarded).
