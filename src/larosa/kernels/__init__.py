@@ -1,0 +1,28 @@
+"""Triton kernels for decoding with Top-K sparse activations: select the k largest entries, then read only
+their weight rows. Imports without Triton (``HAVE_TRITON`` is False then); only calling a kernel needs it."""
+
+from .topk_gemv import (
+    HAVE_TRITON,
+    MAX_D_IN,
+    gemv_config,
+    pack_input_major,
+    select_topk,
+    sparse_gemv,
+    sparse_gemv_reference,
+    split_output,
+    topk_gemv,
+    topk_gemv_reference,
+)
+
+__all__ = [
+    "HAVE_TRITON",
+    "MAX_D_IN",
+    "gemv_config",
+    "pack_input_major",
+    "select_topk",
+    "sparse_gemv",
+    "sparse_gemv_reference",
+    "split_output",
+    "topk_gemv",
+    "topk_gemv_reference",
+]

@@ -1,0 +1,368 @@
+"""Top-K selection and gather-GEMV in Triton, for batch-1 decoding with a Top-K sparse activation.
+
+At batch 1 a linear layer is bound by reading its weight, so keeping k of d_in inputs only pays off if just
+those k weight rows are read. The weight is therefore stored input-major, ``wt = W.T`` ([d_in, d_out]): a kept
+input is one contiguous row, read with wide coalesced loads. Two steps, each a Triton kernel:
+
+- ``select_topk``: one program holds the whole vector (d_in <= 32768) and finds the k-th largest magnitude by
+  a bitwise search over its bit pattern (one count a bit, or three counts for two bits in one reduction), then
+  compacts the kept positions with a prefix sum. Indices come out ascending: the GEMV walks the weight forwards.
+- ``sparse_gemv``: programs tile the output columns and split the k kept rows (split-K); fp32 partial sums go
+  to a small buffer that a second kernel adds up in a fixed order (deterministic, no atomics, no zero-fill).
+
+Weights that share an input (q/k/v, gate/up) are packed side by side (``pack_input_major``) so one selection
+feeds one wider GEMV. On CPU the kernels run under the Triton interpreter (``TRITON_INTERPRET=1`` set before
+this module is imported), which is how the tests run without a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+
+    HAVE_TRITON = True
+except ImportError:  # the pure-torch helpers below still work
+    HAVE_TRITON = False
+
+MAX_D_IN = 32768  # one program holds the whole vector in registers (32 values a thread at 32 warps)
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+if HAVE_TRITON:
+
+    @triton.jit
+    def _magnitude_bits(x_ptr, offs, n, NBITS: tl.constexpr):
+        """|x| as an int32 bit pattern: a non-negative float orders like its bits read as an integer, so the
+        search runs on integers. Padding is -1: below every candidate (>= 1) and the final threshold (>= 0)."""
+        x = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
+        if NBITS == 15:
+            bits = x.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF
+        else:
+            bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+        return tl.where(offs < n, bits, -1)
+
+    # k (and the GEMV's chunk) vary with the sparsity and are only compared against: specializing on them
+    # (k % 16 == 0, k == 1) would just compile more copies of the same code.
+    @triton.jit(do_not_specialize=["k"])
+    def _select_kernel(
+        x_ptr, idx_ptr, vals_ptr, n, k,
+        BLOCK: tl.constexpr, CHUNK: tl.constexpr, NBITS: tl.constexpr, RADIX: tl.constexpr,
+    ):
+        bits = _magnitude_bits(x_ptr, tl.arange(0, BLOCK), n, NBITS)  # the whole vector, one int32 a value
+
+        # t = the largest integer with count(bits >= t) >= k, i.e. the k-th largest magnitude, built from the
+        # top bit down. RADIX 1: one count (one block-wide reduction) per bit. RADIX 2: two bits a step, the
+        # three counts of a step packed in 21-bit fields of one int64 sum: half the reductions (barriers),
+        # 1.5x the compares. Which wins depends on d_in and num_warps: tune on the GPU.
+        t = tl.full([], 0, tl.int32)
+        if RADIX == 2:
+            for step in tl.static_range(NBITS // 2):
+                shift = NBITS - 2 - 2 * step
+                c = (
+                    (bits >= (t | (1 << shift))).to(tl.int64)
+                    + ((bits >= (t | (2 << shift))).to(tl.int64) << 21)
+                    + ((bits >= (t | (3 << shift))).to(tl.int64) << 42)
+                )
+                c = tl.sum(c, 0)
+                # counts fall as the candidate rises, so the number of candidates keeping >= k is the digit
+                digit = (
+                    ((c & 0x1FFFFF) >= k).to(tl.int32)
+                    + (((c >> 21) & 0x1FFFFF) >= k).to(tl.int32)
+                    + ((c >> 42) >= k).to(tl.int32)
+                )
+                t = t | (digit << shift)
+        LOW: tl.constexpr = NBITS % 2 if RADIX == 2 else NBITS  # the bits left, searched one at a time
+        for bit in tl.static_range(LOW):
+            cand = t | (1 << (LOW - 1 - bit))
+            t = tl.where(tl.sum((bits >= cand).to(tl.int32), 0) >= k, cand, t)
+        need = k - tl.sum((bits > t).to(tl.int32), 0)  # how many of the values equal to t to keep (>= 1)
+
+        # Keep every magnitude above t and the first `need` equal to t, in index order. A prefix sum over
+        # (above << 16 | equal) gives both running counts at once (each < CHUNK <= 32768: no carry). The
+        # compaction goes CHUNK values at a time, re-reading x (cache-resident): all at once it would spill.
+        gt_base = tl.full([], 0, tl.int32)
+        eq_base = tl.full([], 0, tl.int32)
+        for c0 in range(0, n, CHUNK):
+            offs = c0 + tl.arange(0, CHUNK)
+            b = _magnitude_bits(x_ptr, offs, n, NBITS)
+            packed = (b > t).to(tl.int32) * 65536 + (b == t).to(tl.int32)
+            before = tl.cumsum(packed, 0) - packed
+            gt_before = gt_base + (before >> 16)
+            eq_before = eq_base + (before & 0xFFFF)
+            keep = (b > t) | ((b == t) & (eq_before < need))
+            pos = gt_before + tl.minimum(eq_before, need)
+            tl.store(idx_ptr + pos, offs, mask=keep)
+            tl.store(vals_ptr + pos, tl.load(x_ptr + offs, mask=keep), mask=keep)
+            total = tl.sum(packed, 0)
+            gt_base += total >> 16
+            eq_base += total & 0xFFFF
+
+    @triton.jit(do_not_specialize=["k", "chunk"])
+    def _gather_gemv_kernel(
+        idx_ptr, vals_ptr, wt_ptr, out_ptr, k, d_out, stride_w, chunk,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < d_out
+        k_lo = pid_k * chunk
+        k_hi = tl.minimum(k_lo + chunk, k)
+        # Accumulate a [BLOCK_K, BLOCK_N] tile and reduce it once at the end: no cross-warp sum per step.
+        # The next step's row indices are loaded alongside this step's weights, so each step waits on one
+        # memory round trip, not two (index, then the rows it names).
+        acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+        offs_k = k_lo + tl.arange(0, BLOCK_K)
+        rows = tl.load(idx_ptr + offs_k, mask=offs_k < k_hi, other=0)
+        for _ in range(k_lo, k_hi, BLOCK_K):
+            mask_k = offs_k < k_hi
+            v = tl.load(vals_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+            w = tl.load(
+                wt_ptr + rows.to(tl.int64)[:, None] * stride_w + offs_n[None, :],
+                mask=mask_k[:, None] & mask_n[None, :],
+                other=0.0,
+                eviction_policy="evict_first",  # each weight byte is read once: keep L2 for the rest
+            )
+            offs_k += BLOCK_K
+            rows = tl.load(idx_ptr + offs_k, mask=offs_k < k_hi, other=0)
+            acc += v[:, None] * w.to(tl.float32)
+        y = tl.sum(acc, 0)
+        # With one split this is the output itself (cast on store); otherwise row pid_k of the fp32 partials.
+        tl.store(out_ptr + pid_k * d_out + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+    @triton.jit(do_not_specialize=["split"])
+    def _sum_splits_kernel(part_ptr, out_ptr, d_out, split, SPLIT_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < d_out
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for s0 in range(0, split, SPLIT_BLOCK):  # a fixed order: the same sum every call
+            offs_s = s0 + tl.arange(0, SPLIT_BLOCK)
+            p = tl.load(
+                part_ptr + offs_s[:, None] * d_out + offs_n[None, :],
+                mask=(offs_s[:, None] < split) & mask_n[None, :],
+                other=0.0,
+            )
+            acc += tl.sum(p, 0)
+        tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+    INTERPRETED = not isinstance(_select_kernel, JITFunction)
+else:
+    INTERPRETED = False
+
+
+# ----------------------------------------------------------------------------------------------- checks
+def _need_triton(*tensors: Tensor) -> None:
+    if not HAVE_TRITON:
+        raise RuntimeError("larosa.kernels needs Triton: pip install triton")
+    device = tensors[0].device
+    for t in tensors[1:]:
+        if t.device != device:
+            raise ValueError(f"all tensors must be on one device, got {device} and {t.device}")
+    if device.type == "cpu" and not INTERPRETED:
+        raise RuntimeError("CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before triton is imported")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {device}")
+    if device.type == "cuda" and device.index not in (None, torch.cuda.current_device()):
+        # Triton launches on the current device
+        raise ValueError(f"tensors are on {device} but the current device is cuda:{torch.cuda.current_device()}")
+
+
+def _flat_vector(x: Tensor, name: str) -> Tensor:
+    """Decode activations arrive as [d_in] or [1, d_in]; the kernels want one contiguous vector."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() == 2 and x.shape[0] == 1:
+        x = x[0]
+    if x.dim() != 1:
+        raise ValueError(f"{name} must have shape [d_in] or [1, d_in] (batch 1), got {tuple(x.shape)}")
+    if x.dtype not in DTYPES:
+        raise TypeError(f"{name} must be bfloat16, float16 or float32, got {x.dtype}")
+    if x.stride(0) != 1:
+        raise ValueError(f"{name} must be contiguous")
+    return x
+
+
+def _check_weight(wt: Tensor) -> None:
+    if not isinstance(wt, Tensor) or wt.dim() != 2:
+        raise ValueError("wt must be a 2-D input-major weight [d_in, d_out] (W.T of an nn.Linear, contiguous)")
+    if wt.dtype not in DTYPES:
+        raise TypeError(f"wt must be bfloat16, float16 or float32, got {wt.dtype}")
+    if wt.stride(1) != 1 or wt.stride(0) < wt.shape[1]:
+        raise ValueError(
+            "wt must be input-major with contiguous rows (stride(1) == 1), e.g. W.T.contiguous() or "
+            f"pack_input_major([W]); got strides {tuple(wt.stride())}"
+        )
+
+
+def _check_k(k: int, d_in: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if not 1 <= k <= d_in:
+        raise ValueError(f"k must be in 1..d_in={d_in}, got {k}")
+    return k
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 2  # the interpreter runs programs one after another: few splits keep CPU tests fast
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# ----------------------------------------------------------------------------------------------- API
+def select_topk(
+    x: Tensor, k: int, *, num_warps: int | None = None, radix: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Exactly k positions of largest |x|, ascending (ties broken by index), as (int32 idx[k], vals[k] in
+    x.dtype). Replaces torch.topk, which costs tens of microseconds per vector on a GPU. ``num_warps`` and
+    ``radix`` (1 or 2 bits a search step) override the launch heuristic for tuning."""
+    x = _flat_vector(x, "x")
+    d_in = x.shape[0]
+    k = _check_k(k, d_in)
+    if d_in > MAX_D_IN:
+        raise ValueError(f"select_topk handles d_in <= {MAX_D_IN}, got {d_in}")
+    _need_triton(x)
+    idx = torch.empty(k, dtype=torch.int32, device=x.device)
+    vals = torch.empty(k, dtype=x.dtype, device=x.device)
+    block = max(16, _next_pow2(d_in))
+    if num_warps is None:  # 8-32 values a thread: the search is latency-bound, so more warps (a guess: tune)
+        num_warps = min(32, max(4, block // 256))
+    chunk = min(block, 4096, 512 * num_warps)  # compaction step: more spills registers (sm_90, triton 3.6)
+    if radix is None:  # big vectors are compare-bound, small ones barrier-bound (a guess: tune on the GPU)
+        radix = 1 if block > 8192 else 2
+    if radix not in (1, 2):
+        raise ValueError(f"radix must be 1 or 2, got {radix}")
+    nbits = 31 if x.dtype == torch.float32 else 15
+    _select_kernel[(1,)](
+        x, idx, vals, d_in, k, BLOCK=block, CHUNK=chunk, NBITS=nbits, RADIX=radix, num_warps=num_warps
+    )
+    return idx, vals
+
+
+def gemv_config(k: int, d_out: int, dtype: torch.dtype, device: torch.device) -> dict[str, int]:
+    """Launch shape for sparse_gemv by heuristic: rows of 16 bytes a thread, and enough (column block, split)
+    programs for about four per SM, since a memory-bound kernel needs many bytes in flight to reach HBM speed."""
+    block_n = min(256 if dtype != torch.float32 else 128, max(16, _next_pow2(d_out)))
+    block_k = 32
+    n_blocks = _cdiv(d_out, block_n)
+    split_k = max(1, min(_cdiv(4 * _num_sms(device), n_blocks), _cdiv(k, block_k)))
+    return dict(block_n=block_n, block_k=block_k, split_k=split_k, num_warps=4)
+
+
+def sparse_gemv(
+    idx: Tensor,
+    vals: Tensor,
+    wt: Tensor,
+    out: Tensor | None = None,
+    *,
+    block_n: int | None = None,
+    block_k: int | None = None,
+    split_k: int | None = None,
+    num_warps: int | None = None,
+) -> Tensor:
+    """y[n] = sum_j vals[j] * wt[idx[j], n], reading only the rows of wt that idx names (fp32 accumulation).
+
+    ``out`` (any of bf16/fp16/fp32, [d_out]) defaults to a new tensor of wt.dtype. Indices are trusted to be
+    in range and distinct, as select_topk makes them. The keyword arguments override the launch heuristic
+    (gemv_config) for tuning; block sizes must be powers of two.
+    """
+    if not isinstance(idx, Tensor) or idx.dim() != 1 or idx.dtype != torch.int32 or idx.stride(0) != 1:
+        raise ValueError("idx must be a contiguous 1-D int32 tensor")
+    vals = _flat_vector(vals, "vals")
+    _check_weight(wt)
+    k = idx.shape[0]
+    if vals.shape[0] != k:
+        raise ValueError(f"idx and vals must have the same length, got {k} and {vals.shape[0]}")
+    if k < 1 or k > wt.shape[0]:
+        raise ValueError(f"need 1 <= len(idx) <= d_in={wt.shape[0]}, got {k}")
+    d_out = wt.shape[1]
+    if out is None:
+        out = torch.empty(d_out, dtype=wt.dtype, device=wt.device)
+    elif out.shape != (d_out,) or out.dtype not in DTYPES or out.stride(0) != 1:
+        raise ValueError(f"out must be a contiguous [{d_out}] tensor of bf16/fp16/fp32")
+    _need_triton(idx, vals, wt, out)
+
+    cfg = gemv_config(k, d_out, wt.dtype, wt.device)
+    for name, value in (("block_n", block_n), ("block_k", block_k), ("split_k", split_k), ("num_warps", num_warps)):
+        if value is not None:
+            cfg[name] = int(value)
+    bn, bk = cfg["block_n"], cfg["block_k"]
+    if bn < 16 or bk < 1 or bn & (bn - 1) or bk & (bk - 1):
+        raise ValueError(f"block_n (>= 16) and block_k must be powers of two, got {bn} and {bk}")
+    # Each split takes a whole number of BLOCK_K steps; recount splits so none is empty.
+    chunk = _cdiv(_cdiv(k, min(max(1, cfg["split_k"]), 4096)), bk) * bk
+    split = _cdiv(k, chunk)
+    n_blocks = _cdiv(d_out, bn)
+    dst = out if split == 1 else torch.empty((split, d_out), dtype=torch.float32, device=wt.device)
+    _gather_gemv_kernel[(n_blocks, split)](
+        idx, vals, wt, dst, k, d_out, wt.stride(0), chunk, BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg["num_warps"]
+    )
+    if split > 1:
+        sb = min(32, _next_pow2(split))
+        block = max(16, min(256, 4096 // sb, _next_pow2(d_out)))
+        _sum_splits_kernel[(_cdiv(d_out, block),)](dst, out, d_out, split, SPLIT_BLOCK=sb, BLOCK_N=block)
+    return out
+
+
+def topk_gemv(x: Tensor, wt: Tensor, k: int, out: Tensor | None = None, **gemv_kwargs: int) -> Tensor:
+    """topk(x, k) @ wt for one decode token: select_topk then sparse_gemv. Output shape follows x's
+    ([d_out] or [1, d_out])."""
+    _check_weight(wt)
+    xf = _flat_vector(x, "x")
+    if xf.shape[0] != wt.shape[0]:
+        raise ValueError(f"x has {xf.shape[0]} entries but wt has d_in={wt.shape[0]} rows")
+    idx, vals = select_topk(xf, k)
+    y = sparse_gemv(idx, vals, wt, out, **gemv_kwargs)
+    return y.unsqueeze(0) if x.dim() == 2 else y
+
+
+# ----------------------------------------------------------------------------------------------- torch helpers
+def pack_input_major(weights: Sequence[Tensor | nn.Linear]) -> Tensor:
+    """[d_in, sum d_out] from nn.Linear weights ([d_out, d_in] each) that read the same input, so that q/k/v
+    or gate/up share one selection and one GEMV. Biases are not included: add them after split_output."""
+    ws = [w.weight if isinstance(w, nn.Linear) else w for w in weights]
+    if not ws:
+        raise ValueError("pack_input_major needs at least one weight")
+    d_in = ws[0].shape[1]
+    for w in ws:
+        if w.dim() != 2 or w.shape[1] != d_in:
+            raise ValueError(f"weights must be [d_out, d_in] with one d_in={d_in}, got {tuple(w.shape)}")
+    return torch.cat([w.detach().t() for w in ws], dim=1).contiguous()
+
+
+def split_output(y: Tensor, sizes: Sequence[int | Tensor | nn.Linear]) -> tuple[Tensor, ...]:
+    """Undo pack_input_major on the output: sizes are the d_out of each packed weight (or the weights)."""
+    n = [s if isinstance(s, int) else (s.weight if isinstance(s, nn.Linear) else s).shape[0] for s in sizes]
+    if sum(n) != y.shape[-1]:
+        raise ValueError(f"sizes add up to {sum(n)} but the output has {y.shape[-1]} columns")
+    return tuple(torch.split(y, n, dim=-1))
+
+
+def sparse_gemv_reference(idx: Tensor, vals: Tensor, wt: Tensor) -> Tensor:
+    """sparse_gemv in float32 torch, as the yardstick for tests (returns float32)."""
+    return vals.reshape(-1).float() @ wt[idx.long()].float()
+
+
+def topk_gemv_reference(x: Tensor, wt: Tensor, k: int) -> Tensor:
+    """topk(x, k) @ wt in float32 torch (returns float32, shape [d_out]). Where several entries tie at the
+    k-th magnitude, torch.topk may keep others than select_topk: compare on tie-free inputs."""
+    xf = x.reshape(-1)
+    idx = torch.topk(xf.float().abs(), k, sorted=False).indices
+    return xf[idx].float() @ wt[idx].float()
