@@ -43,7 +43,8 @@ def _first_layer_inputs(adapter: Adapter, windows: torch.Tensor, device: torch.d
         return forward
 
     others = [m for m in body.children() if m is not layers]
-    homes = [next(m.parameters(), next(m.buffers(), None)) for m in others]
+    # Record devices, not tensors: Module.to moves a parameter in place, so the tensor would follow the move.
+    homes = [t.device if (t := next(m.parameters(), next(m.buffers(), None))) is not None else None for m in others]
     try:
         for i, layer in enumerate(layers):
             layer.forward = recorder(i)
@@ -56,7 +57,7 @@ def _first_layer_inputs(adapter: Adapter, windows: torch.Tensor, device: torch.d
             layer.__dict__.pop("forward", None)
         for m, home in zip(others, homes):
             if home is not None:
-                m.to(home.device)
+                m.to(home)
     return torch.cat(hidden), calls
 
 

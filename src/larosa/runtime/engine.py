@@ -108,9 +108,10 @@ class Transformer(nn.Module):
         self.register_buffer("sin", sin[:max_seq], persistent=False)
         s = layers[0].shape
         cache = (len(layers), s.n_kv_heads, max_seq, s.head_dim)
-        self.register_buffer("k_cache", torch.zeros(cache, dtype=embedding.dtype), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(cache, dtype=embedding.dtype), persistent=False)
-        causal = torch.ones(max_seq, max_seq, dtype=torch.bool).tril()
+        kw = dict(dtype=embedding.dtype, device=embedding.device)
+        self.register_buffer("k_cache", torch.zeros(cache, **kw), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(cache, **kw), persistent=False)
+        causal = torch.ones(max_seq, max_seq, dtype=torch.bool, device=embedding.device).tril()
         self.register_buffer("causal", causal, persistent=False)
         self.max_seq = max_seq
 
