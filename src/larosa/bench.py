@@ -85,8 +85,9 @@ def copy_bandwidth(gigabytes: float = 4.0) -> float:
     return 2 * n * 2 / times[len(times) // 2] / 1e9
 
 
-def _engine_tokens_per_s(model, max_seq: int, prompt: torch.Tensor, tokens: int, repeats: int) -> float:
-    engine = Engine(Transformer.from_hf(model, max_seq=max_seq))
+def _engine_tokens_per_s(model, max_seq: int, prompt: torch.Tensor, tokens: int, repeats: int,
+                         compile: bool) -> float:
+    engine = Engine(Transformer.from_hf(model, max_seq=max_seq), compile=compile)
     rates = sorted(engine.generate(prompt, tokens)[1] for _ in range(repeats))
     del engine
     return rates[len(rates) // 2]
@@ -105,7 +106,7 @@ def _hf_tokens_per_s(model, prompt: torch.Tensor, tokens: int) -> float:
 
 
 def bench_decode(name: str, sparsities: list[float], scope: str = "layer", tokens: int = 128, prompt_len: int = 16,
-                 repeats: int = 3, hf: bool = True) -> dict:
+                 repeats: int = 3, hf: bool = True, compile: bool = True) -> dict:
     if not torch.cuda.is_available():
         raise RuntimeError("bench decode needs a CUDA device")
     max_seq = prompt_len + tokens
@@ -116,7 +117,7 @@ def bench_decode(name: str, sparsities: list[float], scope: str = "layer", token
         cfg = SparsityConfig.from_nominal(s) if s else None
         model = _random_model(name, cfg, scope)
         dims = adapter_for(model).dims
-        rate = _engine_tokens_per_s(model, max_seq, prompt, tokens, repeats)
+        rate = _engine_tokens_per_s(model, max_seq, prompt, tokens, repeats, compile)
         weight_bytes = 2 * (dims.n_layers * sum(dims.site_weights().values()) + dims.vocab * dims.hidden)
         row = {"sparsity": s, "scope": scope if s else None, "tokens_per_s": rate,
                "param_weighted_sparsity": cfg.param_weighted(dims) if cfg else 0.0,
@@ -131,14 +132,16 @@ def bench_decode(name: str, sparsities: list[float], scope: str = "layer", token
     for row in rows:
         row["speedup"] = row["tokens_per_s"] / rows[0]["tokens_per_s"]
         row["speedup_over_ideal"] = row["speedup"] / row["byte_ideal_speedup"]
-    return {"config": name, "tokens": tokens, "prompt": prompt_len, "copy_bandwidth_gb_s": bandwidth,
+    return {"config": name, "tokens": tokens, "prompt": prompt_len, "compile": compile,
+            "copy_bandwidth_gb_s": bandwidth,
             "device": torch.cuda.get_device_name(), "torch": torch.__version__, "host": platform.node(),
             "rows": rows}
 
 
 def decode_table(result: dict) -> str:
     lines = [f"{result['config']}, batch 1, bf16, {result['tokens']} new tokens after a {result['prompt']}-token "
-             f"prompt, {result['device']} (copy bandwidth {result['copy_bandwidth_gb_s']:.0f} GB/s)", "",
+             f"prompt, {result['device']} (copy bandwidth {result['copy_bandwidth_gb_s']:.0f} GB/s), engine "
+             f"{'with' if result['compile'] else 'without'} torch.compile", "",
              "| sparsity | scope | param-weighted | tokens/s | speed-up | byte-ideal | of ideal | HF generate |",
              "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:

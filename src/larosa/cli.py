@@ -158,7 +158,7 @@ def _cmd_bench(a: argparse.Namespace) -> dict:
     if not torch.cuda.is_available():
         raise LarosaError("larosa bench needs a CUDA GPU")
     result = bench.bench_decode(a.config, a.sparsity, scope=a.scope, tokens=a.tokens, prompt_len=a.prompt,
-                                repeats=a.repeats, hf=not a.no_hf)
+                                repeats=a.repeats, hf=not a.no_hf, compile=not a.no_compile)
     result["table"] = bench.decode_table(result)
     if a.out:
         bench.write(a.out, f"decode-{a.config}-{a.scope}", result, result["table"])
@@ -257,6 +257,7 @@ def parser() -> argparse.ArgumentParser:
     bd.add_argument("--prompt", type=int, default=16, help="prompt tokens (default 16)")
     bd.add_argument("--repeats", type=int, default=3, help="generations per engine; the median counts")
     bd.add_argument("--no-hf", action="store_true", help="skip timing transformers' generate")
+    bd.add_argument("--no-compile", action="store_true", help="run the engine's decode step without torch.compile")
     bd.add_argument("--out", help="directory for JSON and a markdown table")
     bd.add_argument("--json", action="store_true")
 
