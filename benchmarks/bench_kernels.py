@@ -39,9 +39,24 @@ SHAPES = [
 SMOKE_SHAPES = [("tiny", "a", 64, 96), ("tiny", "b", 200, 136), ("tiny", "down", 1000, 40)]
 SPARSITIES = [0.25, 0.4, 0.5, 0.7]
 # tuning grid: GEMV (block_n, block_k, num_warps) x programs per SM; selection (num_warps, radix)
-GEMV_TILES = [(256, 32, 4), (256, 16, 4), (256, 64, 8), (512, 32, 8), (128, 32, 4), (1024, 8, 4)]
-GEMV_PER_SM = [2, 4, 8]
-SELECT_CFGS = [(w, r) for w in (4, 8, 16, 32) for r in (1, 2)]
+# v2 sweep: the fused GEMV's (block_k positions a step, programs per SM); v1's GEMV / select sweeps are
+# in results/kernels-v1.md and their winners are the defaults now.
+FUSED_BK = [8, 16, 32]
+FUSED_PER_SM = [2, 4, 8]
+
+
+def launch_floor(timer) -> float | None:
+    """us per back-to-back launch of a one-program kernel that stores one value: what any extra launch
+    costs in these graphs."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _one_store(p):
+        tl.store(p, 1)
+
+    buf = torch.empty(1, dtype=torch.int32, device="cuda")
+    return timer([lambda: _one_store[(1,)](buf)], "launch floor")
 
 
 def load_kernels():
@@ -150,6 +165,12 @@ def copy_bandwidth(device: str, nbytes: int) -> float:
 def check_selection(kern, x: torch.Tensor, k: int, **cfg) -> tuple[torch.Tensor, torch.Tensor]:
     idx, vals = kern.select_topk(x, k, **cfg)
     i = idx.long()
+    if not cfg:  # the same set as torch.topk on distinct magnitudes; the lowest index among ties
+        ref = torch.topk(x.float().abs(), k).values.min()
+        tied = (x.float().abs() == ref).nonzero().flatten()
+        kept = i[vals.float().abs() == ref]
+        if not torch.equal(kept, tied[: kept.numel()]):
+            raise SystemExit(f"FAIL: select_topk(d_in={x.numel()}, k={k}) broke ties out of index order")
     ok = (
         idx.shape == (k,)
         and bool((i >= 0).all())
@@ -170,6 +191,22 @@ def check_gemv(kern, idx, vals, wt, what: str, **cfg) -> float:
     err = float((out.float() - ref).norm() / ref.norm())
     if not (bool(torch.isfinite(out).all()) and err < 1e-2):
         raise SystemExit(f"FAIL: {what} {cfg}: relative error {err:.3g} (or unwritten outputs)")
+    return err
+
+
+def check_fused(kern, x, wt, k, what: str, **cfg) -> float:
+    """topk_gemv (poisoned output) against the float32 product over select_topk's exact set; then the
+    workspaces must be zero again."""
+    out = torch.full((wt.shape[1],), float("nan"), dtype=wt.dtype, device=wt.device)
+    kern.topk_gemv(x, wt, k, out=out, **cfg)
+    idx, vals = kern.select_topk(x, k, method="single")
+    ref = kern.sparse_gemv_reference(idx, vals, wt)
+    err = float((out.float() - ref).norm() / ref.norm())
+    acc, cnt = kern._GEMV_WORKSPACES[(wt.device.type, wt.device.index)]
+    clean = int(kern._workspace(wt.device).abs().sum()) == 0 and int(cnt.abs().sum()) == 0
+    clean = clean and float(acc.abs().sum()) == 0
+    if not (bool(torch.isfinite(out).all()) and err < 1e-2 and clean):
+        raise SystemExit(f"FAIL: {what} {cfg}: relative error {err:.3g}, workspace clean {clean} (or unwritten)")
     return err
 
 
@@ -201,11 +238,11 @@ def main() -> None:
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
     if args.only:
         shapes = [s for s in shapes if any(o in f"{s[0]}/{s[1]}" for o in args.only)]
-    tiles, per_sm, sel_cfgs = GEMV_TILES, GEMV_PER_SM, SELECT_CFGS
+    fused_bk, fused_per_sm = FUSED_BK, FUSED_PER_SM
     if args.smoke:
-        tiles, per_sm, sel_cfgs = tiles[:2], per_sm[:2], [(4, 1), (4, 2)]
+        fused_bk, fused_per_sm = fused_bk[:2], fused_per_sm[:1]
     if args.no_tune:
-        tiles, per_sm, sel_cfgs = [], [], []
+        fused_bk, fused_per_sm = [], []
     timer = Timer(cuda, args.min_calls, args.replays)
     n_sm = torch.cuda.get_device_properties(0).multi_processor_count if cuda else 2
     args.out.mkdir(parents=True, exist_ok=True)
@@ -225,6 +262,9 @@ def main() -> None:
     if cuda:
         log(f"{meta['device']}: device copy {meta['copy_GBps']:.0f} GB/s (read + write)")
 
+    meta["launch_floor_us"] = launch_floor(timer) if cuda else None
+    if cuda:
+        log(f"one tiny launch: {meta['launch_floor_us']:.2f} us")
     rows, tuning = [], []
     select_cache: dict[tuple[int, int], dict] = {}  # selection timings per (d_in, k)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -234,9 +274,9 @@ def main() -> None:
         n_copies = max(1, min(n_copies, int(args.max_gb * 1e9 // (2 * w_bytes))))
         if args.smoke:
             n_copies = 2
-        if (tiles or sel_cfgs) and time.time() - t_start > args.budget_s:
+        if fused_bk and time.time() - t_start > args.budget_s:
             log(f"over --budget-s {args.budget_s:.0f}: no more tuning")
-            tiles, per_sm, sel_cfgs = [], [], []
+            fused_bk, fused_per_sm = [], []
         log(f"{model} {weight} {d_in}x{d_out}: {n_copies} copies of each layout ({n_copies * w_bytes / 1e9:.2f} GB)")
         ws = [torch.randn(d_out, d_in, generator=gen, device=device, dtype=dtype) * 0.02 for _ in range(n_copies)]
         wts = [w.t().contiguous() for w in ws]  # input-major copies for the sparse kernels
@@ -250,80 +290,92 @@ def main() -> None:
 
         for s in args.sparsities:
             k = max(1, round((1 - s) * d_in))
-            # correctness first: default launch, then every config that will be timed
+            # correctness first: both selections, the GEMV, the fused path (poisoned outputs, fresh inputs)
             idx, vals = check_selection(kern, xs[0], k)
+            check_selection(kern, xs[1], k, method="single")
             err = check_gemv(kern, idx, vals, wts[0], f"sparse_gemv {d_in}x{d_out} k={k}")
-            y = kern.topk_gemv(xs[0], wts[0], k)
-            if not torch.equal(y, kern.sparse_gemv(idx, vals, wts[0])):
-                raise SystemExit("FAIL: topk_gemv differs from select_topk + sparse_gemv")
+            fused_err = check_fused(kern, xs[-1], wts[-1], k, f"topk_gemv {d_in}x{d_out} k={k}")
             sel = [kern.select_topk(x, k) for x in xs]
 
             key = (d_in, k)
             if key not in select_cache:
+                ws = kern._workspace(xs[0].device)
                 entry = dict(
                     select_us=timer([lambda x=x, k=k: kern.select_topk(x, k) for x in xs], "select"),
-                    # a launch loop, not a graph: a reference point, and a failed capture would taint the stream
+                    select_v1_us=timer(
+                        [lambda x=x, k=k: kern.select_topk(x, k, method="single") for x in xs], "select v1"
+                    ),
+                    # the threshold launch alone leaves its histogram dirty: zero it after timing
+                    threshold_us=timer([lambda x=x, k=k: kern._threshold(x, k) for x in xs], "threshold"),
                     torch_topk_us=timer(
                         [lambda x=x, k=k: torch.topk(x.abs(), k, sorted=False) for x in xs], "topk", graph=False
                     ),
-                    best_select=None,
                 )
-                best = (entry["select_us"], None)
-                for nw, radix in sel_cfgs:
-                    if kern._next_pow2(d_in) > 2048 * nw:
-                        continue  # over 64 values a thread: spills
-                    cfg = dict(num_warps=nw, radix=radix)
-                    check_selection(kern, xs[0], k, **cfg)
-                    us = timer([lambda x=x, k=k, c=cfg: kern.select_topk(x, k, **c) for x in xs], f"select {cfg}")
-                    tuning.append(dict(kernel="select", d_in=d_in, k=k, cfg=cfg, us=us))
-                    best = min(best, (us, cfg), key=lambda b: b[0])
-                entry["best_select"], entry["best_select_us"] = best[1], best[0]
+                ws.zero_()
+                check_selection(kern, xs[2 % len(xs)], k)
                 select_cache[key] = entry
             sc = select_cache[key]
 
             gemv_us = timer([lambda wt=wt, i=i: kern.sparse_gemv(i[0], i[1], wt) for wt, i in zip(wts, sel)], "gemv")
-            both_us = timer([lambda wt=wt, x=x, k=k: kern.topk_gemv(x, wt, k) for wt, x in zip(wts, xs)], "select+gemv")
-            best_gemv = (gemv_us, None)
-            for bn, bk, nw in tiles:
-                for m in per_sm:
-                    split = kern._cdiv(m * n_sm, kern._cdiv(d_out, bn))  # about m programs per SM
-                    cfg = dict(block_n=bn, block_k=bk, num_warps=nw, split_k=split)
-                    check_gemv(kern, idx, vals, wts[0], "sparse_gemv (sweep)", **cfg)
-                    fns = [lambda wt=wt, i=i, c=cfg: kern.sparse_gemv(i[0], i[1], wt, **c) for wt, i in zip(wts, sel)]
-                    us = timer(fns, f"gemv {cfg}")
-                    tuning.append(dict(kernel="gemv", d_in=d_in, d_out=d_out, k=k, cfg=cfg, per_sm=m, us=us))
-                    best_gemv = min(best_gemv, (us, cfg), key=lambda b: b[0])
-            tuned_us = None
-            if best_gemv[1] is not None or sc["best_select"] is not None:
-                gcfg, scfg = best_gemv[1] or {}, sc["best_select"] or {}
-                fns = [
-                    lambda wt=wt, x=x, k=k, sc=scfg, gc=gcfg: kern.sparse_gemv(*kern.select_topk(x, k, **sc), wt, **gc)
-                    for wt, x in zip(wts, xs)
-                ]
-                tuned_us = timer(fns, "tuned select+gemv")
+            unfused_us = timer(
+                [lambda wt=wt, x=x, k=k: kern.topk_gemv(x, wt, k, fused=False) for wt, x in zip(wts, xs)],
+                "select+gemv",
+            )
+            fused_us = timer([lambda wt=wt, x=x, k=k: kern.topk_gemv(x, wt, k) for wt, x in zip(wts, xs)], "fused")
+            pdl_us = None
+            if cuda and kern.HAVE_GDC:
+                try:
+                    check_fused(kern, xs[0], wts[0], k, "topk_gemv pdl", pdl=True)
+                    pdl_us = timer(
+                        [lambda wt=wt, x=x, k=k: kern.topk_gemv(x, wt, k, pdl=True) for wt, x in zip(wts, xs)],
+                        "fused pdl",
+                    )
+                except SystemExit:
+                    raise
+                except Exception as e:  # noqa: BLE001 - an optional variant
+                    log(f"pdl variant failed: {type(e).__name__}: {e}")
+                    torch.cuda.synchronize()
+                    kern._workspace(xs[0].device).zero_()  # a launch that half ran may leave counts
+            best_fused = (fused_us, None)
+            for bk in fused_bk:
+                for m in fused_per_sm:
+                    split = kern._cdiv(m * n_sm, kern._cdiv(d_out, 1024))
+                    cfg = dict(block_k=bk, split_k=split)
+                    check_fused(kern, xs[0], wts[0], k, "topk_gemv (sweep)", **cfg)
+                    fns = [lambda wt=wt, x=x, k=k, c=cfg: kern.topk_gemv(x, wt, k, **c) for wt, x in zip(wts, xs)]
+                    us = timer(fns, f"fused {cfg}")
+                    tuning.append(dict(kernel="fused", d_in=d_in, d_out=d_out, k=k, cfg=cfg, per_sm=m, us=us))
+                    best_fused = min(best_fused, (us, dict(cfg, per_sm=m)), key=lambda b: b[0])
+            check_fused(kern, xs[1], wts[1], k, "topk_gemv (after timing)")
 
-            sparse_bytes = k * d_out * 2 + k * 6 + d_out * 2  # weight rows, idx + vals, output
+            sparse_bytes = k * d_out * 2 + d_in * 2 + d_out * 2  # weight rows, x, output
             dense_bytes = w_bytes + d_in * 2 + d_out * 2
+            bw = meta["copy_GBps"]
             row = dict(
                 model=model, weight=weight, d_in=d_in, d_out=d_out, s=s, k=k, copies=n_copies, rel_err=err,
+                fused_rel_err=fused_err,
                 dense_us=dense_us, dense_GBps=dense_bytes / dense_us / 1e3,
-                torch_topk_us=sc["torch_topk_us"], select_us=sc["select_us"],
+                torch_topk_us=sc["torch_topk_us"], select_us=sc["select_us"], select_v1_us=sc["select_v1_us"],
+                threshold_us=sc["threshold_us"],
                 gemv_us=gemv_us, gemv_GBps=sparse_bytes / gemv_us / 1e3,
-                select_gemv_us=both_us, select_gemv_GBps=sparse_bytes / both_us / 1e3,
-                speedup=dense_us / both_us, gemv_only_speedup=dense_us / gemv_us,
-                ideal_speedup=d_in / k,
-                gemv_floor_us=sparse_bytes / meta["copy_GBps"] / 1e3 if meta["copy_GBps"] else None,
-                dense_floor_us=dense_bytes / meta["copy_GBps"] / 1e3 if meta["copy_GBps"] else None,
+                unfused_us=unfused_us, fused_us=fused_us, fused_GBps=sparse_bytes / fused_us / 1e3,
+                pdl_us=pdl_us,
+                speedup=dense_us / fused_us, ideal_speedup=d_in / k,
+                frac_of_ideal=dense_us / fused_us / (d_in / k),
+                gemv_floor_us=sparse_bytes / bw / 1e3 if bw else None,
+                dense_floor_us=dense_bytes / bw / 1e3 if bw else None,
                 gemv_cfg=kern.gemv_config(k, d_out, dtype, torch.device(device)),
-                best_gemv_us=best_gemv[0], best_gemv_cfg=best_gemv[1],
-                best_select_us=sc["best_select_us"], best_select_cfg=sc["best_select"],
-                tuned_select_gemv_us=tuned_us, tuned_speedup=dense_us / tuned_us if tuned_us else None,
+                fused_cfg=kern.fused_config(d_in, d_out, dtype, torch.device(device)),
+                best_fused_us=best_fused[0], best_fused_cfg=best_fused[1],
+                best_speedup=dense_us / min(x for x in (best_fused[0], pdl_us) if x is not None),
             )
             rows.append(row)
             log(
-                f"  s={s:.2f} k={k}: dense {dense_us:.1f} us | select {sc['select_us']:.1f} | gemv {gemv_us:.1f} "
-                f"({row['gemv_GBps']:.0f} GB/s) | both {both_us:.1f} -> x{row['speedup']:.2f} (ideal x{d_in / k:.2f})"
-                + (f" | tuned {tuned_us:.1f} -> x{row['tuned_speedup']:.2f}" if tuned_us else "")
+                f"  s={s:.2f} k={k}: dense {dense_us:.1f} | select {sc['select_us']:.1f} (v1 {sc['select_v1_us']:.1f},"
+                f" threshold {sc['threshold_us']:.1f}) | gemv {gemv_us:.1f} | unfused {unfused_us:.1f} | fused "
+                f"{fused_us:.1f} -> x{row['speedup']:.2f} of ideal x{d_in / k:.2f} ({row['frac_of_ideal']:.2f})"
+                + (f" | pdl {pdl_us:.1f}" if pdl_us else "")
+                + (f" | best {best_fused[0]:.1f} {best_fused[1]}" if best_fused[1] else "")
             )
         del ws, wts, xs, sel
         if cuda:
@@ -349,42 +401,36 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         return "-" if v is None else fmt.format(v)
 
     def cfg(c):
-        short = dict(block_n="bn", block_k="bk", split_k="sk", num_warps="w", radix="r")
+        short = dict(block_n="bn", block_k="bk", split_k="sk", num_warps="w", per_sm="m")
         return "default" if not c else " ".join(f"{short.get(k, k)}{v}" for k, v in c.items())
 
     bw = f"{meta['copy_GBps']:.0f} GB/s" if meta["copy_GBps"] else "n/a"
     lines = [
-        f"# Top-K gather-GEMV vs dense GEMV, batch 1, bf16, L2-cold ({meta['device']})",
+        f"# Top-K select + gather-GEMV vs dense GEMV, batch 1, bf16, L2-cold ({meta['device']})",
         "",
-        f"torch {meta['torch']}, triton {meta['triton']}, timer: {meta['timer']}, device copy bandwidth {bw}. "
-        "Times in us (median per call). GB/s counts weight rows read plus activations. speed-up = dense / "
-        "(select + gemv); ideal = d_in / k. floor = bytes at the copy bandwidth.",
+        f"torch {meta['torch']}, triton {meta['triton']}, timer: {meta['timer']}, device copy bandwidth {bw}, "
+        f"one tiny launch {f(meta.get('launch_floor_us'), '{:.2f}')} us. "
+        "Times in us (median per call). select = v2 select_topk (threshold + compaction launches); v1 = the "
+        "one-program select; threshold = its first launch alone; gemv = sparse_gemv on a given selection; "
+        "unfused = select_topk + sparse_gemv; fused = topk_gemv (threshold + position-slice GEMV, 2 launches); "
+        "pdl = fused with the GEMV as a programmatic dependent launch. GB/s counts weight rows read plus "
+        "activations. speed-up = dense / fused; ideal = d_in / k; x ideal = speed-up / ideal (target >= 0.9).",
         "",
-        "| model | weight | d_in x d_out | s | k | dense | dense GB/s | torch.topk | select | gemv | gemv GB/s "
-        "| gemv floor | select+gemv | speed-up | ideal | tuned | tuned speed-up |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | weight | d_in x d_out | s | k | dense | torch.topk | select v1 | select | threshold | gemv "
+        "| gemv GB/s | floor | unfused | fused | fused GB/s | speed-up | ideal | x ideal | pdl | best fused "
+        "| best cfg | best x ideal |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        best = min(x for x in (r["best_fused_us"], r["pdl_us"], r["fused_us"]) if x is not None)
         lines.append(
             f"| {r['model']} | {r['weight']} | {r['d_in']}x{r['d_out']} | {r['s']:.2f} | {r['k']} "
-            f"| {f(r['dense_us'])} | {f(r['dense_GBps'], '{:.0f}')} | {f(r['torch_topk_us'])} | {f(r['select_us'])} "
-            f"| {f(r['gemv_us'])} | {f(r['gemv_GBps'], '{:.0f}')} | {f(r['gemv_floor_us'])} "
-            f"| {f(r['select_gemv_us'])} | {f(r['speedup'], '{:.2f}')} | {f(r['ideal_speedup'], '{:.2f}')} "
-            f"| {f(r['tuned_select_gemv_us'])} | {f(r['tuned_speedup'], '{:.2f}')} |"
-        )
-    lines += [
-        "",
-        "Best configs found by the sweep (gemv: block_n, block_k, num_warps, split_k; select: num_warps, radix):",
-        "",
-        "| weight | s | default gemv cfg | default gemv | best gemv | best gemv cfg | select | best select "
-        "| best select cfg |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['model']} {r['weight']} | {r['s']:.2f} | {cfg(r['gemv_cfg'])} | {f(r['gemv_us'])} "
-            f"| {f(r['best_gemv_us'])} | {cfg(r['best_gemv_cfg'])} | {f(r['select_us'])} "
-            f"| {f(r['best_select_us'])} | {cfg(r['best_select_cfg'])} |"
+            f"| {f(r['dense_us'])} | {f(r['torch_topk_us'])} | {f(r['select_v1_us'])} | {f(r['select_us'])} "
+            f"| {f(r['threshold_us'])} | {f(r['gemv_us'])} | {f(r['gemv_GBps'], '{:.0f}')} "
+            f"| {f(r['gemv_floor_us'])} | {f(r['unfused_us'])} | {f(r['fused_us'])} "
+            f"| {f(r['fused_GBps'], '{:.0f}')} | {f(r['speedup'], '{:.2f}')} | {f(r['ideal_speedup'], '{:.2f}')} "
+            f"| {f(r['frac_of_ideal'], '{:.2f}')} | {f(r['pdl_us'])} | {f(r['best_fused_us'])} "
+            f"| {cfg(r['best_fused_cfg'])} | {f(r['dense_us'] / best / r['ideal_speedup'], '{:.2f}')} |"
         )
     return "\n".join(lines) + "\n"
 

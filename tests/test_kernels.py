@@ -288,3 +288,81 @@ def test_large_shapes_on_gpu(d_in, d_out):
         sparse_gemv(idx, vals, wt, out=out)
         assert bool(torch.isfinite(out).all())
         assert rel_err(out, sparse_gemv_reference(idx, vals, wt)) < 1e-2
+
+
+# ---------------------------------------------------------------------------------------------- v2 paths
+def workspaces_clean() -> bool:
+    mod = sys.modules[select_topk.__module__]
+    dev = torch.device(DEVICE)
+    key = (dev.type, dev.index)
+    ok = int(mod._workspace(dev).abs().sum()) == 0
+    if key in mod._GEMV_WORKSPACES:
+        acc, cnt = mod._GEMV_WORKSPACES[key]
+        ok = ok and int(cnt.abs().sum()) == 0 and float(acc.abs().sum()) == 0
+    return ok
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d_in", [1, 7, 1023, 1025, 3000])
+def test_hist_select_same_set_as_topk_and_exact_k_with_ties(d_in, dtype):
+    g = gen(d_in + 17)
+    for k in sorted({1, max(1, d_in // 3), d_in}):
+        x = distinct(d_in, dtype, g)  # no ties: torch.topk's set exactly
+        idx, vals = select_topk(x, k, method="hist")
+        check_selection(x, k, idx, vals)
+        assert torch.equal(idx.long(), torch.topk(x.float().abs(), k).indices.sort().values)
+        xt = torch.randint(-3, 4, (d_in,), generator=g).to(dtype).to(DEVICE)  # heavy ties and zeros
+        idx, vals = select_topk(xt, k, method="hist")
+        check_selection(xt, k, idx, vals)
+        t = vals.float().abs().min()
+        tied = (xt.float().abs() == t).nonzero().flatten()
+        kept = idx.long()[vals.float().abs() == t]
+        assert torch.equal(kept, tied[: kept.numel()])  # lowest indices first
+        assert workspaces_clean()
+
+
+@needs_triton
+@pytest.mark.parametrize("d_in,d_out", [(1, 5), (100, 77), (1500, 1100), (2049, 40)])
+@pytest.mark.parametrize("cfg", [{}, dict(split_k=1), dict(split_k=9, block_k=4), dict(block_n=64, block_k=32)],
+                         ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()) or "default")
+def test_fused_topk_gemv_poisoned_output_and_ties(d_in, d_out, cfg):
+    g = gen(d_in * 3 + d_out + len(cfg))
+    wt = torch.randn(d_in, d_out, generator=g).to(torch.bfloat16).to(DEVICE)
+    for k in sorted({1, max(1, d_in // 2), d_in}):
+        for x in (torch.randn(d_in, generator=g).to(torch.bfloat16).to(DEVICE),
+                  torch.randint(-2, 3, (d_in,), generator=g).to(torch.bfloat16).to(DEVICE)):  # ties
+            out = torch.full((d_out,), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+            y = topk_gemv(x, wt, k, out=out, fused=True, **cfg)
+            assert y is out and bool(torch.isfinite(out).all())
+            idx, vals = select_topk(x, k, method="single")  # the same set (ties: lowest index first)
+            ref = sparse_gemv_reference(idx, vals, wt)
+            if float(ref.norm()) > 0:
+                assert rel_err(out, ref) < 1e-2
+            else:
+                assert float(out.float().abs().max()) == 0
+            assert workspaces_clean()
+
+
+@needs_triton
+def test_fused_and_unfused_agree_at_down_proj_width():
+    g = gen(77)
+    d_in, d_out = 11008, 24
+    wt = torch.randn(d_in, d_out, generator=g).to(torch.bfloat16).to(DEVICE)
+    x = torch.randn(d_in, generator=g).to(torch.bfloat16).to(DEVICE)  # bf16 at this width: ties at t
+    for k in (round(0.6 * d_in), round(0.3 * d_in)):
+        idx, vals = select_topk(x, k)
+        check_selection(x, k, idx, vals)
+        ref = sparse_gemv_reference(idx, vals, wt)
+        assert rel_err(topk_gemv(x, wt, k, fused=True), ref) < 1e-2
+        assert rel_err(topk_gemv(x, wt, k, fused=False), ref) < 1e-2
+        assert workspaces_clean()
+
+
+@needs_triton
+def test_method_argument_checks():
+    with pytest.raises(ValueError, match="method"):
+        select_topk(torch.randn(64, device=DEVICE), 3, method="hist")  # fp32 has 31 bits: single only
+    with pytest.raises(TypeError, match="unknown GEMV option"):
+        topk_gemv(torch.randn(64, device=DEVICE).bfloat16(), torch.randn(64, 8, device=DEVICE).bfloat16(), 3,
+                  fused=True, block_m=4)

@@ -262,8 +262,8 @@ def parser() -> argparse.ArgumentParser:
     bd.add_argument("--json", action="store_true")
 
     d = sub.add_parser("demo", help="offline: calibrate SmolLM2-135M, then PPL at dense/25/40/50%%")
-    d.add_argument("--calib-windows", type=int, default=8)
-    d.add_argument("--windows", type=int, default=8)
+    d.add_argument("--calib-windows", type=int, default=4, help="calibration windows of builtin:wiki (default 4)")
+    d.add_argument("--windows", type=int, default=6, help="scored windows of builtin:c4 (default 6)")
     d.add_argument("--seq-len", type=int, default=2048)
     d.add_argument("--json", action="store_true")
     d.add_argument("--quiet", action="store_true")

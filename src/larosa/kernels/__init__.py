@@ -4,6 +4,7 @@ their weight rows. Imports without Triton (``HAVE_TRITON`` is False then); only 
 from .topk_gemv import (
     HAVE_TRITON,
     MAX_D_IN,
+    fused_config,
     gemv_config,
     pack_input_major,
     select_topk,
@@ -17,6 +18,7 @@ from .topk_gemv import (
 __all__ = [
     "HAVE_TRITON",
     "MAX_D_IN",
+    "fused_config",
     "gemv_config",
     "pack_input_major",
     "select_topk",

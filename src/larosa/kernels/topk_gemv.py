@@ -2,13 +2,17 @@
 
 At batch 1 a linear layer is bound by reading its weight, so keeping k of d_in inputs only pays off if just
 those k weight rows are read. The weight is therefore stored input-major, ``wt = W.T`` ([d_in, d_out]): a kept
-input is one contiguous row, read with wide coalesced loads. Two steps, each a Triton kernel:
+input is one contiguous row, read with wide coalesced loads. Kernels:
 
-- ``select_topk``: one program holds the whole vector (d_in <= 32768) and finds the k-th largest magnitude by
-  a bitwise search over its bit pattern (one count a bit, or three counts for two bits in one reduction), then
-  compacts the kept positions with a prefix sum. Indices come out ascending: the GEMV walks the weight forwards.
+- ``select_topk`` (v2, 16-bit x): ``_threshold_kernel`` (programs of 1024 values count into a global
+  histogram of the 15-bit magnitude patterns; the last to finish finds the k-th largest in two small scans)
+  then ``_compact_kernel`` (each program writes its slice's kept positions). ``method="single"`` is v1: one
+  program, a bitwise search then a prefix-sum compaction (the only path for fp32).
 - ``sparse_gemv``: programs tile the output columns and split the k kept rows (split-K); fp32 partial sums go
-  to a small buffer that a second kernel adds up in a fixed order (deterministic, no atomics, no zero-fill).
+  to a small buffer that a second kernel adds up in a fixed order (deterministic).
+- ``topk_gemv`` (16-bit x): the threshold launch, then ``_topk_gemv_kernel``, whose programs take slices of
+  *positions* and load only the rows whose |x| passes (no index list); splits meet by fp32 atomics and the
+  last program of each column block writes the output (two launches in all, not three).
 
 Weights that share an input (q/k/v, gate/up) are packed side by side (``pack_input_major``) so one selection
 feeds one wider GEMV. On CPU the kernels run under the Triton interpreter (``TRITON_INTERPRET=1`` set before
@@ -154,9 +158,155 @@ if HAVE_TRITON:
             acc += tl.sum(p, 0)
         tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
 
+
+    # ------------------------------------------------------------------------------------- v2: two launches
+    # The v1 select is one program, so its cost grows with d_in on a single SM (7.8 us at 4096, ~20 us at
+    # 14336 on the H200). v2 spreads the threshold search over several programs that meet through a small
+    # global histogram, and never compacts for the GEMV: the GEMV's programs take slices of *positions* and
+    # test each |x| against the threshold themselves.
+    #
+    # Workspace (int32, per device, all zero between calls): HIST fine counts of each 15-bit magnitude
+    # [32768], then COARSE counts of its top 7 bits [128], then a ticket counter. The threshold kernel's last
+    # program clears COARSE and the ticket; the consumer kernel (GEMV or compaction) clears the fine bins of
+    # the values it reads, with plain scattered stores. So every threshold launch must be followed by one.
+    WS_COARSE = tl.constexpr(32768)
+    WS_TICKET = tl.constexpr(32768 + 128)
+
+    @triton.jit(do_not_specialize=["k"])
+    def _threshold_kernel(x_ptr, ws_ptr, state_ptr, n, k, SLICE: tl.constexpr, TRIGGER: tl.constexpr):
+        """state = (t, need, eq): t the k-th largest magnitude pattern, need = how many values equal to t to
+        keep (the lowest-index ones), eq = how many there are. Each program counts its slice; the last one
+        to finish reads the totals and finds t in two small scans (128 coarse bins, then 256 fine ones)."""
+        if TRIGGER:
+            tl.extra.cuda.gdc_launch_dependents()  # let a PDL-launched GEMV start its programs now
+        pid = tl.program_id(0)
+        offs = pid * SLICE + tl.arange(0, SLICE)
+        valid = offs < n
+        b = _magnitude_bits(x_ptr, offs, n, 15)
+        coarse = tl.where(valid, b >> 8, 0)
+        bins = tl.arange(0, 128)
+        h = tl.histogram(coarse, 128)
+        h = h - tl.where(bins == 0, SLICE - tl.sum(valid.to(tl.int32), 0), 0)  # padding went to bin 0
+        tl.atomic_add(ws_ptr + WS_COARSE + bins, h, mask=h > 0, sem="relaxed")
+        tl.atomic_add(ws_ptr + b, 1, mask=valid, sem="relaxed")
+        tl.debug_barrier()  # every thread's counts are issued before the ticket (release, gpu scope)
+        ticket = tl.atomic_add(ws_ptr + WS_TICKET, 1, sem="acq_rel")
+        if ticket == tl.num_programs(0) - 1:
+            h1 = tl.load(ws_ptr + WS_COARSE + bins, volatile=True)
+            above1 = tl.sum(h1, 0) - tl.cumsum(h1, 0)  # count in coarse bins above each bin
+            c = tl.sum((above1 + h1 >= k).to(tl.int32), 0) - 1  # the bin holding the k-th largest
+            above = tl.sum(tl.where(bins > c, h1, 0), 0)
+            fine = tl.arange(0, 256)
+            h2 = tl.load(ws_ptr + c * 256 + fine, volatile=True)
+            above2 = above + tl.sum(h2, 0) - tl.cumsum(h2, 0)
+            f = tl.sum((above2 + h2 >= k).to(tl.int32), 0) - 1
+            gt = tl.sum(tl.where(fine == f, above2, 0), 0)
+            eq = tl.sum(tl.where(fine == f, h2, 0), 0)
+            tl.store(state_ptr + tl.arange(0, 4), tl.where(tl.arange(0, 4) == 0, c * 256 + f,
+                     tl.where(tl.arange(0, 4) == 1, k - gt, eq)))
+            tl.store(ws_ptr + WS_COARSE + bins, tl.zeros([128], tl.int32))
+            tl.store(ws_ptr + WS_TICKET, 0)
+
+    @triton.jit
+    def _ties_before(x_ptr, p0, t, CH: tl.constexpr):
+        """How many of x[0:p0] have magnitude pattern t."""
+        cnt = tl.full([], 0, tl.int32)
+        for c0 in range(0, p0, CH):
+            offs = c0 + tl.arange(0, CH)
+            cnt += tl.sum((_magnitude_bits(x_ptr, offs, p0, 15) == t).to(tl.int32), 0)
+        return cnt
+
+    @triton.jit
+    def _compact_kernel(x_ptr, idx_ptr, vals_ptr, ws_ptr, state_ptr, n, SLICE: tl.constexpr):
+        """select_topk's second step: each program writes the kept positions of its slice, after counting
+        those kept before it (a re-read of x[0:p0], cache-resident)."""
+        pid = tl.program_id(0)
+        p0 = pid * SLICE
+        t = tl.load(state_ptr)
+        need = tl.load(state_ptr + 1)
+        packed_before = tl.full([], 0, tl.int32)  # (count > t) << 16 | (count == t) over x[0:p0]
+        for c0 in range(0, p0, SLICE):
+            offs = c0 + tl.arange(0, SLICE)
+            b = _magnitude_bits(x_ptr, offs, p0, 15)
+            packed_before += tl.sum((b > t).to(tl.int32) * 65536 + (b == t).to(tl.int32), 0)
+        offs = p0 + tl.arange(0, SLICE)
+        b = _magnitude_bits(x_ptr, offs, n, 15)
+        packed = (b > t).to(tl.int32) * 65536 + (b == t).to(tl.int32)
+        before = tl.cumsum(packed, 0) - packed + packed_before
+        eq_before = before & 0xFFFF
+        keep = (b > t) | ((b == t) & (eq_before < need))
+        pos = (before >> 16) + tl.minimum(eq_before, need)
+        tl.store(idx_ptr + pos, offs, mask=keep)
+        tl.store(vals_ptr + pos, tl.load(x_ptr + offs, mask=keep), mask=keep)
+        tl.store(ws_ptr + b, tl.zeros([SLICE], tl.int32), mask=offs < n)  # leave the fine bins zero
+
+    @triton.jit
+    def _topk_gemv_kernel(
+        x_ptr, wt_ptr, out_ptr, acc_ptr, cnt_ptr, ws_ptr, state_ptr, n, d_out, stride_w, P,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_SPLIT: tl.constexpr, PDL: tl.constexpr,
+    ):
+        """y = topk(x) @ wt with the threshold from _threshold_kernel. Program (pid_n, pid_k) takes columns
+        pid_n * BLOCK_N.. and positions pid_k * P.. (a slice of d_in, walked forwards): it loads the rows whose
+        |x| passes the threshold (masked loads of the others move no bytes). Splits meet by fp32 atomics in
+        a zeroed buffer; the last program of a column block to finish casts it to the output and re-zeroes
+        it, so there is no second launch."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < d_out
+        p0 = pid_k * P
+        p1 = tl.minimum(p0 + P, n)
+        rows = p0 + tl.arange(0, BLOCK_K)
+        if PDL:
+            tl.extra.cuda.gdc_wait()  # the threshold kernel's results are visible from here on
+        xv = tl.load(x_ptr + rows, mask=rows < p1, other=0.0)
+        t = tl.load(state_ptr)
+        need = tl.load(state_ptr + 1)
+        n_eq = tl.load(state_ptr + 2)
+        # Values equal to t: keep the first `need` in index order. Only when some are dropped does a
+        # program need to know how many come before its slice.
+        tie_end = tl.where(need < n_eq, p0, 0)
+        eq_seen = _ties_before(x_ptr, tie_end, t, 1024)
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for _ in range(p0, p1, BLOCK_K):
+            valid = rows < p1
+            b = tl.where(valid, xv.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF, -1)
+            eq = (b == t).to(tl.int32)
+            keep = (b > t) | ((eq != 0) & (eq_seen + tl.cumsum(eq, 0) - eq < need))
+            eq_seen += tl.sum(eq, 0)
+            w = tl.load(
+                wt_ptr + rows.to(tl.int64)[:, None] * stride_w + offs_n[None, :],
+                mask=keep[:, None] & mask_n[None, :],
+                other=0.0,
+                eviction_policy="evict_first",
+            )
+            v = tl.where(keep, xv, 0.0).to(tl.float32)
+            tl.store(ws_ptr + b, tl.zeros([BLOCK_K], tl.int32), mask=valid & (rows * 0 + pid_n == 0))
+            rows += BLOCK_K
+            xv = tl.load(x_ptr + rows, mask=rows < p1, other=0.0)  # the next step's x, with these rows
+            acc += tl.sum(v[:, None] * w.to(tl.float32), 0)
+        if ONE_SPLIT:
+            tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
+        else:
+            tl.atomic_add(acc_ptr + offs_n, acc, mask=mask_n, sem="relaxed")
+            tl.debug_barrier()
+            ticket = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+            if ticket == tl.num_programs(1) - 1:
+                y = tl.load(acc_ptr + offs_n, mask=mask_n, volatile=True)
+                tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask_n)
+                tl.store(acc_ptr + offs_n, tl.zeros([BLOCK_N], tl.float32), mask=mask_n)
+                tl.store(cnt_ptr + pid_n, 0)
+
     INTERPRETED = not isinstance(_select_kernel, JITFunction)
+    try:
+        from triton.language.extra.cuda import gdc_wait as _gdc_wait  # noqa: F401
+
+        HAVE_GDC = True
+    except ImportError:
+        HAVE_GDC = False
 else:
     INTERPRETED = False
+    HAVE_GDC = False
 
 
 # ----------------------------------------------------------------------------------------------- checks
@@ -227,28 +377,90 @@ def _num_sms(device: torch.device) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- API
+def _workspace(device: torch.device) -> Tensor:
+    """The threshold kernel's histogram and ticket (int32, zero between calls), one per device. Made on the
+    first call, which must come before any CUDA graph capture (as Triton's compilation must too)."""
+    key = (device.type, device.index)
+    ws = _WORKSPACES.get(key)
+    if ws is None:
+        _no_capture("the selection workspace")
+        ws = _WORKSPACES[key] = torch.zeros(WS_INTS, dtype=torch.int32, device=device)
+    return ws
+
+
+def _gemv_workspace(device: torch.device, d_out: int, n_blocks: int) -> tuple[Tensor, Tensor]:
+    """fp32 accumulator [>= d_out] and per-column-block tickets for the fused GEMV, zero between calls (the
+    last program of each column block re-zeroes its part). Grows outside graph capture only."""
+    key = (device.type, device.index)
+    acc, cnt = _GEMV_WORKSPACES.get(key, (None, None))
+    if acc is None or acc.numel() < d_out or cnt.numel() < n_blocks:
+        _no_capture("the GEMV workspace")
+        size = max(d_out, 0 if acc is None else acc.numel())
+        acc = torch.zeros(size, dtype=torch.float32, device=device)
+        cnt = torch.zeros(max(n_blocks, size // 16), dtype=torch.int32, device=device)
+        _GEMV_WORKSPACES[key] = (acc, cnt)
+    return acc, cnt
+
+
+def _no_capture(what: str) -> None:
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"{what} is allocated on the first call: call select_topk / topk_gemv once (for the largest d_out) "
+            "before capturing a CUDA graph"
+        )
+
+
+WS_INTS = 32768 + 128 + 4
+_WORKSPACES: dict = {}
+_GEMV_WORKSPACES: dict = {}
+SLICE = 1024  # values a threshold program counts, and a compaction program writes
+
+
+def _threshold(x: Tensor, k: int, trigger: bool = False) -> Tensor:
+    """int32 [4] on x's device: (t, need, eq) for the 16-bit vector x (see _threshold_kernel)."""
+    ws = _workspace(x.device)
+    state = torch.empty(4, dtype=torch.int32, device=x.device)
+    _threshold_kernel[(_cdiv(x.shape[0], SLICE),)](
+        x, ws, state, x.shape[0], k, SLICE=SLICE, TRIGGER=trigger, num_warps=4
+    )
+    return state
+
+
 def select_topk(
-    x: Tensor, k: int, *, num_warps: int | None = None, radix: int | None = None
+    x: Tensor, k: int, *, num_warps: int | None = None, radix: int | None = None, method: str | None = None
 ) -> tuple[Tensor, Tensor]:
     """Exactly k positions of largest |x|, ascending (ties broken by index), as (int32 idx[k], vals[k] in
-    x.dtype). Replaces torch.topk, which costs tens of microseconds per vector on a GPU. ``num_warps`` and
-    ``radix`` (1 or 2 bits a search step) override the launch heuristic for tuning."""
+    x.dtype). Replaces torch.topk, which costs tens of microseconds per vector on a GPU.
+
+    ``method``: "hist" (bf16/fp16 default above d_in 8192: several programs count into a global histogram,
+    then a compaction launch) or "single" (v1: one program searches the bits and compacts; the default up to
+    8192, where it measured faster, and the only one for fp32).
+    ``num_warps`` and ``radix`` (1 or 2 bits a search step) tune "single" and imply it."""
     x = _flat_vector(x, "x")
     d_in = x.shape[0]
     k = _check_k(k, d_in)
     if d_in > MAX_D_IN:
         raise ValueError(f"select_topk handles d_in <= {MAX_D_IN}, got {d_in}")
+    if radix is not None and radix not in (1, 2):
+        raise ValueError(f"radix must be 1 or 2, got {radix}")
+    if method is None:  # measured (v2, H200): hist 7.4 vs single 7.0 us at 4096, 11.0 vs 16.0 at 11008
+        explicit = num_warps is not None or radix is not None
+        method = "single" if (x.dtype == torch.float32 or explicit or d_in <= 8192) else "hist"
+    if method not in ("hist", "single") or (method == "hist" and x.dtype == torch.float32):
+        raise ValueError(f"method must be 'hist' (16-bit x) or 'single', got {method!r} for {x.dtype}")
     _need_triton(x)
     idx = torch.empty(k, dtype=torch.int32, device=x.device)
     vals = torch.empty(k, dtype=x.dtype, device=x.device)
+    if method == "hist":
+        state = _threshold(x, k)
+        _compact_kernel[(_cdiv(d_in, SLICE),)](x, idx, vals, _workspace(x.device), state, d_in, SLICE=SLICE, num_warps=4)
+        return idx, vals
     block = max(16, _next_pow2(d_in))
-    if num_warps is None:  # 8-32 values a thread: the search is latency-bound, so more warps (a guess: tune)
-        num_warps = min(32, max(4, block // 256))
+    if num_warps is None:  # measured (v1 sweep, H200): 8 warps beat 16-32 at every width
+        num_warps = 8 if block <= 16384 else 16
     chunk = min(block, 4096, 512 * num_warps)  # compaction step: more spills registers (sm_90, triton 3.6)
-    if radix is None:  # big vectors are compare-bound, small ones barrier-bound (a guess: tune on the GPU)
-        radix = 1 if block > 8192 else 2
-    if radix not in (1, 2):
-        raise ValueError(f"radix must be 1 or 2, got {radix}")
+    if radix is None:  # measured: one bit a step won at every width
+        radix = 1
     nbits = 31 if x.dtype == torch.float32 else 15
     _select_kernel[(1,)](
         x, idx, vals, d_in, k, BLOCK=block, CHUNK=chunk, NBITS=nbits, RADIX=radix, num_warps=num_warps
@@ -257,12 +469,26 @@ def select_topk(
 
 
 def gemv_config(k: int, d_out: int, dtype: torch.dtype, device: torch.device) -> dict[str, int]:
-    """Launch shape for sparse_gemv by heuristic: rows of 16 bytes a thread, and enough (column block, split)
-    programs for about four per SM, since a memory-bound kernel needs many bytes in flight to reach HBM speed."""
-    block_n = min(256 if dtype != torch.float32 else 128, max(16, _next_pow2(d_out)))
-    block_k = 32
+    """Launch shape for sparse_gemv. The v1 sweep on the H200 found [8 rows x 1024 columns] tiles of 4 warps
+    (a thread reads 8 rows of 16 bytes, no cross-warp reduction) with about 4 programs per SM best (2 when
+    there are only 4 column blocks) on every Llama shape."""
+    block_n = min(1024 if dtype != torch.float32 else 512, max(16, _next_pow2(d_out)))
+    block_k = 8
     n_blocks = _cdiv(d_out, block_n)
-    split_k = max(1, min(_cdiv(4 * _num_sms(device), n_blocks), _cdiv(k, block_k)))
+    per_sm = 2 if n_blocks <= 4 else 4
+    split_k = max(1, min(_cdiv(per_sm * _num_sms(device), n_blocks), _cdiv(k, block_k)))
+    return dict(block_n=block_n, block_k=block_k, split_k=split_k, num_warps=4)
+
+
+def fused_config(d_in: int, d_out: int, dtype: torch.dtype, device: torch.device) -> dict[str, int]:
+    """Launch shape for topk_gemv's fused GEMV: column blocks of 1024 and position slices (block_k
+    positions a step, of which a fraction 1 - s is loaded) for about 4 programs per SM. Measured (v2 sweep,
+    H200, s = 0.4 / 0.5, every Llama shape): block_k 16 with 4 programs per SM was best or within 0.1 us."""
+    block_n = min(1024 if dtype != torch.float32 else 512, max(16, _next_pow2(d_out)))
+    block_k = 16
+    n_blocks = _cdiv(d_out, block_n)
+    per_sm = 4
+    split_k = max(1, min(_cdiv(per_sm * _num_sms(device), n_blocks), _cdiv(d_in, block_k)))
     return dict(block_n=block_n, block_k=block_k, split_k=split_k, num_warps=4)
 
 
@@ -321,16 +547,58 @@ def sparse_gemv(
     return out
 
 
-def topk_gemv(x: Tensor, wt: Tensor, k: int, out: Tensor | None = None, **gemv_kwargs: int) -> Tensor:
-    """topk(x, k) @ wt for one decode token: select_topk then sparse_gemv. Output shape follows x's
-    ([d_out] or [1, d_out])."""
+def topk_gemv(
+    x: Tensor, wt: Tensor, k: int, out: Tensor | None = None, *, fused: bool | None = None, pdl: bool = False,
+    **gemv_kwargs: int,
+) -> Tensor:
+    """topk(x, k) @ wt for one decode token. Output shape follows x's ([d_out] or [1, d_out]).
+
+    For a 16-bit x (``fused``, the default) this is two launches: the threshold search, then a GEMV whose
+    programs test |x| against the threshold themselves (no index list, no summing launch). Otherwise
+    select_topk then sparse_gemv. ``gemv_kwargs`` (block_n, block_k, split_k, num_warps) tune either GEMV;
+    ``pdl`` launches the fused GEMV as a programmatic dependent launch (Hopper, Triton with gdc_wait)."""
     _check_weight(wt)
     xf = _flat_vector(x, "x")
-    if xf.shape[0] != wt.shape[0]:
-        raise ValueError(f"x has {xf.shape[0]} entries but wt has d_in={wt.shape[0]} rows")
-    idx, vals = select_topk(xf, k)
-    y = sparse_gemv(idx, vals, wt, out, **gemv_kwargs)
-    return y.unsqueeze(0) if x.dim() == 2 else y
+    d_in = xf.shape[0]
+    if d_in != wt.shape[0]:
+        raise ValueError(f"x has {d_in} entries but wt has d_in={wt.shape[0]} rows")
+    k = _check_k(k, d_in)
+    if fused is None:  # measured (v2, H200): masked position slices lose to the index list at s = 0.7 on
+        # wide outputs (gate+up 28672: 37.1 vs 28.6 us), since most of each step's row loads are masked off
+        fused = xf.dtype != torch.float32 and (2 * k >= d_in or wt.shape[1] <= 8192)
+    if not fused or xf.dtype == torch.float32:
+        idx, vals = select_topk(xf, k)
+        y = sparse_gemv(idx, vals, wt, out, **gemv_kwargs)
+        return y.unsqueeze(0) if x.dim() == 2 else y
+    d_out = wt.shape[1]
+    if out is None:
+        out = torch.empty(d_out, dtype=wt.dtype, device=wt.device)
+    elif out.shape != (d_out,) or out.dtype not in DTYPES or out.stride(0) != 1:
+        raise ValueError(f"out must be a contiguous [{d_out}] tensor of bf16/fp16/fp32")
+    _need_triton(xf, wt, out)
+    cfg = fused_config(d_in, d_out, wt.dtype, wt.device)
+    for name, value in gemv_kwargs.items():
+        if name not in cfg:
+            raise TypeError(f"unknown GEMV option {name!r}")
+        cfg[name] = int(value)
+    bn, bk = cfg["block_n"], cfg["block_k"]
+    if bn < 16 or bk < 1 or bn & (bn - 1) or bk & (bk - 1):
+        raise ValueError(f"block_n (>= 16) and block_k must be powers of two, got {bn} and {bk}")
+    chunk = _cdiv(_cdiv(d_in, max(1, cfg["split_k"])), bk) * bk  # positions a program takes
+    split = _cdiv(d_in, chunk)
+    n_blocks = _cdiv(d_out, bn)
+    acc, cnt = _gemv_workspace(wt.device, d_out, n_blocks)
+    state = _threshold(xf, k, trigger=pdl)
+    extra = {}
+    if pdl:
+        if INTERPRETED or not HAVE_GDC:
+            raise RuntimeError("pdl needs a GPU and a Triton with tl.extra.cuda.gdc_wait")
+        extra["launch_pdl"] = True
+    _topk_gemv_kernel[(n_blocks, split)](
+        xf, wt, out, acc, cnt, _workspace(xf.device), state, d_in, d_out, wt.stride(0), chunk,
+        BLOCK_N=bn, BLOCK_K=bk, ONE_SPLIT=split == 1, PDL=pdl, num_warps=cfg["num_warps"], **extra,
+    )
+    return out.unsqueeze(0) if x.dim() == 2 else out
 
 
 # ----------------------------------------------------------------------------------------------- torch helpers
