@@ -150,3 +150,19 @@ def test_adapter_overhead_counts_d_squared_per_adapter():
     assert dims.adapter_overhead("global") == 0
     assert dims.adapter_overhead("layer") == pytest.approx(4096 / 30720)
     assert dims.adapter_overhead("block") == pytest.approx(2 * 4096 / 30720)
+
+
+def test_fold_warns_on_gain_included_rotations_and_keeps_dtype():
+    model = tiny_model("llama").to(torch.bfloat16)
+    rot = larosa.calibrate(model, random_windows(2, seed=5), signal="gain", progress=False)
+    with pytest.warns(UserWarning, match="gain-free"):
+        folded = fold(model, rot, 0.4)
+    assert {p.dtype for p in folded.parameters()} == {torch.bfloat16}
+    assert folded.config.larosa["scope"] == "global"  # the measured best default
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fold_keeps_the_model_on_its_device(calibrated):
+    model, rot = calibrated[("llama", False)]
+    folded = fold(copy.deepcopy(model).cuda(), rot, 0.4)
+    assert {p.device.type for p in folded.parameters()} == {"cuda"}

@@ -7,12 +7,15 @@ from larosa.rotations import Rotations, pca_rotation
 
 
 def test_pca_rotation_is_an_orthogonal_descending_eigenbasis():
-    x = torch.randn(500, 24, dtype=torch.float64) @ torch.randn(24, 24, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 24, dtype=torch.float64, generator=g) @ torch.randn(24, 24, dtype=torch.float64, generator=g)
     xtx = x.T @ x
     q, ev = pca_rotation(xtx)
-    assert (q.double().T @ q.double() - torch.eye(24, dtype=torch.float64)).abs().max() < 1e-6
+    q, ev = q.double(), ev.double()
+    assert (q.T @ q - torch.eye(24, dtype=torch.float64)).abs().max() < 1e-6
     assert torch.all(ev[:-1] >= ev[1:])
-    torch.testing.assert_close((xtx @ q.double()) / ev.double().clamp_min(1e-9), q.double(), atol=1e-4, rtol=1e-4)
+    # Eigen-equation, with the error measured against the largest eigenvalue (q is stored in float32).
+    assert ((xtx @ q - q * ev).abs().max() / ev[0]) < 1e-6
 
 
 def _reference_second_moments(model, windows):

@@ -84,6 +84,7 @@ def _cmd_eval_ppl(a: argparse.Namespace) -> dict:
     if a.head_rotation and a.mode != "folded":
         raise LarosaError("--head-rotation applies to --mode folded only")
     rotations = Rotations.load(a.rotations) if a.rotations else None
+    a.scope = a.scope or ("global" if a.mode == "folded" else "block")
     model, tok = load_model(a.model, device=a.device, dtype=DTYPES[a.dtype] if a.dtype else None)
     if a.mode == "folded":
         model = fold(model, rotations, config, scope=a.scope, head_rotation=a.head_rotation)
@@ -117,6 +118,7 @@ def _cmd_sparsify(a: argparse.Namespace) -> dict:
     if config is None:
         raise LarosaError("give --sparsity (or --site)")
     rotations = Rotations.load(a.rotations)
+    a.scope = a.scope or "global"
     model, tok = load_model(a.model, device="cpu", dtype=DTYPES[a.dtype] if a.dtype else None)
     folded = fold(model, rotations, config, scope=a.scope, head_rotation=a.head_rotation)
     save_folded(folded, tok, a.out, overwrite=a.overwrite)
@@ -198,10 +200,11 @@ def _print_text(command: str, out: dict) -> None:
 def _sparsity_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--site", type=_site_override, action="append", default=[], metavar="SITE=S",
                    help=f"set one site's sparsity ({', '.join(SITES)}); repeatable")
-    p.add_argument("--scope", choices=SCOPES, default="block",
+    p.add_argument("--scope", choices=SCOPES,
                    help="block: each block its own Q; layer: one Q per layer, the attention input's, as the "
                         "paper's code; global: one Q for all layers, no residual adapters when folded "
-                        "(default block: the best simulate quality measured, see README)")
+                        "(default: block when simulated, global when folded: the best quality measured in each "
+                        "mode, see README)")
     p.add_argument("--head-rotation", action="store_true",
                    help="folded only: rotate the o_proj input per KV head (free at run time)")
 
