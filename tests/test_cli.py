@@ -84,3 +84,56 @@ def test_sparsify_writes_a_directory_that_eval_reads_like_the_in_memory_fold(mod
 
     code, _, err = run(capsys, "sparsify", model_dir, *settings, "--out", out, "--quiet")
     assert code == 2 and "exists" in err
+
+
+def test_search_then_eval_and_sparsify_use_the_stored_plan(model_dir, tmp_path, capsys):
+    text, rot, searched = tmp_path / "text.txt", tmp_path / "rot.safetensors", tmp_path / "searched.safetensors"
+    assert run(capsys, "calibrate", model_dir, "--data", text, "--out", rot, "--windows", 4, "--seq-len", 32,
+               "--signal", "gainfree", "--quiet")[0] == 0
+    code, out, _ = run(capsys, "search", model_dir, "--rotations", rot, "--data", text, "--target", "0.4",
+                       "--windows", 2, "--seq-len", 32, "--device", "cpu", "--json", "--quiet", "--out", searched)
+    assert code == 0 and json.loads(out)["plans"][0]["target"] == 0.4
+
+    common = ("eval", "ppl", model_dir, "--data", text, "--seq-len", 32, "--windows", 2, "--json", "--quiet",
+              "--target", 0.4)
+    plan = json.loads(run(capsys, *common, "--rotations", searched)[1])
+    fixed = json.loads(run(capsys, *common, "--rotations", rot)[1])
+    weighted = json.loads(run(capsys, *common, "--rotations", searched, "--score", "weight")[1])
+    assert plan["sparsity_source"] == "searched" and fixed["sparsity_source"] == "split"
+    assert weighted["sparsity_source"] == "split"  # the stored plan was searched for magnitude scores
+    for r in (plan, fixed, weighted):
+        assert r["param_weighted_sparsity"] == pytest.approx(0.4)
+        assert r["measured_param_weighted"] == pytest.approx(0.4, abs=0.02)
+    assert plan["ppl"] != fixed["ppl"]
+
+    code, out, _ = run(capsys, "sparsify", model_dir, "--rotations", searched, "--target", 0.4, "--scope", "block",
+                       "--out", tmp_path / "f", "--json", "--quiet")
+    assert code == 0 and json.loads(out)["sparsity_source"] == "searched"
+    saved = json.loads(run(capsys, "eval", "ppl", tmp_path / "f", *common[3:-2])[1])
+    assert saved["param_weighted_sparsity"] == pytest.approx(0.4)
+
+    code, _, err = run(capsys, *common, "--rotations", rot, "--sparsity", 0.4)
+    assert code == 2 and "not both" in err
+
+
+def test_compare_writes_json_table_plot_and_reusable_plans(model_dir, tmp_path, capsys):
+    text, out = tmp_path / "text.txt", tmp_path / "cmp"
+    code, printed, _ = run(capsys, "compare", model_dir, "--sparsity", "0.25,0.6", "--data", text, "--windows", 2,
+                           "--calib-data", text, "--calib-windows", 3, "--search-windows", 2, "--seq-len", 32,
+                           "--device", "cpu", "--out", out, "--json", "--quiet")
+    assert code == 0
+    result = json.loads(printed)
+    assert len(result["rows"]) == 13 and "| LaRoSa, searched + weight-aware |" in result["table"]
+    for r in result["rows"][1:]:
+        if r["method"] == "cats" and r["target"] == 0.6:  # CATS gates up + down only: 0.6 is out of its reach
+            assert "out of reach" in r["error"]
+        else:  # thresholds come from the calibration text, so they hold on it only roughly
+            assert r["measured_param_weighted"] == pytest.approx(r["target"], abs=0.05), r["method"]
+    assert {p.name for p in out.iterdir()} == {"compare.json", "compare.md", "compare.png", "rotations.safetensors"}
+    from larosa import Rotations
+    from larosa.search import find_plan
+
+    assert find_plan(Rotations.load(out / "rotations.safetensors"), 0.6, "block", "weight") is not None
+    code, _, err = run(capsys, "compare", model_dir, "--methods", "dense,magic", "--data", text,
+                       "--calib-data", text)
+    assert code == 2 and "unknown method" in err

@@ -15,6 +15,7 @@ from .errors import LarosaError
 from .evaluate import perplexity
 from .fold import fold, save_folded
 from .models import load_model
+from .peers import cats, teal
 from .rotations import Rotations
 from .sparsify import SparsityConfig, site_sparsity, sparsify, unsparsify
 
@@ -23,12 +24,14 @@ __all__ = [
     "Rotations",
     "SparsityConfig",
     "calibrate",
+    "cats",
     "fold",
     "load_model",
     "perplexity",
     "save_folded",
     "site_sparsity",
     "sparsify",
+    "teal",
     "token_windows",
     "unsparsify",
 ]

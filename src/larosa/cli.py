@@ -1,4 +1,5 @@
-"""The ``larosa`` command: calibrate, eval ppl, sparsify, bench decode, demo; each a thin shell over the API."""
+"""The ``larosa`` command: calibrate, eval ppl, sparsify, bench decode / kernels, demo; each a thin shell over the
+API."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import resource
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -14,13 +16,18 @@ from . import __version__, bench
 from .adapters import adapter_for
 from .bench import CONFIGS
 from .calibrate import calibrate
+from .compare import METHODS, check_methods, compare
+from .compare import plot as compare_plot
+from .compare import table as compare_table
 from .data import token_windows
 from .errors import LarosaError
 from .evaluate import perplexity
-from .fold import fold, save_folded
+from .fold import fold, folded_sparsity, save_folded
 from .models import default_device, default_dtype, load_model
 from .rotations import SCOPES, SIGNALS, Rotations
-from .sparsify import DEFAULT_SPLIT, SITES, SparsityConfig, sparsify, unsparsify
+from .search import add_plan, default_config, find_plan, plan_configs, search
+from .sparsify import (DEFAULT_SPLIT, SCORES, SITES, SparsityConfig, per_layer, plan_param_weighted, sparsify,
+                       unsparsify)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -75,37 +82,62 @@ def _cmd_calibrate(a: argparse.Namespace) -> dict:
     return {"out": a.out, **rot.meta, "peak_rss_mb": round(_peak_rss_mb(), 1)}
 
 
+def _chosen_sparsity(a: argparse.Namespace, model, rotations: Rotations | None):
+    """(sparsity, source): --sparsity with --split / --site, or --target, which takes the searched plan the
+    rotations hold for that target, scope and score, else the fixed split that reaches it."""
+    if a.target is None:
+        return sparsity_config(a.sparsity, a.split, a.site), "nominal"
+    if a.sparsity is not None or a.site:
+        raise LarosaError("give --sparsity (or --site) or --target, not both")
+    plan = find_plan(rotations, a.target, a.scope, a.score) if rotations else None
+    if plan is not None:
+        return plan_configs(plan), "searched"
+    return default_config(adapter_for(model).dims, a.target, a.split), "split"
+
+
+def _sparsity_report(configs: list[SparsityConfig] | None, dims) -> dict:
+    if not configs:
+        return {"nominal_sparsity": 0.0, "param_weighted_sparsity": 0.0, "configured_site_sparsity": {}}
+    return {"nominal_sparsity": configs[0].nominal if len(set(configs)) == 1 else None,
+            "param_weighted_sparsity": plan_param_weighted(configs, dims),
+            "configured_site_sparsity": {s: sum(c.sites()[s] for c in configs) / len(configs) for s in SITES}}
+
+
 def _cmd_eval_ppl(a: argparse.Namespace) -> dict:
-    config = sparsity_config(a.sparsity, a.split, a.site)
-    if a.rotations and config is None:
-        raise LarosaError("--rotations needs --sparsity (or --site)")
-    if a.mode == "folded" and not (a.rotations and config):
-        raise LarosaError("--mode folded needs --rotations and --sparsity")
+    wants_sparsity = a.sparsity is not None or a.site or a.target is not None
+    if a.rotations and not wants_sparsity:
+        raise LarosaError("--rotations needs --sparsity, --target or --site")
+    if a.mode == "folded" and not (a.rotations and wants_sparsity):
+        raise LarosaError("--mode folded needs --rotations and --sparsity (or --target)")
     if a.head_rotation and a.mode != "folded":
         raise LarosaError("--head-rotation applies to --mode folded only")
     rotations = Rotations.load(a.rotations) if a.rotations else None
     a.scope = a.scope or ("global" if a.mode == "folded" else "block")
     model, tok = load_model(a.model, device=a.device, dtype=DTYPES[a.dtype] if a.dtype else None)
+    config, source = _chosen_sparsity(a, model, rotations)
     if a.mode == "folded":
-        model = fold(model, rotations, config, scope=a.scope, head_rotation=a.head_rotation)
+        model = fold(model, rotations, config, scope=a.scope, head_rotation=a.head_rotation, score=a.score)
     elif config is not None:
-        sparsify(model, rotations, config, scope=a.scope)
+        sparsify(model, rotations, config, scope=a.scope, score=a.score)
+    dims = adapter_for(model).dims
     folded = getattr(model.config, "larosa", None)  # folded here, or a saved folded directory
     if folded:
-        config = SparsityConfig(**folded["sparsity"])
+        configs = folded_sparsity(folded, dims.n_layers)
         scope, signal, head_rotation = folded["scope"], folded["signal"], folded["head_rotation"]
+        score = folded.get("score", "magnitude")
     else:
+        configs = per_layer(config, dims.n_layers) if config is not None else None
         scope, signal, head_rotation = (a.scope, rotations.signal, False) if rotations else (None, None, False)
+        score = a.score if config is not None else None
     result = perplexity(model, token_windows(tok, a.data, a.windows, a.seq_len), progress=not a.quiet)
-    dims = adapter_for(model).dims
     return {
         **result,
-        "nominal_sparsity": config.nominal if config else 0.0,
-        "param_weighted_sparsity": config.param_weighted(dims) if config else 0.0,
-        "configured_site_sparsity": config.sites() if config else {},
-        "mode": "folded" if folded else "simulate" if config else "dense",
+        **_sparsity_report(configs, dims),
+        "sparsity_source": source if config is not None else ("folded" if folded else None),
+        "mode": "folded" if folded else "simulate" if config is not None else "dense",
         "scope": scope,
         "signal": signal,
+        "score": score,
         "head_rotation": head_rotation,
         "adapter_overhead": dims.adapter_overhead(scope) if folded else 0.0,
         "model": a.model,
@@ -114,17 +146,56 @@ def _cmd_eval_ppl(a: argparse.Namespace) -> dict:
 
 
 def _cmd_sparsify(a: argparse.Namespace) -> dict:
-    config = sparsity_config(a.sparsity, a.split, a.site)
-    if config is None:
-        raise LarosaError("give --sparsity (or --site)")
+    if a.sparsity is None and not a.site and a.target is None:
+        raise LarosaError("give --sparsity, --target or --site")
     rotations = Rotations.load(a.rotations)
     a.scope = a.scope or "global"
     model, tok = load_model(a.model, device="cpu", dtype=DTYPES[a.dtype] if a.dtype else None)
-    folded = fold(model, rotations, config, scope=a.scope, head_rotation=a.head_rotation)
+    config, source = _chosen_sparsity(a, model, rotations)
+    folded = fold(model, rotations, config, scope=a.scope, head_rotation=a.head_rotation, score=a.score)
     save_folded(folded, tok, a.out, overwrite=a.overwrite)
     dims = adapter_for(folded).dims
-    return {"out": a.out, **folded.config.larosa, "param_weighted_sparsity": config.param_weighted(dims),
+    configs = folded_sparsity(folded.config.larosa, dims.n_layers)
+    return {"out": a.out, **folded.config.larosa, "sparsity_source": source,
+            "param_weighted_sparsity": plan_param_weighted(configs, dims),
             "adapter_overhead": dims.adapter_overhead(a.scope)}
+
+
+def _cmd_search(a: argparse.Namespace) -> dict:
+    rotations = Rotations.load(a.rotations)
+    model, tok = load_model(a.model, device=a.device, dtype=DTYPES[a.dtype] if a.dtype else None)
+    windows = token_windows(tok, a.data, a.windows, a.seq_len)
+    plans = []
+    for target in a.target:
+        plan = search(model, rotations, windows, target, scope=a.scope, score=a.score, layers=not a.no_layers,
+                      device=a.device, progress=not a.quiet)
+        add_plan(rotations, plan)
+        plans.append({k: plan[k] for k in ("target", "scope", "score", "rotated_multiple", "layer_factors",
+                                           "seconds")})
+    rotations.save(a.out)
+    return {"out": a.out, "data": a.data, "windows": a.windows, "plans": plans}
+
+
+def _cmd_compare(a: argparse.Namespace) -> dict:
+    check_methods(a.methods)
+    rotations = Rotations.load(a.rotations) if a.rotations else None
+    model, tok = load_model(a.model, device=a.device, dtype=DTYPES[a.dtype] if a.dtype else None)
+    calib = token_windows(tok, a.calib_data, a.calib_windows, a.seq_len)
+    result = compare(model, a.methods, a.sparsity, calib=calib, search_windows=calib[: a.search_windows],
+                     windows=token_windows(tok, a.data, a.windows, a.seq_len), rotations=rotations,
+                     scope=a.scope, device=a.device, progress=not a.quiet)
+    rotations = result.pop("rotations")
+    result.update(model=a.model, data=a.data, windows=a.windows, calib_data=a.calib_data,
+                  calib_windows=a.calib_windows, search_windows=a.search_windows)
+    result["table"] = compare_table(result)
+    if a.out:
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        if rotations is not None:
+            rotations.save(out / "rotations.safetensors")
+        bench.write(out, "compare", result, result["table"])
+        compare_plot(result, out / "compare.png")
+    return result
 
 
 def _cmd_demo(a: argparse.Namespace) -> dict:
@@ -156,7 +227,16 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from e
 
 
+def _sparsities(text: str) -> list[float]:
+    values = _floats(text)
+    if not all(0 <= v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"sparsities must lie in [0, 1), got {text!r}")
+    return values
+
+
 def _cmd_bench(a: argparse.Namespace) -> dict:
+    if a.what == "kernels":
+        return _cmd_bench_kernels(a)
     if not torch.cuda.is_available():
         raise LarosaError("larosa bench needs a CUDA GPU")
     result = bench.bench_decode(a.config, a.sparsity, scope=a.scope, tokens=a.tokens, prompt_len=a.prompt,
@@ -167,9 +247,30 @@ def _cmd_bench(a: argparse.Namespace) -> dict:
     return result
 
 
+def _cmd_bench_kernels(a: argparse.Namespace) -> dict:
+    from .kernels import HAVE_TRITON
+    from .kernels.bench import SHAPES, bench_kernels, kernels_table
+
+    if a.only and not any(o in f"{s[0]}/{s[1]}" for s in SHAPES for o in a.only):
+        names = ", ".join(f"{s[0]}/{s[1]}" for s in SHAPES)
+        raise LarosaError(f"--only {' '.join(a.only)} matches no shape; shapes: {names}")
+    if not torch.cuda.is_available() or not HAVE_TRITON:
+        raise LarosaError("larosa bench kernels needs a CUDA GPU and Triton")
+    result = bench_kernels(a.sparsity, only=a.only or (), tune=a.tune, l2_bytes=a.l2_bytes)
+    result["table"] = kernels_table(result)
+    if a.out:
+        bench.write(a.out, "kernels", result, result["table"])
+    return result
+
+
 def _print_text(command: str, out: dict) -> None:
-    if command == "bench":
+    if command in ("bench", "compare"):
         print(out["table"])
+    elif command == "search":
+        for p in out["plans"]:
+            print(f"target {p['target']}: rotated sites at {p['rotated_multiple']} x target, layer factors "
+                  f"{min(p['layer_factors'])}..{max(p['layer_factors'])}, {p['seconds']} s")
+        print(f"wrote {out['out']}")
     elif command == "demo":
         print(f"\n{out['model']}\ncalibrated on {out['calibration']}; perplexity on {out['evaluation']}\n")
         print("| sparsity | param-weighted | PPL | measured attn_in / o_in / mlp_in / down_in |")
@@ -207,6 +308,11 @@ def _sparsity_args(p: argparse.ArgumentParser) -> None:
                         "mode, see README)")
     p.add_argument("--head-rotation", action="store_true",
                    help="folded only: rotate the o_proj input per KV head (free at run time)")
+    p.add_argument("--target", type=float,
+                   help="parameter-weighted sparsity instead of --sparsity: uses the plan `larosa search` stored "
+                        "in the rotations for this target, scope and score, else the --split that reaches it")
+    p.add_argument("--score", choices=SCORES, default="magnitude",
+                   help="Top-K by |x| (default) or by |x| times the norm of the weight row it multiplies")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -250,6 +356,37 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--out", required=True, help="directory to write (safetensors, config, tokenizer)")
     f.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
+    s = sub.add_parser("search", help="search the split and per-layer sparsities for targets; store them in the "
+                                      "rotations file")
+    _model_args(s)
+    s.add_argument("--rotations", required=True, help="rotations file from `larosa calibrate`")
+    s.add_argument("--data", required=True, help="calibration text spec (as for calibrate)")
+    s.add_argument("--target", type=_sparsities, required=True, help="parameter-weighted targets, e.g. 0.25,0.4,0.5")
+    s.add_argument("--windows", type=int, default=4, help="calibration windows scored per trial (default 4)")
+    s.add_argument("--seq-len", type=int, default=2048)
+    s.add_argument("--scope", choices=SCOPES, default="block", help="rotation scope the plan is for (default block)")
+    s.add_argument("--score", choices=SCORES, default="magnitude")
+    s.add_argument("--no-layers", action="store_true", help="search the split only, same sparsity in every layer")
+    s.add_argument("--out", required=True, help="rotations file to write, with the plans added")
+
+    cmp = sub.add_parser("compare", help="dense, TEAL, CATS and LaRoSa variants on the same windows at equal "
+                                         "parameter-weighted sparsity")
+    _model_args(cmp)
+    cmp.add_argument("--methods", type=lambda t: t.split(","), default=list(METHODS),
+                     help=f"comma-separated, from {','.join(METHODS)} (default all)")
+    cmp.add_argument("--sparsity", type=_sparsities, default=[0.25, 0.4, 0.5],
+                     help="parameter-weighted targets (default 0.25,0.4,0.5)")
+    cmp.add_argument("--data", required=True, help="evaluation text spec")
+    cmp.add_argument("--windows", type=int, default=40)
+    cmp.add_argument("--calib-data", required=True, help="calibration text spec (thresholds, rotations, search)")
+    cmp.add_argument("--calib-windows", type=int, default=16)
+    cmp.add_argument("--search-windows", type=int, default=4, help="calibration windows the searches score")
+    cmp.add_argument("--seq-len", type=int, default=2048)
+    cmp.add_argument("--rotations", help="rotations file (default: calibrate on --calib-data)")
+    cmp.add_argument("--scope", choices=SCOPES, default="block")
+    cmp.add_argument("--out", help="directory for compare.json, compare.md, compare.png and the rotations with "
+                                   "the searched plans")
+
     b = sub.add_parser("bench", help="GPU speed benchmarks on random weights with real shapes")
     bsub = b.add_subparsers(dest="what", required=True)
     bd = bsub.add_parser("decode", help="end-to-end batch-1 decode tokens/s: dense vs folded LaRoSa vs HF generate")
@@ -263,6 +400,14 @@ def parser() -> argparse.ArgumentParser:
     bd.add_argument("--no-compile", action="store_true", help="run the engine's decode step without torch.compile")
     bd.add_argument("--out", help="directory for JSON and a markdown table")
     bd.add_argument("--json", action="store_true")
+    bk = bsub.add_parser("kernels", help="Top-K select + sparse GEMV vs dense cuBLAS per Llama shape, L2-cold")
+    bk.add_argument("--sparsity", type=_sparsities, default=[0.25, 0.4, 0.5, 0.7],
+                    help="comma-separated (default 0.25,0.4,0.5,0.7)")
+    bk.add_argument("--only", nargs="+", help="keep shapes whose model/weight contains one of these, e.g. llama3 down")
+    bk.add_argument("--tune", action="store_true", help="also sweep the threshold's warps and the GEMV's tiles")
+    bk.add_argument("--l2-bytes", type=float, default=1e9, help="weight bytes to rotate through (default 1e9)")
+    bk.add_argument("--out", help="directory for kernels.json and kernels.md")
+    bk.add_argument("--json", action="store_true")
 
     d = sub.add_parser("demo", help="offline: calibrate SmolLM2-135M, then PPL at dense/25/40/50%%")
     d.add_argument("--calib-windows", type=int, default=4, help="calibration windows of builtin:wiki (default 4)")
@@ -273,8 +418,8 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS = {"calibrate": _cmd_calibrate, "eval": _cmd_eval_ppl, "sparsify": _cmd_sparsify, "bench": _cmd_bench,
-            "demo": _cmd_demo}
+COMMANDS = {"calibrate": _cmd_calibrate, "eval": _cmd_eval_ppl, "sparsify": _cmd_sparsify, "search": _cmd_search,
+            "compare": _cmd_compare, "bench": _cmd_bench, "demo": _cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

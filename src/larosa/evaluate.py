@@ -10,12 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .sparsify import site_sparsity
+from .sparsify import measured_param_weighted, site_sparsity
 
 
 @torch.no_grad()
 def perplexity(model: nn.Module, windows: torch.Tensor, *, progress: bool = True) -> dict:
-    """{ppl, tokens, windows, seconds, site_sparsity}; site sparsity is measured on these windows alone."""
+    """{ppl, tokens, windows, seconds, site_sparsity, measured_param_weighted}, sparsity measured on these windows."""
     device = next(model.parameters()).device
     site_sparsity(model, reset=True)
     nll, tokens = 0.0, 0
@@ -32,5 +32,6 @@ def perplexity(model: nn.Module, windows: torch.Tensor, *, progress: bool = True
         "tokens": tokens,
         "windows": len(windows),
         "seconds": time.perf_counter() - start,
+        "measured_param_weighted": measured_param_weighted(model),
         "site_sparsity": site_sparsity(model),
     }

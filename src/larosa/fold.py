@@ -27,7 +27,7 @@ from .adapters import adapter_class, adapter_for
 from .assets import sha256
 from .errors import LarosaError
 from .rotations import Rotations
-from .sparsify import SparsityConfig, attach_sites
+from .sparsify import SCORES, Sparsity, SparsityConfig, attach_sites, per_layer, site_weight_norms
 
 CHECKSUMS = "larosa_checksums.json"
 
@@ -66,15 +66,20 @@ class FoldedCausalLM:
     def __init__(self, config):
         super().__init__(config)
         settings = config.larosa
-        sparsity = SparsityConfig(**settings["sparsity"])
         scope, layers = settings["scope"], self.model.layers
+        configs = folded_sparsity(settings, len(layers))
         adapter = adapter_for(self)
+        dims = adapter.dims
+        sizes = {"attn_in": dims.hidden, "o_in": dims.n_heads * dims.head_dim, "mlp_in": dims.hidden,
+                 "down_in": dims.intermediate}
         for i, layer in enumerate(layers):
             layers[i] = FoldedDecoderLayer(
                 layer, config.hidden_size, mid_adapter=scope == "block",
                 out_adapter=scope != "global" and i < len(layers) - 1,
             )
-            attach_sites(adapter, layers[i], sparsity)
+            # Weight-aware scores are saved with the weights (loaded over these placeholders).
+            scales = {s: torch.ones(n) for s, n in sizes.items()} if settings.get("score") == "weight" else None
+            attach_sites(adapter, layers[i], configs[i], scales=scales)
 
     @classmethod
     def from_pretrained(cls, path, *args, **kwargs):
@@ -86,6 +91,13 @@ class FoldedCausalLM:
         if bad:
             raise LarosaError(f"{path}: weights do not match the folded config: {bad}")
         return (model, info) if asked else model
+
+
+def folded_sparsity(settings: dict, n_layers: int) -> list[SparsityConfig]:
+    """The per-layer sparsity a folded config carries: one config for all layers, or a searched plan."""
+    if settings.get("sparsity_per_layer"):
+        return per_layer([SparsityConfig(**c) for c in settings["sparsity_per_layer"]], n_layers)
+    return per_layer(SparsityConfig(**settings["sparsity"]), n_layers)
 
 
 def verify_checksums(path: Path) -> None:
@@ -110,10 +122,11 @@ def _set(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None = No
 def fold(
     model: nn.Module,
     rotations: Rotations,
-    sparsity: float | SparsityConfig = 0.4,
+    sparsity: Sparsity = 0.4,
     *,
     scope: str = "global",
     head_rotation: bool = False,
+    score: str = "magnitude",
 ) -> nn.Module:
     """A new folded model from ``model`` (whose weights are changed in place and should be discarded).
 
@@ -126,13 +139,15 @@ def fold(
         raise LarosaError(f"folding is not implemented for {model.config.model_type!r}")
     if model.config.model_type.startswith("larosa_"):
         raise LarosaError("this model is already folded")
-    config = sparsity if isinstance(sparsity, SparsityConfig) else SparsityConfig.from_nominal(sparsity)
+    if score not in SCORES:
+        raise LarosaError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
+    configs = per_layer(sparsity, len(adapter.layers()))
     rotations.check_model(model)
     if rotations.signal != "gainfree":
         warnings.warn("these rotations come from the gain-included signal, but folded Top-K sees the gain-free "
                       "one; calibrate with signal='gainfree' (--signal gainfree): on SmolLM2 at 40 % the "
                       "gain-included Q measured 28.4 PPL against 24.2", stacklevel=2)
-    per_layer = [(a.double(), m.double()) for a, m in rotations.for_scope(scope)]
+    qs = [(a.double(), m.double()) for a, m in rotations.for_scope(scope)]
     dims = adapter.dims
     dtype, device = model.get_input_embeddings().weight.dtype, model.get_input_embeddings().weight.device
     f64 = lambda t: t.detach().double().cpu()  # noqa: E731
@@ -140,11 +155,11 @@ def fold(
     emb = model.get_input_embeddings()
     head = model.get_output_embeddings()
     head_weight = f64(head.weight)  # read before the embedding changes: they may be one tensor
-    emb.weight = nn.Parameter((f64(emb.weight) @ per_layer[0][0]).to(emb.weight.dtype))
+    emb.weight = nn.Parameter((f64(emb.weight) @ qs[0][0]).to(emb.weight.dtype))
 
     layers = adapter.layers()
     for i, layer in enumerate(layers):
-        q_attn, q_mlp = per_layer[i]
+        q_attn, q_mlp = qs[i]
         # Attention: gain and Q into q/k/v inputs; Q back out of o_proj's output.
         gain = f64(adapter.attn_norm(layer).weight)
         for lin in adapter.qkv(layer):
@@ -171,19 +186,26 @@ def fold(
         _set(down, q_mlp.T @ f64(down.weight), None if down.bias is None else f64(down.bias) @ q_mlp)
 
     final_norm = adapter.final_norm()
-    head.weight = nn.Parameter((head_weight * f64(final_norm.weight) @ per_layer[-1][1]).to(head.weight.dtype))
+    head.weight = nn.Parameter((head_weight * f64(final_norm.weight) @ qs[-1][1]).to(head.weight.dtype))
     final_norm.weight.fill_(1.0)
 
     # Residual adapters, as y = x Wᵀ: W = (Q_fromᵀ Q_to)ᵀ = Q_toᵀ Q_from.
     state = model.state_dict()
-    for i, (q_attn, q_mlp) in enumerate(per_layer):
+    for i, (q_attn, q_mlp) in enumerate(qs):
         if scope == "block":
             state[f"model.layers.{i}.mid_adapter.weight"] = q_mlp.T @ q_attn
-        if scope != "global" and i + 1 < len(per_layer):
-            state[f"model.layers.{i}.out_adapter.weight"] = per_layer[i + 1][0].T @ q_mlp
+        if scope != "global" and i + 1 < len(qs):
+            state[f"model.layers.{i}.out_adapter.weight"] = qs[i + 1][0].T @ q_mlp
 
+    if score == "weight":  # norms of the folded weight rows: the basis and gain Top-K sees
+        for i, layer in enumerate(layers):
+            for site, norms in site_weight_norms(adapter, layer).items():
+                state[f"model.layers.{i}.larosa_sites.{site}.scale"] = norms
+    uniform = all(c == configs[0] for c in configs)
     settings = {
-        "sparsity": config.to_dict(),
+        "sparsity": configs[0].to_dict() if uniform else None,
+        "sparsity_per_layer": None if uniform else [c.to_dict() for c in configs],
+        "score": score,
         "scope": scope,
         "head_rotation": head_rotation,
         "signal": rotations.signal,

@@ -9,6 +9,7 @@ kernels do the speed).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -67,11 +68,36 @@ def keep_count(sparsity: float, size: int) -> int:
     return max(1, math.floor((1.0 - sparsity) * size + 0.5))
 
 
-def topk(x: torch.Tensor, k: int) -> torch.Tensor:
-    """x with all but its k largest-magnitude entries per row zeroed; exactly k survive even among ties."""
+SCORES = ("magnitude", "weight")
+Sparsity = float | SparsityConfig | Sequence[SparsityConfig]
+
+
+def per_layer(sparsity: Sparsity, n_layers: int) -> list[SparsityConfig]:
+    """One config per layer from a nominal level, one config for all layers, or a per-layer plan."""
+    if isinstance(sparsity, SparsityConfig):
+        return [sparsity] * n_layers
+    if isinstance(sparsity, Sequence):
+        if len(sparsity) != n_layers or not all(isinstance(c, SparsityConfig) for c in sparsity):
+            raise LarosaError(f"a per-layer plan needs {n_layers} SparsityConfig, got {len(sparsity)} entries")
+        return list(sparsity)
+    return [SparsityConfig.from_nominal(sparsity)] * n_layers
+
+
+def plan_param_weighted(configs: Sequence[SparsityConfig], dims: Dims) -> float:
+    """Layers are the same size, so the model's parameter-weighted sparsity is the mean of the layers'."""
+    return sum(c.param_weighted(dims) for c in configs) / len(configs)
+
+
+def topk(x: torch.Tensor, k: int, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x with all but its k top-scoring entries per row zeroed; exactly k survive even among ties.
+
+    The score is |x|, or |x| * scale with ``scale`` the norms of the weight rows each entry multiplies: the
+    entries dropped then cost the least output, not the least input.
+    """
     if k >= x.shape[-1]:
         return x
-    idx = x.abs().topk(k, dim=-1, sorted=False).indices
+    score = x.abs() if scale is None else x.abs() * scale
+    idx = score.topk(k, dim=-1, sorted=False).indices
     return torch.zeros_like(x).scatter_(-1, idx, x.gather(-1, idx))
 
 
@@ -83,11 +109,13 @@ class TopKSite(nn.Module):
     """
 
     def __init__(self, size: int, sparsity: float, rotation: torch.Tensor | None = None,
-                 gain: torch.Tensor | None = None):
+                 gain: torch.Tensor | None = None, weights: int = 0, scale: torch.Tensor | None = None):
         super().__init__()
         self.k = keep_count(sparsity, size)
+        self.weights = weights  # weight elements this site gates: what a zero saves in reads
         self.register_buffer("rotation", rotation, persistent=False)
         self.register_buffer("gain", gain, persistent=False)
+        self.register_buffer("scale", scale)  # weight-aware scores; saved with a folded model
         self.register_buffer("zeros", torch.zeros((), dtype=torch.long), persistent=False)
         self.register_buffer("seen", torch.zeros((), dtype=torch.long), persistent=False)
 
@@ -96,7 +124,7 @@ class TopKSite(nn.Module):
             x = x / self.gain
         if self.rotation is not None:
             x = x @ self.rotation
-        x = topk(x, self.k)
+        x = topk(x, self.k, self.scale)
         self.zeros += (x == 0).sum()
         self.seen += x.numel()
         if self.rotation is not None:
@@ -106,14 +134,35 @@ class TopKSite(nn.Module):
         return x
 
 
-def attach_sites(adapter, layer: nn.Module, config: SparsityConfig, rotations=(None, None), gains=(None, None)):
+def site_weight_norms(adapter, layer: nn.Module) -> dict[str, torch.Tensor]:
+    """Per input entry of each site, the norm of the weight row it multiplies (q|k|v and gate|up concatenated)."""
+    def norms(linears) -> torch.Tensor:
+        return torch.cat([lin.weight.detach().double() for lin in linears]).norm(dim=0)
+
+    return {"attn_in": norms(adapter.qkv(layer)), "o_in": norms([adapter.o_proj(layer)]),
+            "mlp_in": norms(adapter.gate_up(layer)), "down_in": norms([adapter.down_proj(layer)])}
+
+
+def _rotated_norms(adapter, layer: nn.Module, site: str, q: torch.Tensor | None, gain: torch.Tensor | None):
+    """Weight-row norms in the basis Top-K sees: y = z (W diag(gain) Q)ᵀ for z = (x / gain) Q."""
+    linears = {"attn_in": adapter.qkv(layer), "mlp_in": adapter.gate_up(layer)}[site]
+    w = torch.cat([lin.weight.detach().double() for lin in linears])
+    if gain is not None:
+        w = w * gain.double()
+    return (w @ q.double()).norm(dim=0) if q is not None else w.norm(dim=0)
+
+
+def attach_sites(adapter, layer: nn.Module, config: SparsityConfig, rotations=(None, None), gains=(None, None),
+                 scales: dict[str, torch.Tensor] | None = None):
     """Hook the four Top-K sites into one decoder layer; returns the hook handles."""
     dims = adapter.dims
+    w = dims.site_weights()
+    scales = scales or {}
     sites = {
-        "attn_in": TopKSite(dims.hidden, config.attn_in, rotations[0], gains[0]),
-        "o_in": TopKSite(dims.n_heads * dims.head_dim, config.o_in),
-        "mlp_in": TopKSite(dims.hidden, config.mlp_in, rotations[1], gains[1]),
-        "down_in": TopKSite(dims.intermediate, config.down_in),
+        "attn_in": TopKSite(dims.hidden, config.attn_in, rotations[0], gains[0], w["attn_in"], scales.get("attn_in")),
+        "o_in": TopKSite(dims.n_heads * dims.head_dim, config.o_in, weights=w["o_in"], scale=scales.get("o_in")),
+        "mlp_in": TopKSite(dims.hidden, config.mlp_in, rotations[1], gains[1], w["mlp_in"], scales.get("mlp_in")),
+        "down_in": TopKSite(dims.intermediate, config.down_in, weights=w["down_in"], scale=scales.get("down_in")),
     }
     layer.larosa_sites = nn.ModuleDict(sites).to(adapter.o_proj(layer).weight.device)
     return [
@@ -124,35 +173,53 @@ def attach_sites(adapter, layer: nn.Module, config: SparsityConfig, rotations=(N
     ]
 
 
+def site_inputs(adapter, layer: nn.Module, rotations: Rotations | None, qs: tuple | None, score: str):
+    """(rotations, gains, weight-aware scales) of one layer's sites, on the layer's device and dtype."""
+    w = adapter.o_proj(layer).weight
+    rot, gains = (None, None), (None, None)
+    if rotations is not None:
+        rot = tuple(q.to(w.device, w.dtype) for q in qs)
+        if rotations.signal == "gainfree":
+            gains = (adapter.attn_norm(layer).weight.detach(), adapter.mlp_norm(layer).weight.detach())
+    if score != "weight":
+        return rot, gains, None
+    scales = site_weight_norms(adapter, layer)
+    for site, q, gain in (("attn_in", rot[0], gains[0]), ("mlp_in", rot[1], gains[1])):
+        scales[site] = _rotated_norms(adapter, layer, site, q, gain)
+    return rot, gains, {k: v.to(w.device, w.dtype) for k, v in scales.items()}
+
+
 def sparsify(
     model: nn.Module,
     rotations: Rotations | None,
-    sparsity: float | SparsityConfig = 0.4,
+    sparsity: Sparsity = 0.4,
     *,
     scope: str = "block",
+    score: str = "magnitude",
 ) -> nn.Module:
     """Make ``model`` sparse in place (simulate form) and return it; a second call replaces the first.
 
-    ``scope`` picks the rotation of each block input (see :meth:`Rotations.for_scope`); Top-K runs on the
-    signal the rotations were calibrated on. ``rotations=None`` gives plain, unrotated Top-K.
+    ``sparsity`` is a nominal level, one :class:`SparsityConfig`, or a per-layer plan (a list of them, as
+    :mod:`larosa.search` makes). ``scope`` picks the rotation of each block input (see
+    :meth:`Rotations.for_scope`); Top-K runs on the signal the rotations were calibrated on. ``rotations=None``
+    gives plain, unrotated Top-K. ``score="weight"`` ranks entries by |x_i| ||W_i||.
     """
     adapter = adapter_for(model)
     _refuse_folded(model)
-    config = sparsity if isinstance(sparsity, SparsityConfig) else SparsityConfig.from_nominal(sparsity)
+    if score not in SCORES:
+        raise LarosaError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
+    layers = adapter.layers()
+    configs = per_layer(sparsity, len(layers))
     if rotations is not None:
         rotations.check_model(model)
-        per_layer = rotations.for_scope(scope)
+        qs_per_layer = rotations.for_scope(scope)
     unsparsify(model)
     handles = []
-    for i, layer in enumerate(adapter.layers()):
-        qs, gains = (None, None), (None, None)
-        if rotations is not None:
-            w = adapter.o_proj(layer).weight
-            qs = tuple(q.to(w.device, w.dtype) for q in per_layer[i])
-            if rotations.signal == "gainfree":
-                gains = (adapter.attn_norm(layer).weight.detach(), adapter.mlp_norm(layer).weight.detach())
-        handles += attach_sites(adapter, layer, config, qs, gains)
-    model.larosa = {"handles": handles, "sparsity": config, "scope": scope, "rotated": rotations is not None}
+    for i, layer in enumerate(layers):
+        qs = qs_per_layer[i] if rotations is not None else None
+        handles += attach_sites(adapter, layer, configs[i], *site_inputs(adapter, layer, rotations, qs, score))
+    model.larosa = {"handles": handles, "sparsity": configs, "scope": scope, "rotated": rotations is not None,
+                    "score": score}
     return model
 
 
@@ -176,16 +243,32 @@ def unsparsify(model: nn.Module) -> nn.Module:
 
 def site_sparsity(model: nn.Module, reset: bool = False) -> dict[str, float]:
     """Measured share of zeros fed to each site's weights, over all layers and tokens since the last reset."""
-    zeros = dict.fromkeys(SITES, 0.0)
-    seen = dict.fromkeys(SITES, 0.0)
+    zeros: dict[str, float] = {}
+    seen: dict[str, float] = {}
     for layer in adapter_for(model).layers():
         sites = layer._modules.get("larosa_sites")
         if sites is None:
             continue
         for name, site in sites.items():
-            zeros[name] += site.zeros.item()
-            seen[name] += site.seen.item()
+            zeros[name] = zeros.get(name, 0.0) + site.zeros.item()
+            seen[name] = seen.get(name, 0.0) + site.seen.item()
             if reset:
                 site.zeros.zero_()
                 site.seen.zero_()
-    return {s: zeros[s] / seen[s] for s in SITES if seen[s]}
+    return {s: zeros[s] / seen[s] for s in seen if seen[s]}
+
+
+def measured_param_weighted(model: nn.Module) -> float:
+    """Measured share of decoder linear weight reads skipped since the last reset, for any method's sites.
+
+    Every site module counts ``zeros`` and ``seen`` and knows the ``weights`` it gates, so Top-K, threshold and
+    gate-activation methods are compared on the same footing.
+    """
+    adapter = adapter_for(model)
+    skipped = 0.0
+    for layer in adapter.layers():
+        for site in getattr(layer, "larosa_sites", {}).values():
+            if site.seen.item():
+                skipped += site.zeros.item() / site.seen.item() * site.weights
+    total = sum(adapter.dims.site_weights().values()) * len(adapter.layers())
+    return skipped / total

@@ -1,0 +1,129 @@
+"""Methods side by side on one model and the same windows, at equal parameter-weighted sparsity.
+
+Nominal levels mean different things per method (TEAL's s is every projection's, LaRoSa's is split 0.8 / 1.2,
+CATS touches the MLP only), so every method is asked for the same share of decoder weight reads skipped, and the
+share each one actually skipped on the evaluation windows is measured and reported beside its perplexity.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import adapter_for
+from .calibrate import calibrate
+from .errors import LarosaError
+from .evaluate import perplexity
+from .rotations import Rotations
+from .search import add_plan, default_config, find_plan, plan_configs, search
+from .sparsify import sparsify, unsparsify
+
+METHODS = ("dense", "teal", "teal-greedy", "cats", "larosa", "larosa-searched", "larosa-searched-wa")
+LABELS = {
+    "dense": "dense", "teal": "TEAL uniform", "teal-greedy": "TEAL greedy", "cats": "CATS",
+    "larosa": "LaRoSa, 0.8 / 1.2 split", "larosa-searched": "LaRoSa, searched",
+    "larosa-searched-wa": "LaRoSa, searched + weight-aware",
+}
+
+
+def check_methods(methods: list[str]) -> None:
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise LarosaError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+
+
+def _apply(model: nn.Module, method: str, target: float, rotations: Rotations | None, calib: torch.Tensor,
+           search_windows: torch.Tensor, scope: str, device: str | None) -> dict:
+    """Make ``model`` sparse by ``method`` in place; returns what was chosen (thresholds, plan, ...)."""
+    from . import peers
+
+    if method in ("teal", "teal-greedy"):
+        return peers.teal(model, calib, target, greedy=method == "teal-greedy", progress=False)
+    if method == "cats":
+        return peers.cats(model, calib, target, progress=False)
+    if method == "larosa":
+        config = default_config(adapter_for(model).dims, target)
+        sparsify(model, rotations, config, scope=scope)
+        return {"sites": config.sites(), "nominal": config.nominal}
+    score = "weight" if method == "larosa-searched-wa" else "magnitude"
+    plan = find_plan(rotations, target, scope, score)
+    if plan is None:
+        plan = search(model, rotations, search_windows, target, scope=scope, score=score, device=device,
+                      progress=False)
+        add_plan(rotations, plan)
+    sparsify(model, rotations, plan_configs(plan), scope=scope, score=score)
+    return {k: plan[k] for k in ("rotated_multiple", "layer_factors", "seconds")}
+
+
+def compare(model: nn.Module, methods: list[str], targets: list[float], *, calib: torch.Tensor,
+            search_windows: torch.Tensor, windows: torch.Tensor, rotations: Rotations | None = None,
+            scope: str = "block", device: str | None = None, progress: bool = True) -> dict:
+    """One perplexity per (method, target); ``rotations`` gains the search plans it did not have."""
+    check_methods(methods)
+    start = time.perf_counter()
+    if rotations is None and any(m.startswith("larosa") for m in methods):
+        rotations = calibrate(model, calib, device=device, progress=progress)
+    runs = [(m, t) for m in methods for t in ([0.0] if m == "dense" else targets)]
+    rows = []
+    for method, target in tqdm(runs, desc="compare", unit="run", disable=not progress):
+        row = {"method": method, "label": LABELS[method], "target": target}
+        try:
+            setup = time.perf_counter()
+            row["settings"] = {} if method == "dense" else _apply(
+                model, method, target, rotations, calib, search_windows, scope, device)
+            row["setup_seconds"] = round(time.perf_counter() - setup, 1)
+            row.update(perplexity(model, windows, progress=False))
+        except LarosaError as e:  # an unreachable target (CATS past the MLP's share): reported, not fatal
+            row["error"] = str(e)
+        finally:
+            if getattr(model, "larosa", None) is not None:
+                unsparsify(model)
+        rows.append(row)
+    return {"methods": methods, "targets": targets, "scope": scope, "rows": rows, "rotations": rotations,
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+def table(result: dict) -> str:
+    """Markdown: a row per method, a column per target; each cell PPL (measured parameter-weighted sparsity)."""
+    targets = result["targets"]
+    lines = ["| method | " + " | ".join(f"{t:.0%}" for t in targets) + " |", "|---|" + "---:|" * len(targets)]
+    for method in result["methods"]:
+        cells = []
+        for t in [0.0] if method == "dense" else targets:
+            row = next(r for r in result["rows"] if r["method"] == method and r["target"] == t)
+            cells.append(f"n/a ({row['error'][:60]})" if "error" in row else
+                         f"{row['ppl']:.3f} ({row['measured_param_weighted']:.3f})")
+        if method == "dense":
+            cells = cells * len(targets)
+        lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str | Path) -> None:
+    """PPL against measured parameter-weighted sparsity, a line per method, dense as a dashed level."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for method in result["methods"]:
+        rows = [r for r in result["rows"] if r["method"] == method and "ppl" in r]
+        if method == "dense" and rows:
+            ax.axhline(rows[0]["ppl"], color="gray", linestyle="--", label="dense")
+        elif rows:
+            ax.plot([r["measured_param_weighted"] for r in rows], [r["ppl"] for r in rows], marker="o",
+                    label=LABELS[method])
+    ax.set_xlabel("parameter-weighted sparsity (measured)")
+    ax.set_ylabel("perplexity")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = Path(path).with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)

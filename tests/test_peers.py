@@ -1,0 +1,191 @@
+import copy
+import json
+
+import pytest
+import torch
+from conftest import random_windows, tiny_model
+from transformers.activations import ACT2FN
+
+import larosa
+from larosa import peers
+from larosa.adapters import adapter_for
+from larosa.errors import LarosaError
+from larosa.peers import PROJECTIONS, apply, cats, cats_level, teal
+from larosa.sparsify import measured_param_weighted, site_sparsity
+
+METHODS = ["teal-uniform", "teal-greedy", "cats"]
+TARGETS = {"teal-uniform": 0.4, "teal-greedy": 0.4, "cats": 0.3}  # the tiny models' up + down share is 40 %
+
+
+def calibrate(method: str, model, windows, target: float | None = None) -> dict:
+    target = TARGETS[method] if target is None else target
+    if method == "cats":
+        return cats(model, windows, target, progress=False)
+    return teal(model, windows, target, greedy=method == "teal-greedy", step=0.1, progress=False)
+
+
+def layer_weights(model) -> int:
+    return sum(adapter_for(model).dims.site_weights().values())
+
+
+def hook_count(model) -> int:
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+def capture(model, windows, replace: dict | None = None) -> tuple[dict, dict]:
+    """Each layer's input and output on ``windows``; with ``replace``, each layer is fed that input instead
+    (the dense model's), so the outputs measure every layer's own error, as the greedy search does."""
+    ins, outs, handles = {}, {}, []
+    for i, layer in enumerate(adapter_for(model).layers()):
+        if replace is None:
+            handles.append(layer.register_forward_pre_hook(lambda m, a, i=i: ins.__setitem__(i, a[0])))
+        else:
+            handles.append(layer.register_forward_pre_hook(lambda m, a, i=i: (replace[i], *a[1:])))
+        handles.append(layer.register_forward_hook(
+            lambda m, a, out, i=i: outs.__setitem__(i, out[0] if isinstance(out, tuple) else out)))
+    with torch.no_grad():
+        model(windows)
+    for h in handles:
+        h.remove()
+    return ins, outs
+
+
+def test_uniform_teal_at_zero_is_dense(model):
+    windows = random_windows(2)
+    with torch.no_grad():
+        dense = model(windows).logits
+        settings = teal(model, random_windows(3, seed=5), 0.0, progress=False)
+        sparse = model(windows).logits
+    assert torch.equal(sparse, dense)
+    assert all(plan[p]["threshold"] == 0.0 for plan in settings["layers"] for p in PROJECTIONS)
+    assert hook_count(model) == len(PROJECTIONS) * len(settings["layers"])  # the sites really ran
+    assert measured_param_weighted(model) < 0.01
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("method", METHODS)
+def test_measured_param_weighted_sparsity_matches_target(arch, method):
+    model, windows = tiny_model(arch), random_windows(4, seed=3)
+    settings = calibrate(method, model, windows)
+    assert settings["method"] == method
+    assert json.loads(json.dumps(settings)) == settings
+    result = larosa.perplexity(model, windows, progress=False)
+    assert result["measured_param_weighted"] == pytest.approx(TARGETS[method], abs=0.02)
+    # Every weight is counted once: TEAL's sites gate all linear weights, CATS' only up_proj and down_proj.
+    dims = adapter_for(model).dims
+    gated = {"cats": 2 * dims.hidden * dims.intermediate}.get(method, layer_weights(model))
+    for layer in adapter_for(model).layers():
+        assert sum(site.weights for site in layer.larosa_sites.values()) == gated
+
+
+def test_quantiles_from_a_token_subsample(monkeypatch):
+    """With fewer sampled values than the calibration holds, thresholds are still the target's quantiles."""
+    monkeypatch.setattr(peers, "SAMPLE", 2000)
+    model, windows = tiny_model("llama"), random_windows(8, seed=3)
+    teal(model, windows, 0.5, progress=False)
+    assert larosa.perplexity(model, windows, progress=False)["measured_param_weighted"] == pytest.approx(0.5, abs=0.04)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_greedy_holds_target_per_layer_with_less_layer_error_than_uniform(arch):
+    model, windows = tiny_model(arch), random_windows(4, seed=3)
+    dense_in, dense_out = capture(model, windows)
+
+    def errors() -> list[float]:
+        _, out = capture(model, windows, replace=dense_in)
+        return [((out[i] - dense_out[i]).pow(2).sum() / dense_out[i].pow(2).sum()).item() for i in out]
+
+    teal(model, windows, 0.4, progress=False)
+    uniform = errors()
+    settings = teal(model, windows, 0.4, greedy=True, step=0.1, progress=False)
+    site_sparsity(model, reset=True)
+    greedy = errors()
+    weights = {p: m.weight.numel() for p, m in peers._projections(adapter_for(model), model.model.layers[0]).items()}
+    for layer, plan, g, u in zip(adapter_for(model).layers(), settings["layers"], greedy, uniform):
+        configured = sum(plan[p]["sparsity"] * weights[p] for p in PROJECTIONS) / layer_weights(model)
+        assert configured == pytest.approx(0.4, abs=1e-9)
+        measured = sum(s.zeros.item() / s.seen.item() * s.weights for s in layer.larosa_sites.values())
+        assert measured / layer_weights(model) == pytest.approx(0.4, abs=0.01)  # on the inputs it was tuned on
+        sparsities = [plan[p]["sparsity"] for p in PROJECTIONS]
+        assert max(sparsities) - min(sparsities) > 0.1  # an allocation, not uniform again
+        assert g < u
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_cats_zeroes_down_proj_inputs_where_the_gate_activation_is_small(arch):
+    model, windows = tiny_model(arch), random_windows(4, seed=3)
+    adapter = adapter_for(model)
+    settings = cats(model, windows, 0.3, progress=False)
+    level = cats_level(adapter.dims, 0.3)
+    assert level * 2 * adapter.dims.hidden * adapter.dims.intermediate == pytest.approx(0.3 * layer_weights(model))
+    act = ACT2FN[model.config.hidden_act]
+    seen = {}
+    for i, layer in enumerate(adapter.layers()):
+        assert set(layer.larosa_sites) == {"cats"}
+        untouched = [*adapter.qkv(layer), adapter.o_proj(layer), adapter.gate_up(layer)[1], adapter.down_proj(layer)]
+        assert all(not m._forward_hooks and not m._forward_pre_hooks for m in untouched)
+        adapter.gate_up(layer)[1].register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__((i, "x"), a[0]))
+        adapter.down_proj(layer).register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__((i, "down"), a[0]))
+    with torch.no_grad():
+        model(windows)
+        for i, (layer, plan) in enumerate(zip(adapter.layers(), settings["layers"])):
+            small = act(adapter.gate_up(layer)[0](seen[i, "x"])).abs() < plan["cats"]["threshold"]
+            assert torch.equal(seen[i, "down"] == 0, small)
+            assert small.float().mean().item() == pytest.approx(level, abs=0.03)
+
+
+def test_apply_reproduces_and_unsparsify_restores_dense_exactly():
+    model, windows = tiny_model("llama"), random_windows(3, seed=3)
+    fresh = copy.deepcopy(model)
+    with torch.no_grad():
+        dense = model(windows).logits
+        for method in METHODS:  # each call replaces the one before
+            settings = calibrate(method, model, windows)
+            sparse = model(windows).logits
+            assert not torch.allclose(sparse, dense)
+            assert measured_param_weighted(model) == pytest.approx(TARGETS[method], abs=0.02)  # calibrated dense
+            assert hook_count(model) == (1 if method == "cats" else len(PROJECTIONS)) * len(settings["layers"])
+            apply(fresh, json.loads(json.dumps(settings)))
+            assert torch.equal(fresh(windows).logits, sparse)
+        larosa.unsparsify(model)
+        assert torch.equal(model(windows).logits, dense)
+    assert hook_count(model) == 0
+    assert all("larosa_sites" not in layer._modules for layer in adapter_for(model).layers())
+
+
+@pytest.mark.parametrize("target", [-0.1, 1.0, 1.5, True, "0.4", None])
+def test_bad_targets_are_refused(target):
+    model, windows = tiny_model("llama"), random_windows(2)
+    with pytest.raises(LarosaError, match="target"):
+        teal(model, windows, target, progress=False)
+    with pytest.raises(LarosaError, match="target"):
+        cats(model, windows, target, progress=False)
+    assert hook_count(model) == 0
+
+
+def test_unreachable_targets_are_refused():
+    model, windows = tiny_model("llama"), random_windows(2)
+    dims = adapter_for(model).dims
+    assert cats_level(dims, 0.39) == pytest.approx(0.39 / 0.4)  # up + down are 40 % of the tiny layer
+    with pytest.raises(LarosaError, match="out of reach"):
+        cats(model, windows, 0.4, progress=False)
+    with pytest.raises(LarosaError, match="too high"):
+        teal(model, windows, 0.995, greedy=True, progress=False)
+    with pytest.raises(LarosaError, match="step"):
+        teal(model, windows, 0.4, greedy=True, step=0.0, progress=False)
+
+
+def test_bad_settings_and_folded_models_are_refused():
+    model, windows = tiny_model("llama"), random_windows(2)
+    settings = teal(model, windows, 0.3, progress=False)
+    with pytest.raises(LarosaError, match="method"):
+        apply(model, {**settings, "method": "topk"})
+    with pytest.raises(LarosaError, match="layers"):
+        apply(model, {**settings, "layers": settings["layers"][:-1]})
+    larosa.unsparsify(model)
+    rotations = larosa.calibrate(model, windows, signal="gainfree", device="cpu", progress=False)
+    folded = larosa.fold(copy.deepcopy(model), rotations, 0.0)
+    for call in (lambda: teal(folded, windows, 0.3, progress=False), lambda: cats(folded, windows, 0.3, progress=False),
+                 lambda: apply(folded, settings)):
+        with pytest.raises(LarosaError, match="folded"):
+            call()

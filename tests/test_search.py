@@ -1,0 +1,110 @@
+"""Weight-aware scores, per-layer plans and the searches that make them."""
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import random_windows, tiny_model
+from transformers import AutoModelForCausalLM
+
+import larosa
+from larosa.adapters import adapter_for
+from larosa.fold import fold, save_folded
+from larosa.search import (LAYER_FACTORS, add_plan, allocate, config_for_target, default_config, find_plan,
+                           plan_configs, search, stored_plans)
+from larosa.sparsify import SparsityConfig, plan_param_weighted, topk
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    model = tiny_model("llama")
+    return model, larosa.calibrate(model, random_windows(4, seed=3), signal="gainfree", progress=False)
+
+
+def test_weight_aware_top_k_keeps_the_largest_weighted_entries():
+    x = torch.tensor([[4.0, -3.0, 2.0, 1.0]])
+    scale = torch.tensor([0.1, 1.0, 1.0, 10.0])
+    assert topk(x, 2).tolist() == [[4.0, -3.0, 0.0, 0.0]]
+    assert topk(x, 2, scale).tolist() == [[0.0, -3.0, 0.0, 1.0]]  # scores 0.4, 3, 2, 10
+
+
+@pytest.mark.parametrize("scope", ["global", "block"])
+def test_folded_equals_simulate_with_weight_aware_scores(calibrated, scope):
+    model, rot = calibrated
+    windows = random_windows(2)
+    simulated = larosa.sparsify(copy.deepcopy(model), rot, 0.5, scope=scope, score="weight")
+    magnitude = larosa.sparsify(copy.deepcopy(model), rot, 0.5, scope=scope)
+    folded = fold(copy.deepcopy(model), rot, 0.5, scope=scope, score="weight")
+    with torch.no_grad():
+        a, b, c = folded(windows).logits, simulated(windows).logits, magnitude(windows).logits
+    assert _rel(a, b) < 1e-4
+    assert _rel(b, c) > 1e-3  # the score really changes the kept set
+
+
+def test_per_layer_plan_sets_each_layers_k_and_survives_save_and_load(calibrated, tmp_path):
+    model, rot = calibrated
+    dims = adapter_for(model).dims
+    plan = [SparsityConfig(0.1, 0.2, 0.3, 0.4), SparsityConfig(0.5, 0.5, 0.5, 0.5), SparsityConfig(0.0, 0.0, 0.0, 0.0)]
+    simulated = larosa.sparsify(copy.deepcopy(model), rot, plan)
+    ks = [[s.k for s in layer.larosa_sites.values()] for layer in adapter_for(simulated).layers()]
+    assert ks == [[58, 51, 45, 58], [32, 32, 32, 48], [64, 64, 64, 96]]  # d = 64 = heads x head_dim, intermediate 96
+    assert plan_param_weighted(plan, dims) == pytest.approx(sum(c.param_weighted(dims) for c in plan) / 3)
+    folded = fold(copy.deepcopy(model), rot, plan, score="weight")
+    out = save_folded(folded, None, tmp_path / "f")
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    windows = random_windows(2)
+    with torch.no_grad():
+        assert torch.equal(loaded(windows).logits, folded(windows).logits)
+    assert loaded.config.larosa["sparsity_per_layer"][1]["attn_in"] == 0.5
+
+
+def test_wrong_length_plan_is_refused(calibrated):
+    model, rot = calibrated
+    with pytest.raises(larosa.LarosaError, match="per-layer plan"):
+        larosa.sparsify(copy.deepcopy(model), rot, [SparsityConfig(0.1, 0.1, 0.1, 0.1)])
+
+
+@pytest.mark.parametrize("multiple", [0.5, 0.8, 1.0, 1.2])
+def test_configs_for_a_target_hold_the_parameter_weighted_sparsity(multiple):
+    dims = adapter_for(tiny_model("llama")).dims
+    config = config_for_target(dims, 0.4, multiple)
+    assert config.param_weighted(dims) == pytest.approx(0.4)
+    assert config.attn_in == pytest.approx(0.4 * multiple)
+    assert default_config(dims, 0.4).param_weighted(dims) == pytest.approx(0.4)
+    assert config_for_target(dims, 0.9, 0.5) is None  # plain sites would need more than 1
+
+
+def test_allocation_keeps_the_mean_and_spares_the_sensitive_layer():
+    cheap = [0.01 * f for f in LAYER_FACTORS]
+    costly = [1.0 * f * f for f in LAYER_FACTORS]
+    factors = allocate([cheap, costly, cheap])
+    assert sum(factors) / 3 == pytest.approx(1.0)
+    assert factors[1] == LAYER_FACTORS[0] and factors[0] > 1
+
+
+def test_search_holds_the_target_and_round_trips_through_the_rotations_file(calibrated, tmp_path):
+    model, rot = calibrated
+    dims = adapter_for(model).dims
+    windows = random_windows(2, seed=7)
+    plan = search(copy.deepcopy(model), rot, windows, 0.4, scope="block", device="cpu", progress=False)
+    configs = plan_configs(plan)
+    assert plan_param_weighted(configs, dims) == pytest.approx(0.4)
+    assert min(t["nll"] for t in plan["split_trials"]) == pytest.approx(
+        next(t["nll"] for t in plan["split_trials"] if t["rotated_multiple"] == plan["rotated_multiple"]))
+    rot = copy.deepcopy(rot)
+    add_plan(rot, plan)
+    rot.save(tmp_path / "r.safetensors")
+    again = larosa.Rotations.load(tmp_path / "r.safetensors")
+    assert find_plan(again, 0.4, "block", "magnitude")["layers"] == plan["layers"]
+    assert find_plan(again, 0.4, "global", "magnitude") is None
+    again.meta["plans"] = json.dumps([{"layers": [{}]}])
+    with pytest.raises(larosa.LarosaError, match="re-run larosa search"):
+        stored_plans(again)
+    again.meta["plans"] = "{not json"
+    with pytest.raises(larosa.LarosaError, match="JSON"):
+        stored_plans(again)
