@@ -36,6 +36,22 @@ def test_prefill_then_decode_matches_the_hf_model(pair, which):
         assert _rel(engine.step(tokens[pos : pos + 1], pos), ref[pos : pos + 1]) < 1e-4
 
 
+def test_engine_runs_weight_aware_scores_and_per_layer_plans_like_the_hf_model():
+    model = tiny_model("llama")
+    rot = larosa.calibrate(model, random_windows(4, seed=3), signal="gainfree", progress=False)
+    plan = [larosa.SparsityConfig(0.3, 0.5, 0.3, 0.5), larosa.SparsityConfig(0.6, 0.2, 0.5, 0.7),
+            larosa.SparsityConfig(0.0, 0.4, 0.2, 0.1)]
+    folded = larosa.fold(copy.deepcopy(model), rot, plan, score="weight")
+    magnitude = larosa.fold(copy.deepcopy(model), rot, plan)
+    tokens = random_windows(1, seq_len=12)[0]
+    with torch.no_grad():
+        ref, other = folded(tokens[None]).logits[0], magnitude(tokens[None]).logits[0]
+    engine = Transformer.from_hf(folded, max_seq=16)
+    assert [layer.qkv.k for layer in engine.layers] == [45, 26, None]
+    assert _rel(engine(tokens, torch.arange(12)), ref) < 1e-4
+    assert _rel(other, ref) > 1e-3  # the scores matter, so the match above is not trivial
+
+
 def test_folded_engine_is_sparse_where_the_config_says(pair):
     engine = Transformer.from_hf(pair[1], max_seq=8)
     layer = engine.layers[0]
@@ -58,14 +74,19 @@ def test_generate_is_greedy_and_matches_hf_generate(pair):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_graph_decode_with_the_kernels_matches_the_hf_model(pair):
-    """On the GPU a sparse projection runs the Triton Top-K + gather-GEMV kernels inside the CUDA graph."""
-    hf = pair[1].cuda()
+@pytest.mark.parametrize("dtype, compile, tol", [(torch.float32, False, 1e-3), (torch.bfloat16, False, 5e-2),
+                                                 (torch.bfloat16, True, 0.15)], ids=["fp32", "bf16", "bf16-compiled"])
+def test_cuda_graph_decode_with_the_kernels_matches_the_hf_model(pair, dtype, compile, tol):
+    """On the GPU a sparse projection runs the Triton kernels inside the CUDA graph (in bf16 the histogram
+    threshold and the fused GEMV), also when torch.compile wraps the decode step. Compiled, the element-wise
+    code rounds bf16 differently, which moves a few picks at the threshold (0.079 measured on the H200 with
+    this session's v3 kernels, same selection rule); a broken kernel or workspace gives errors of order 1."""
+    hf = pair[1].cuda().to(dtype)
     tokens = random_windows(1, seq_len=20)[0].cuda()
     with torch.no_grad():
-        ref = hf(tokens[None]).logits[0]
-    engine = Engine(Transformer.from_hf(hf, max_seq=32))
+        ref = hf(tokens[None]).logits[0].float()
+    engine = Engine(Transformer.from_hf(hf, max_seq=32), compile=compile)
     assert engine.graph is not None
     engine.model(tokens[:12], torch.arange(12, device="cuda"))
     for pos in range(12, 20):
-        assert _rel(engine.step(tokens[pos : pos + 1], pos), ref[pos : pos + 1]) < 1e-3
+        assert _rel(engine.step(tokens[pos : pos + 1], pos), ref[pos : pos + 1]) < tol

@@ -126,6 +126,9 @@ def bench_decode(name: str, sparsities: list[float], scope: str = "layer", token
         if hf and not s:
             row["hf_generate_tokens_per_s"] = _hf_tokens_per_s(model, prompt, tokens)
         rows.append(row)
+        print(f"[{time.strftime('%H:%M:%S')}] {name} s={s}: {rate:.1f} tokens/s"
+              + (f", HF generate {row['hf_generate_tokens_per_s']:.1f}" if "hf_generate_tokens_per_s" in row else ""),
+              flush=True)  # a run cut short still shows what it measured
         del model
         gc.collect()
         torch.cuda.empty_cache()

@@ -16,25 +16,43 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..adapters import adapter_for
-from ..sparsify import SparsityConfig, keep_count, topk
+from ..fold import folded_sparsity
+from ..sparsify import Sparsity, keep_count, per_layer, topk
+
+
+@torch.compiler.disable
+def _sparse_decode(x: torch.Tensor, wt: torch.Tensor, k: int) -> torch.Tensor:
+    """The Triton Top-K kernels, run as they are under torch.compile: traced, their workspaces (allocated on
+    the first call, zeroed by the kernels themselves) would become graph tensors."""
+    from ..kernels import topk_gemv
+
+    return topk_gemv(x, wt, k)
 
 
 class Proj(nn.Module):
-    """y = x Wᵀ + b, or, with ``k``, y = topk(x, k) Wᵀ + b reading only the k selected rows of W."""
+    """y = x Wᵀ + b, or, with ``k``, y = topk(x, k) Wᵀ + b reading only the k selected rows of W.
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, k: int | None = None):
+    ``scale`` (weight-aware scores) rewrites the product exactly as (x ⊙ s)(W / s)ᵀ, so that plain magnitude
+    Top-K on x ⊙ s keeps the entries with the largest |x_i| s_i; the kernels stay unchanged.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, k: int | None = None,
+                 scale: torch.Tensor | None = None):
         super().__init__()
         self.k = None if k is None or k >= weight.shape[1] else k
+        self.scale = None if scale is None or self.k is None else nn.Parameter(scale, requires_grad=False)
+        if self.scale is not None:
+            weight = (weight.double() / scale.double()).to(weight.dtype)
         self.weight = nn.Parameter(weight.T.contiguous() if self.k else weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scale is not None:
+            x = x * self.scale
         if self.k is None:
             return F.linear(x, self.weight, self.bias)
         if x.shape[0] == 1 and x.is_cuda:
-            from ..kernels import topk_gemv
-
-            y = topk_gemv(x[0], self.weight, self.k)[None]
+            y = _sparse_decode(x[0], self.weight, self.k)[None]
         else:
             y = topk(x, self.k) @ self.weight
         return y if self.bias is None else y + self.bias
@@ -125,22 +143,23 @@ class Transformer(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_hf(cls, model: nn.Module, max_seq: int, sparsity: SparsityConfig | None = None) -> "Transformer":
+    def from_hf(cls, model: nn.Module, max_seq: int, sparsity: Sparsity | None = None) -> "Transformer":
         """From a dense or folded Hugging Face model; a folded one brings its own sparsity and adapters."""
         adapter = adapter_for(model)
         dims = adapter.dims
         settings = getattr(model.config, "larosa", None)
+        configs = [None] * dims.n_layers if sparsity is None else per_layer(sparsity, dims.n_layers)
         if settings is not None:
-            sparsity = SparsityConfig(**settings["sparsity"])
-        kept = {}
-        if sparsity is not None:
-            sizes = {"attn_in": dims.hidden, "o_in": dims.n_heads * dims.head_dim, "mlp_in": dims.hidden,
-                     "down_in": dims.intermediate}
-            kept = {site: keep_count(s, sizes[site]) for site, s in sparsity.sites().items()}
+            configs = folded_sparsity(settings, dims.n_layers)
+        sizes = {"attn_in": dims.hidden, "o_in": dims.n_heads * dims.head_dim, "mlp_in": dims.hidden,
+                 "down_in": dims.intermediate}
         shape = Shape(dims.hidden, dims.n_heads, dims.n_kv_heads, dims.head_dim, dims.intermediate)
         eps = model.config.rms_norm_eps
         layers = []
-        for layer in adapter.layers():
+        for layer, config in zip(adapter.layers(), configs):
+            kept = {} if config is None else {site: keep_count(s, sizes[site]) for site, s in config.sites().items()}
+            sites = getattr(layer, "larosa_sites", {})
+            scale = {name: site.scale for name, site in sites.items() if site.scale is not None}
             q, k, v = adapter.qkv(layer)
             biases = [p.bias for p in (q, k, v)]
             qkv_bias = None if biases[0] is None else torch.cat(biases)
@@ -149,11 +168,13 @@ class Transformer(nn.Module):
             layers.append(Layer(
                 shape,
                 RMSNorm(adapter.attn_norm(layer).weight.clone(), eps),
-                Proj(torch.cat([q.weight, k.weight, v.weight]), qkv_bias, kept.get("attn_in")),
-                Proj(adapter.o_proj(layer).weight.clone(), adapter.o_proj(layer).bias, kept.get("o_in")),
+                Proj(torch.cat([q.weight, k.weight, v.weight]), qkv_bias, kept.get("attn_in"), scale.get("attn_in")),
+                Proj(adapter.o_proj(layer).weight.clone(), adapter.o_proj(layer).bias, kept.get("o_in"),
+                     scale.get("o_in")),
                 RMSNorm(adapter.mlp_norm(layer).weight.clone(), eps),
-                Proj(torch.cat([gate.weight, up.weight]), None, kept.get("mlp_in")),
-                Proj(adapter.down_proj(layer).weight.clone(), adapter.down_proj(layer).bias, kept.get("down_in")),
+                Proj(torch.cat([gate.weight, up.weight]), None, kept.get("mlp_in"), scale.get("mlp_in")),
+                Proj(adapter.down_proj(layer).weight.clone(), adapter.down_proj(layer).bias, kept.get("down_in"),
+                     scale.get("down_in")),
                 *[None if a is None else a.weight.clone() for a in adapters],
             ))
         device = model.get_input_embeddings().weight.device
