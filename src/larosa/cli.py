@@ -1,5 +1,5 @@
-"""The ``larosa`` command: calibrate, eval ppl, sparsify, bench decode / kernels, demo; each a thin shell over the
-API."""
+"""The ``larosa`` command: calibrate, eval ppl / tasks, sparsify, bench decode / kernels, demo; each a thin shell
+over the API."""
 
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ from .rotations import SCOPES, SIGNALS, Rotations
 from .search import add_plan, default_config, find_plan, plan_configs, search
 from .sparsify import (DEFAULT_SPLIT, SCORES, SITES, SparsityConfig, per_layer, plan_param_weighted, sparsify,
                        unsparsify)
+from .tasks import evaluate_tasks, parse_tasks, resolve_task_data
+from .tasks import table as tasks_table
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -103,7 +105,9 @@ def _sparsity_report(configs: list[SparsityConfig] | None, dims) -> dict:
             "configured_site_sparsity": {s: sum(c.sites()[s] for c in configs) / len(configs) for s in SITES}}
 
 
-def _cmd_eval_ppl(a: argparse.Namespace) -> dict:
+def _eval_model(a: argparse.Namespace):
+    """(model, tokenizer, report): the model of `eval ppl` / `eval tasks`, dense, simulated or folded, and what
+    its sparsity is."""
     wants_sparsity = a.sparsity is not None or a.site or a.target is not None
     if a.rotations and not wants_sparsity:
         raise LarosaError("--rotations needs --sparsity, --target or --site")
@@ -129,9 +133,7 @@ def _cmd_eval_ppl(a: argparse.Namespace) -> dict:
         configs = per_layer(config, dims.n_layers) if config is not None else None
         scope, signal, head_rotation = (a.scope, rotations.signal, False) if rotations else (None, None, False)
         score = a.score if config is not None else None
-    result = perplexity(model, token_windows(tok, a.data, a.windows, a.seq_len), progress=not a.quiet)
-    return {
-        **result,
+    return model, tok, {
         **_sparsity_report(configs, dims),
         "sparsity_source": source if config is not None else ("folded" if folded else None),
         "mode": "folded" if folded else "simulate" if config is not None else "dense",
@@ -141,8 +143,29 @@ def _cmd_eval_ppl(a: argparse.Namespace) -> dict:
         "head_rotation": head_rotation,
         "adapter_overhead": dims.adapter_overhead(scope) if folded else 0.0,
         "model": a.model,
-        "data": a.data,
     }
+
+
+def _cmd_eval_ppl(a: argparse.Namespace) -> dict:
+    model, tok, report = _eval_model(a)
+    result = perplexity(model, token_windows(tok, a.data, a.windows, a.seq_len), progress=not a.quiet)
+    return {**result, **report, "data": a.data}
+
+
+def _cmd_eval_tasks(a: argparse.Namespace) -> dict:
+    tasks = parse_tasks(a.tasks)  # names and data files are checked before the model loads
+    task_data = resolve_task_data(tasks, a.task_data)
+    model, tok, report = _eval_model(a)
+    result = evaluate_tasks(model, tok, tasks, task_data=task_data, limit=a.limit, batch_size=a.batch_size,
+                            progress=not a.quiet)
+    label = "dense" if report["mode"] == "dense" else f"LaRoSa {report['mode']}, {report['scope']} scope"
+    result = {**result, **report, "label": label}
+    result["table"] = tasks_table([result])
+    return result
+
+
+def _cmd_eval(a: argparse.Namespace) -> dict:
+    return _cmd_eval_tasks(a) if a.metric == "tasks" else _cmd_eval_ppl(a)
 
 
 def _cmd_sparsify(a: argparse.Namespace) -> dict:
@@ -264,7 +287,7 @@ def _cmd_bench_kernels(a: argparse.Namespace) -> dict:
 
 
 def _print_text(command: str, out: dict) -> None:
-    if command in ("bench", "compare"):
+    if command in ("bench", "compare") or "table" in out:
         print(out["table"])
     elif command == "search":
         for p in out["plans"]:
@@ -346,6 +369,23 @@ def parser() -> argparse.ArgumentParser:
     ppl.add_argument("--windows", type=int, help="score the first N windows (default: all)")
     ppl.add_argument("--seq-len", type=int, default=2048, help="tokens per window (default 2048)")
 
+    tk = esub.add_parser("tasks", help="zero-shot acc / acc_norm through lm-evaluation-harness (pip install "
+                                       "'larosa[tasks]')")
+    _model_args(tk)
+    tk.add_argument("--tasks", required=True,
+                    help="comma-separated: arc_easy,arc_challenge,boolq,hellaswag,openbookqa,piqa,winogrande,sciq")
+    tk.add_argument("--task-data", help="directory of local task files, <task>/<split>.jsonl (default: "
+                                        "$LAROSA_TASK_DATA, else the Hugging Face hub)")
+    tk.add_argument("--limit", type=int, help="score the first N examples of each task (default: all)")
+    tk.add_argument("--batch-size", type=int, default=1)
+    tk.add_argument("--rotations", help="rotations file from `larosa calibrate` (omit for unrotated Top-K)")
+    tk.add_argument("--sparsity", type=float, help="nominal sparsity in [0, 1)")
+    tk.add_argument("--split", type=_split, default=DEFAULT_SPLIT,
+                    help="multipliers of the nominal sparsity at rotated,plain sites (default 0.8,1.2)")
+    _sparsity_args(tk)
+    tk.add_argument("--mode", choices=("simulate", "folded"), default="simulate",
+                    help="simulate: Top-K around dense weights; folded: the deployable model, built in memory")
+
     f = sub.add_parser("sparsify", help="fold rotations and norm gains into the weights; save a loadable directory")
     _model_args(f)
     f.add_argument("--rotations", required=True, help="rotations file from `larosa calibrate`")
@@ -418,7 +458,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS = {"calibrate": _cmd_calibrate, "eval": _cmd_eval_ppl, "sparsify": _cmd_sparsify, "search": _cmd_search,
+COMMANDS = {"calibrate": _cmd_calibrate, "eval": _cmd_eval, "sparsify": _cmd_sparsify, "search": _cmd_search,
             "compare": _cmd_compare, "bench": _cmd_bench, "demo": _cmd_demo}
 
 
