@@ -149,3 +149,16 @@ def test_smollm2_on_the_shared_task_data(capsys):
     result = json.loads(out)
     assert [r["n"] for r in result["tasks"].values()] == [8, 8]
     assert 0.25 < result["tasks"]["arc_easy"]["acc"] <= 1  # above chance (6 of 8 when measured)
+
+
+def test_table_reports_each_runs_difference_from_dense():
+    from larosa.tasks import table
+
+    def run(label, mode, acc):
+        return {"label": label, "mode": mode, "param_weighted_sparsity": 0.0 if mode == "dense" else 0.375,
+                "tasks": {"boolq": {"acc": acc, "acc_stderr": 0.01, "acc_norm": None, "acc_norm_stderr": None}},
+                "mean": {"acc": acc, "acc_norm": acc}}
+
+    lines = table([run("dense", "dense", 0.62), run("LaRoSa simulate", "simulate", 0.585)]).splitlines()
+    assert lines[0].endswith("| mean | vs dense |")
+    assert lines[2].endswith("| 62.00 |  |") and lines[4].endswith("| 58.50 | -3.50 |")

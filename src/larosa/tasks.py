@@ -198,16 +198,20 @@ def _cell(value: float | None, stderr: float | None) -> str:
 
 def table(runs: list[dict]) -> str:
     """Markdown in the layout of a paper's zero-shot table: a row per method and metric, a column per task,
-    the mean last; accuracies in percent with stderr. Each run carries ``label`` and ``param_weighted_sparsity``
-    beside what :func:`evaluate_tasks` returns."""
+    the mean, and the mean's difference from the dense run when there is one; accuracies in percent with stderr.
+    Each run carries ``label``, ``mode`` and ``param_weighted_sparsity`` beside what :func:`evaluate_tasks`
+    returns."""
     tasks = list(runs[0]["tasks"])
-    lines = ["| method | param-weighted sparsity | metric | " + " | ".join(tasks) + " | mean |",
-             "|---|---:|---|" + "---:|" * (len(tasks) + 1)]
+    dense = next((r for r in runs if r.get("mode") == "dense"), None)
+    lines = ["| method | param-weighted sparsity | metric | " + " | ".join(tasks) + " | mean | vs dense |",
+             "|---|---:|---|" + "---:|" * (len(tasks) + 2)]
     for run in runs:
         for metric in METRICS:
             cells = [_cell(run["tasks"][t][metric], run["tasks"][t][f"{metric}_stderr"]) for t in tasks]
+            delta = "" if dense is None or run is dense else (
+                f"{100 * (run['mean'][metric] - dense['mean'][metric]):+.2f}")
             lines.append(f"| {run['label']} | {run['param_weighted_sparsity']:.3f} | {metric} | "
-                         + " | ".join(cells) + f" | {100 * run['mean'][metric]:.2f} |")
+                         + " | ".join(cells) + f" | {100 * run['mean'][metric]:.2f} | {delta} |")
     return "\n".join(lines)
 
 
