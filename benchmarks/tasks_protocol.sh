@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Issue 6's zero-shot table on SmolLM2-135M-Instruct: the eight tasks of ../shared/data/tasks through
-# lm-evaluation-harness (0-shot, first LIMIT documents each), dense and LaRoSa at 40 % (simulate, block scope,
-# gain-included Q calibrated on calib-wikipedia.txt 16 x 2048: the best simulate configuration of issue 3).
+# lm-evaluation-harness (0-shot, first LIMIT documents each): dense, LaRoSa and TEAL (uniform) at 40 %
+# parameter-weighted sparsity. LaRoSa: simulate, block scope, gain-included Q calibrated on calib-wikipedia.txt
+# 16 x 2048 (the best simulate configuration of issue 3), default 0.8 / 1.2 split; TEAL's thresholds from the
+# same 16 x 2048 tokens.
 # LAROSA_ARGS is passed to every command (for example "--device cuda --dtype float32").
 # Usage: [LIMIT=250] [LAROSA_ARGS=...] bash benchmarks/tasks_protocol.sh [OUTDIR]
 set -euo pipefail
@@ -22,4 +24,5 @@ run() {  # NAME ARGS...: one evaluation, written atomically, skipped when done
   mv "$out/$name.json.tmp" "$out/$name.json"
 }
 run dense
-run larosa-40 --rotations "$out/rotations-gain.safetensors" --sparsity 0.4 --scope block
+run larosa-40 --rotations "$out/rotations-gain.safetensors" --target 0.4 --scope block
+run teal-40 --method teal --target 0.4 --calib-data "$data/calib-wikipedia.txt" --calib-windows 16

@@ -137,3 +137,20 @@ def test_compare_writes_json_table_plot_and_reusable_plans(model_dir, tmp_path, 
     code, _, err = run(capsys, "compare", model_dir, "--methods", "dense,magic", "--data", text,
                        "--calib-data", text)
     assert code == 2 and "unknown method" in err
+
+
+def test_eval_ppl_runs_the_peers_at_a_parameter_weighted_target(model_dir, tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    common = ("eval", "ppl", model_dir, "--data", text, "--seq-len", 32, "--windows", 3, "--json", "--quiet")
+    dense = json.loads(run(capsys, *common)[1])
+    for method in ("teal", "teal-greedy", "cats"):
+        code, out, _ = run(capsys, *common, "--method", method, "--target", 0.3, "--calib-data", text,
+                           "--calib-windows", 3)
+        r = json.loads(out)
+        assert code == 0 and r["mode"] == "simulate" and r["method"].startswith(method.split("-")[0])
+        assert r["measured_param_weighted"] == pytest.approx(0.3, abs=0.03)  # calibrated on these very windows
+        assert r["ppl"] != dense["ppl"]
+    code, _, err = run(capsys, *common, "--method", "teal", "--target", 0.3)
+    assert code == 2 and "--calib-data" in err
+    code, _, err = run(capsys, *common, "--method", "cats", "--target", 0.3, "--calib-data", text, "--sparsity", 0.3)
+    assert code == 2 and "takes no" in err

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, bench
+from . import __version__, bench, peers
 from .adapters import adapter_for
 from .bench import CONFIGS
 from .calibrate import calibrate
@@ -108,6 +108,8 @@ def _sparsity_report(configs: list[SparsityConfig] | None, dims) -> dict:
 def _eval_model(a: argparse.Namespace):
     """(model, tokenizer, report): the model of `eval ppl` / `eval tasks`, dense, simulated or folded, and what
     its sparsity is."""
+    if a.method != "larosa":
+        return _peer_model(a)
     wants_sparsity = a.sparsity is not None or a.site or a.target is not None
     if a.rotations and not wants_sparsity:
         raise LarosaError("--rotations needs --sparsity, --target or --site")
@@ -146,6 +148,33 @@ def _eval_model(a: argparse.Namespace):
     }
 
 
+def _peer_model(a: argparse.Namespace):
+    """(model, tokenizer, report) for TEAL or CATS: thresholds calibrated on --calib-data for --target."""
+    if a.target is None or not a.calib_data:
+        raise LarosaError(f"--method {a.method} needs --target (parameter-weighted) and --calib-data")
+    if a.rotations or a.sparsity is not None or a.site or a.mode != "simulate":
+        raise LarosaError(f"--method {a.method} takes no --rotations, --sparsity, --site or --mode folded")
+    model, tok = load_model(a.model, device=a.device, dtype=DTYPES[a.dtype] if a.dtype else None)
+    calib = token_windows(tok, a.calib_data, a.calib_windows, getattr(a, "seq_len", 2048))
+    if a.method == "cats":
+        settings = peers.cats(model, calib, a.target, device=a.device, progress=not a.quiet)
+    else:
+        settings = peers.teal(model, calib, a.target, greedy=a.method == "teal-greedy", device=a.device,
+                              progress=not a.quiet)
+    return model, tok, {"nominal_sparsity": None, "param_weighted_sparsity": a.target,
+                        "configured_site_sparsity": {}, "sparsity_source": settings["method"], "mode": "simulate",
+                        "method": settings["method"], "calib_data": a.calib_data, "calib_windows": a.calib_windows,
+                        "model": a.model}
+
+
+def _method_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", choices=("larosa", "teal", "teal-greedy", "cats"), default="larosa",
+                   help="larosa (default), or a peer in the same harness: TEAL thresholds (uniform or greedy per "
+                        "projection) or CATS (MLP gate); peers need --target and --calib-data")
+    p.add_argument("--calib-data", help="peers: text spec their thresholds are calibrated on")
+    p.add_argument("--calib-windows", type=int, default=16, help="peers: calibration windows of 2048 (default 16)")
+
+
 def _cmd_eval_ppl(a: argparse.Namespace) -> dict:
     model, tok, report = _eval_model(a)
     result = perplexity(model, token_windows(tok, a.data, a.windows, a.seq_len), progress=not a.quiet)
@@ -158,7 +187,9 @@ def _cmd_eval_tasks(a: argparse.Namespace) -> dict:
     model, tok, report = _eval_model(a)
     result = evaluate_tasks(model, tok, tasks, task_data=task_data, limit=a.limit, batch_size=a.batch_size,
                             progress=not a.quiet)
-    label = "dense" if report["mode"] == "dense" else f"LaRoSa {report['mode']}, {report['scope']} scope"
+    label = ("dense" if report["mode"] == "dense" else
+             {"teal-uniform": "TEAL uniform", "teal-greedy": "TEAL greedy", "cats": "CATS"}.get(
+                 report.get("method"), f"LaRoSa {report['mode']}, {report['scope']} scope"))
     result = {**result, **report, "label": label}
     result["table"] = tasks_table([result])
     return result
@@ -363,6 +394,7 @@ def parser() -> argparse.ArgumentParser:
     ppl.add_argument("--split", type=_split, default=DEFAULT_SPLIT,
                      help="multipliers of the nominal sparsity at rotated,plain sites (default 0.8,1.2)")
     _sparsity_args(ppl)
+    _method_args(ppl)
     ppl.add_argument("--mode", choices=("simulate", "folded"), default="simulate",
                      help="simulate: rotate, Top-K, rotate back around dense weights (the paper's code); "
                           "folded: the deployable model, built in memory")
@@ -383,6 +415,7 @@ def parser() -> argparse.ArgumentParser:
     tk.add_argument("--split", type=_split, default=DEFAULT_SPLIT,
                     help="multipliers of the nominal sparsity at rotated,plain sites (default 0.8,1.2)")
     _sparsity_args(tk)
+    _method_args(tk)
     tk.add_argument("--mode", choices=("simulate", "folded"), default="simulate",
                     help="simulate: Top-K around dense weights; folded: the deployable model, built in memory")
 
