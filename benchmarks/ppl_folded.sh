@@ -2,7 +2,8 @@
 # Issue 3's table on SmolLM2-135M-Instruct with the project protocol (calibrate on calib-wikipedia.txt 16 x 2048,
 # WikiText-2 test first 40 windows of 2048, float32): dense; simulate mode with the reference code's Q (gain
 # included) in layer and block scope; folded layer / global / block scopes with and without the per-head o_proj
-# rotation on the gain-free signal (what folded Top-K sees); folded layer scope on the gain-included Q.
+# rotation on the gain-free signal (what folded Top-K sees); folded layer scope on the gain-included Q; folded
+# global and block scopes with weight-aware scores.
 # Skips runs whose JSON exists, so it can be resumed. JOBS runs in parallel (useful on a GPU); LAROSA_ARGS is
 # passed to every command (for example "--device cuda --dtype float32").
 # Usage: [JOBS=N] [LAROSA_ARGS=...] bash benchmarks/ppl_folded.sh [OUTDIR] [SPARSITIES]
@@ -34,6 +35,10 @@ for s in $sparsities; do
       --scope $scope --head-rotation
   done
   run "folded-layer-gainQ-$s" --mode folded --rotations "$out/rotations-gain.safetensors" --sparsity "$s" --scope layer
+  for scope in global block; do  # weight-aware scores (|x_i| ||W_i||): do they close the gap to simulate?
+    run "folded-$scope-wa-$s" --mode folded --rotations "$out/rotations-gainfree.safetensors" --sparsity "$s" \
+      --scope $scope --score weight
+  done
 done
 xargs -P "${JOBS:-1}" -d '\n' -I{} bash -c {} < "$runs"
 rm -f "$runs"

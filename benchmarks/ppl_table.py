@@ -17,6 +17,8 @@ ROWS = [  # (file stem, label)
     ("folded-global-heads", "folded global + head rotation"),
     ("folded-block", "folded block"),
     ("folded-block-heads", "folded block + head rotation"),
+    ("folded-global-wa", "folded global, weight-aware scores"),
+    ("folded-block-wa", "folded block, weight-aware scores"),
 ]
 
 
