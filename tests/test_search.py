@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 import larosa
 from larosa.adapters import adapter_for
 from larosa.fold import fold, save_folded
-from larosa.search import (LAYER_FACTORS, add_plan, allocate, config_for_target, default_config, find_plan,
+from larosa.search import (LAYER_FACTORS, add_plan, allocate, layer_costs, config_for_target, default_config, find_plan,
                            plan_configs, search, stored_plans)
 from larosa.sparsify import SparsityConfig, plan_param_weighted, topk
 
@@ -79,6 +79,16 @@ def test_configs_for_a_target_hold_the_parameter_weighted_sparsity(multiple):
     assert config_for_target(dims, 0.9, 0.5) is None  # plain sites would need more than 1
 
 
+def test_layer_costs_move_one_layer_at_a_time(calibrated):
+    model, rot = calibrated
+    base = SparsityConfig(0.3, 0.4, 0.3, 0.4)
+    costs = layer_costs(copy.deepcopy(model), rot, random_windows(2, seed=7), base, progress=False)
+    at_one = [row[LAYER_FACTORS.index(1.0)] for row in costs]
+    assert max(at_one) - min(at_one) < 1e-6  # every layer at the split: the same model each time
+    assert all(len(set(row)) > 3 for row in costs)  # and moving one layer changes the loss
+    assert all(row[-1] < float("inf") for row in costs)  # 1.5 x 0.4 = 0.6 is a valid level
+
+
 def test_allocation_keeps_the_mean_and_spares_the_sensitive_layer():
     cheap = [0.01 * f for f in LAYER_FACTORS]
     costly = [1.0 * f * f for f in LAYER_FACTORS]
@@ -91,7 +101,7 @@ def test_search_holds_the_target_and_round_trips_through_the_rotations_file(cali
     model, rot = calibrated
     dims = adapter_for(model).dims
     windows = random_windows(2, seed=7)
-    plan = search(copy.deepcopy(model), rot, windows, 0.4, scope="block", device="cpu", progress=False)
+    plan = search(copy.deepcopy(model), rot, windows, 0.4, scope="block", progress=False)
     configs = plan_configs(plan)
     assert plan_param_weighted(configs, dims) == pytest.approx(0.4)
     assert min(t["nll"] for t in plan["split_trials"]) == pytest.approx(

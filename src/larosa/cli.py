@@ -222,7 +222,7 @@ def _cmd_search(a: argparse.Namespace) -> dict:
     plans = []
     for target in a.target:
         plan = search(model, rotations, windows, target, scope=a.scope, score=a.score, layers=not a.no_layers,
-                      device=a.device, progress=not a.quiet)
+                      progress=not a.quiet)
         add_plan(rotations, plan)
         plans.append({k: plan[k] for k in ("target", "scope", "score", "rotated_multiple", "layer_factors",
                                            "seconds")})

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import peers
 from .adapters import adapter_for
 from .calibrate import calibrate
 from .errors import LarosaError
@@ -39,12 +40,10 @@ def check_methods(methods: list[str]) -> None:
 def _apply(model: nn.Module, method: str, target: float, rotations: Rotations | None, calib: torch.Tensor,
            search_windows: torch.Tensor, scope: str, device: str | None) -> dict:
     """Make ``model`` sparse by ``method`` in place; returns what was chosen (thresholds, plan, ...)."""
-    from . import peers
-
     if method in ("teal", "teal-greedy"):
-        return peers.teal(model, calib, target, greedy=method == "teal-greedy", progress=False)
+        return peers.teal(model, calib, target, greedy=method == "teal-greedy", device=device, progress=False)
     if method == "cats":
-        return peers.cats(model, calib, target, progress=False)
+        return peers.cats(model, calib, target, device=device, progress=False)
     if method == "larosa":
         config = default_config(adapter_for(model).dims, target)
         sparsify(model, rotations, config, scope=scope)
@@ -52,8 +51,7 @@ def _apply(model: nn.Module, method: str, target: float, rotations: Rotations | 
     score = "weight" if method == "larosa-searched-wa" else "magnitude"
     plan = find_plan(rotations, target, scope, score)
     if plan is None:
-        plan = search(model, rotations, search_windows, target, scope=scope, score=score, device=device,
-                      progress=False)
+        plan = search(model, rotations, search_windows, target, scope=scope, score=score, progress=False)
         add_plan(rotations, plan)
     sparsify(model, rotations, plan_configs(plan), scope=scope, score=score)
     return {k: plan[k] for k in ("rotated_multiple", "layer_factors", "seconds")}

@@ -7,8 +7,8 @@ the target:
   take against the plain ones (o_proj and down_proj inputs), scored by calibration NLL. The reference code fixes
   it at 0.8 / 1.2.
 - the per-layer allocation: every layer's sites scaled by a factor f_l, with mean f_l = 1 so the target holds.
-  Each layer's output error is measured at each factor (one layer at a time, on dense inputs, as calibration
-  runs), then layers are raised greedily by the least error added per step.
+  Each layer's cost at each factor is the calibration NLL with that layer alone moved off the split; layers are
+  then raised greedily by the least NLL added per step.
 
 A plan is a list of per-layer :class:`SparsityConfig`; it is stored in the rotations file and used by eval and
 sparsify.
@@ -25,12 +25,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import Dims, adapter_for
-from .calibrate import _first_layer_inputs
 from .errors import LarosaError
 from .evaluate import perplexity
-from .models import default_device
 from .rotations import Rotations
-from .sparsify import DEFAULT_SPLIT, SITES, SparsityConfig, attach_sites, site_inputs, sparsify, unsparsify
+from .sparsify import DEFAULT_SPLIT, SITES, SparsityConfig, sparsify, unsparsify
 
 SPLIT_GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3)  # rotated-site level as a multiple of the target
 LAYER_FACTORS = tuple(round(0.5 + 0.1 * i, 1) for i in range(11))  # 0.5 ... 1.5
@@ -85,58 +83,42 @@ def search_split(model: nn.Module, rotations: Rotations, windows: torch.Tensor, 
 
 
 @torch.no_grad()
-def layer_errors(model: nn.Module, rotations: Rotations, windows: torch.Tensor, base: SparsityConfig, *,
-                 scope: str = "block", score: str = "magnitude", factors=LAYER_FACTORS,
-                 device: str | None = None, progress: bool = True) -> list[list[float]]:
-    """errors[l][j]: layer l's relative output error ||y_sparse - y||² / ||y||² with its sites at
-    ``factors[j] * base`` (inf where a site would reach 1), each layer fed the dense output of the one before."""
-    adapter = adapter_for(model)
-    device = torch.device(device or default_device())
-    hidden, calls = _first_layer_inputs(adapter, windows, device)
-    qs_per_layer = rotations.for_scope(scope)
-    errors = []
-    for i, layer in enumerate(tqdm(adapter.layers(), desc="layer errors", unit="layer", disable=not progress)):
-        home = next(layer.parameters()).device
-        layer.to(device)
-        args, kwargs = calls[i]
+def layer_costs(model: nn.Module, rotations: Rotations, windows: torch.Tensor, base: SparsityConfig, *,
+                scope: str = "block", score: str = "magnitude", factors=LAYER_FACTORS,
+                progress: bool = True) -> list[list[float]]:
+    """costs[l][j]: calibration NLL with layer l's sites at ``factors[j] * base`` and every other layer at
+    ``base`` (inf where a site would reach 1).
 
-        def run(x: torch.Tensor) -> torch.Tensor:
-            out = layer(x[None], *args, **kwargs)
-            return (out[0] if isinstance(out, tuple) else out)[0]
-
-        try:
-            dense = torch.stack([run(h) for h in hidden])
-            row = []
-            for f in factors:
-                levels = {s: v * f for s, v in base.sites().items()}
-                if max(levels.values()) >= 1:
-                    row.append(math.inf)
-                    continue
-                handles = attach_sites(adapter, layer, SparsityConfig(**levels),
-                                       *site_inputs(adapter, layer, rotations, qs_per_layer[i], score))
-                try:
-                    err = sum(((run(h) - d).float().pow(2).sum() for h, d in zip(hidden, dense)), torch.zeros(()))
-                finally:
-                    for h in handles:
-                        h.remove()
-                    del layer._modules["larosa_sites"]
-                row.append((err / dense.float().pow(2).sum()).item())
-            errors.append(row)
-            hidden = dense
-        finally:
-            layer.to(home)
-    return errors
+    The loss itself, not a layer's output error: relative output errors are small wherever the residual stream is
+    large (the middle layers of Llama-style models), and allocating by them piled sparsity there and raised PPL.
+    """
+    n = adapter_for(model).dims.n_layers
+    costs = []
+    for i in tqdm(range(n), desc="layer sensitivity", unit="layer", disable=not progress):
+        row = []
+        for f in factors:
+            levels = {s: v * f for s, v in base.sites().items()}
+            if max(levels.values()) >= 1:
+                row.append(math.inf)
+                continue
+            plan = [base] * n
+            plan[i] = SparsityConfig(**levels)
+            sparsify(model, rotations, plan, scope=scope, score=score)
+            row.append(math.log(perplexity(model, windows, progress=False)["ppl"]))
+        costs.append(row)
+    unsparsify(model)
+    return costs
 
 
-def allocate(errors: list[list[float]], factors=LAYER_FACTORS) -> list[float]:
+def allocate(costs: list[list[float]], factors=LAYER_FACTORS) -> list[float]:
     """Per-layer factors with mean exactly 1 (so the target holds), raised greedily from the smallest factor by
-    the least error added per step."""
-    n, lo = len(errors), 0
+    the least cost added per step (costs taken as additive over layers)."""
+    n, lo = len(costs), 0
     step = factors[1] - factors[0]
     chosen = [lo] * n
     steps = round(n * (1 - factors[lo]) / step)
     for _ in range(steps):
-        cost = [errors[i][j + 1] - errors[i][j] if j + 1 < len(factors) else math.inf for i, j in enumerate(chosen)]
+        cost = [costs[i][j + 1] - costs[i][j] if j + 1 < len(factors) else math.inf for i, j in enumerate(chosen)]
         i = min(range(n), key=cost.__getitem__)
         if math.isinf(cost[i]) or math.isnan(cost[i]):
             raise LarosaError("no per-layer allocation reaches the target within the factor grid")
@@ -145,17 +127,15 @@ def allocate(errors: list[list[float]], factors=LAYER_FACTORS) -> list[float]:
 
 
 def search(model: nn.Module, rotations: Rotations, windows: torch.Tensor, target: float, *,
-           scope: str = "block", score: str = "magnitude", layers: bool = True, device: str | None = None,
-           progress: bool = True) -> dict:
+           scope: str = "block", score: str = "magnitude", layers: bool = True, progress: bool = True) -> dict:
     """Split search, then (with ``layers``) the per-layer allocation on top of it; a JSON-ready plan."""
     start = time.perf_counter()
     split = search_split(model, rotations, windows, target, scope=scope, score=score, progress=progress)
     base = split["config"]
     factors = [1.0] * adapter_for(model).dims.n_layers
     if layers:
-        errors = layer_errors(model, rotations, windows, base, scope=scope, score=score, device=device,
-                              progress=progress)
-        factors = allocate(errors)
+        factors = allocate(layer_costs(model, rotations, windows, base, scope=scope, score=score,
+                                       progress=progress))
     plan = [SparsityConfig(**{s: v * f for s, v in base.sites().items()}) for f in factors]
     return {
         "target": target, "scope": scope, "score": score, "signal": rotations.signal,
