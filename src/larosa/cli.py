@@ -164,6 +164,7 @@ def _peer_model(a: argparse.Namespace):
     return model, tok, {"nominal_sparsity": None, "param_weighted_sparsity": a.target,
                         "configured_site_sparsity": {}, "sparsity_source": settings["method"], "mode": "simulate",
                         "method": settings["method"], "calib_data": a.calib_data, "calib_windows": a.calib_windows,
+                        "scope": None, "signal": None, "score": None, "head_rotation": False, "adapter_overhead": 0.0,
                         "model": a.model}
 
 
@@ -187,9 +188,13 @@ def _cmd_eval_tasks(a: argparse.Namespace) -> dict:
     model, tok, report = _eval_model(a)
     result = evaluate_tasks(model, tok, tasks, task_data=task_data, limit=a.limit, batch_size=a.batch_size,
                             progress=not a.quiet)
-    label = ("dense" if report["mode"] == "dense" else
-             {"teal-uniform": "TEAL uniform", "teal-greedy": "TEAL greedy", "cats": "CATS"}.get(
-                 report.get("method"), f"LaRoSa {report['mode']}, {report['scope']} scope"))
+    peers_labels = {"teal-uniform": "TEAL uniform", "teal-greedy": "TEAL greedy", "cats": "CATS"}
+    if report["mode"] == "dense":
+        label = "dense"
+    elif report.get("method") in peers_labels:
+        label = peers_labels[report["method"]]
+    else:
+        label = f"LaRoSa {report['mode']}, {report['scope']} scope"
     result = {**result, **report, "label": label}
     result["table"] = tasks_table([result])
     return result
