@@ -374,6 +374,19 @@ def _sparsity_args(p: argparse.ArgumentParser) -> None:
                    help="Top-K by |x| (default) or by |x| times the norm of the weight row it multiplies")
 
 
+def _eval_sparsity_args(p: argparse.ArgumentParser) -> None:
+    """What makes the evaluated model sparse: the same for `eval ppl` and `eval tasks`."""
+    p.add_argument("--rotations", help="rotations file from `larosa calibrate` (omit for unrotated Top-K)")
+    p.add_argument("--sparsity", type=float, help="nominal sparsity in [0, 1)")
+    p.add_argument("--split", type=_split, default=DEFAULT_SPLIT,
+                   help="multipliers of the nominal sparsity at rotated,plain sites (default 0.8,1.2)")
+    _sparsity_args(p)
+    _method_args(p)
+    p.add_argument("--mode", choices=("simulate", "folded"), default="simulate",
+                   help="simulate: rotate, Top-K, rotate back around dense weights (the paper's code); "
+                        "folded: the deployable model, built in memory")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="larosa", description=__doc__)
     p.add_argument("--version", action="version", version=f"larosa {__version__}")
@@ -394,15 +407,7 @@ def parser() -> argparse.ArgumentParser:
     ppl = esub.add_parser("ppl", help="perplexity on the first N windows of a text")
     _model_args(ppl)
     ppl.add_argument("--data", required=True, help="wikitext2[:split], builtin:wiki, builtin:c4, or a .txt/.jsonl")
-    ppl.add_argument("--rotations", help="rotations file from `larosa calibrate` (omit for unrotated Top-K)")
-    ppl.add_argument("--sparsity", type=float, help="nominal sparsity in [0, 1)")
-    ppl.add_argument("--split", type=_split, default=DEFAULT_SPLIT,
-                     help="multipliers of the nominal sparsity at rotated,plain sites (default 0.8,1.2)")
-    _sparsity_args(ppl)
-    _method_args(ppl)
-    ppl.add_argument("--mode", choices=("simulate", "folded"), default="simulate",
-                     help="simulate: rotate, Top-K, rotate back around dense weights (the paper's code); "
-                          "folded: the deployable model, built in memory")
+    _eval_sparsity_args(ppl)
     ppl.add_argument("--windows", type=int, help="score the first N windows (default: all)")
     ppl.add_argument("--seq-len", type=int, default=2048, help="tokens per window (default 2048)")
 
@@ -415,14 +420,7 @@ def parser() -> argparse.ArgumentParser:
                                         "$LAROSA_TASK_DATA, else the Hugging Face hub)")
     tk.add_argument("--limit", type=int, help="score the first N examples of each task (default: all)")
     tk.add_argument("--batch-size", type=int, default=1)
-    tk.add_argument("--rotations", help="rotations file from `larosa calibrate` (omit for unrotated Top-K)")
-    tk.add_argument("--sparsity", type=float, help="nominal sparsity in [0, 1)")
-    tk.add_argument("--split", type=_split, default=DEFAULT_SPLIT,
-                    help="multipliers of the nominal sparsity at rotated,plain sites (default 0.8,1.2)")
-    _sparsity_args(tk)
-    _method_args(tk)
-    tk.add_argument("--mode", choices=("simulate", "folded"), default="simulate",
-                    help="simulate: Top-K around dense weights; folded: the deployable model, built in memory")
+    _eval_sparsity_args(tk)
 
     f = sub.add_parser("sparsify", help="fold rotations and norm gains into the weights; save a loadable directory")
     _model_args(f)
