@@ -139,6 +139,40 @@ def test_compare_writes_json_table_plot_and_reusable_plans(model_dir, tmp_path, 
     assert code == 2 and "unknown method" in err
 
 
+def test_compare_resumes_an_interrupted_run_and_refuses_other_settings(model_dir, tmp_path, capsys, monkeypatch):
+    import larosa.compare
+
+    text, out = tmp_path / "text.txt", tmp_path / "cmp"
+    common = ("compare", model_dir, "--data", text, "--windows", 2, "--calib-data", text, "--calib-windows", 3,
+              "--search-windows", 2, "--seq-len", 32, "--device", "cpu", "--out", out, "--json", "--quiet")
+    real_apply = larosa.compare._apply
+
+    def dies_on_search(model, method, *args):
+        if method == "larosa-searched":
+            raise KeyboardInterrupt  # the time limit strikes in the middle of the third run
+        return real_apply(model, method, *args)
+
+    monkeypatch.setattr(larosa.compare, "_apply", dies_on_search)
+    with pytest.raises(KeyboardInterrupt):
+        run(capsys, *common, "--methods", "dense,larosa,larosa-searched", "--sparsity", "0.3")
+    partial = json.loads((out / "compare.json").read_text())
+    assert [r["method"] for r in partial["rows"]] == ["dense", "larosa"]
+    assert "| LaRoSa, searched | not run yet |" in (out / "compare.md").read_text()
+
+    monkeypatch.setattr(larosa.compare, "_apply", real_apply)
+    code, printed, _ = run(capsys, *common, "--methods", "larosa-searched", "--sparsity", "0.3")
+    result = json.loads(printed)
+    assert code == 0 and [r["method"] for r in result["rows"]] == ["larosa-searched", "dense", "larosa"]
+    assert result["rows"][1:] == partial["rows"]  # kept, not re-run
+    assert json.loads((out / "compare.json").read_text())["rows"] == result["rows"]
+
+    code, _, err = run(capsys, *common, "--search-windows", 1, "--sparsity", "0.3")
+    assert code == 2 and "other settings (search_windows)" in err
+    (out / "compare.json").write_text("{")
+    code, _, err = run(capsys, *common, "--sparsity", "0.3")
+    assert code == 2 and "not a larosa comparison" in err
+
+
 def test_eval_ppl_runs_the_peers_at_a_parameter_weighted_target(model_dir, tmp_path, capsys):
     text = tmp_path / "text.txt"
     common = ("eval", "ppl", model_dir, "--data", text, "--seq-len", 32, "--windows", 3, "--json", "--quiet")

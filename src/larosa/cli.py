@@ -235,26 +235,55 @@ def _cmd_search(a: argparse.Namespace) -> dict:
     return {"out": a.out, "data": a.data, "windows": a.windows, "plans": plans}
 
 
+COMPARE_SETTINGS = ("model", "dtype", "data", "windows", "seq_len", "calib_data", "calib_windows",
+                    "search_windows", "scope", "rotations")
+
+
 def _cmd_compare(a: argparse.Namespace) -> dict:
+    """Resumes into ``--out``: runs already in its compare.json (same settings) are kept, and the rotations there
+    hold the plans searched so far, so a run cut short by a time limit loses at most the run in flight."""
     check_methods(a.methods)
-    rotations = Rotations.load(a.rotations) if a.rotations else None
+    settings = {k: getattr(a, k) for k in COMPARE_SETTINGS}
+    out = Path(a.out) if a.out else None
+    done, rotations_path = [], a.rotations
+    if out is not None and (out / "compare.json").exists():
+        try:
+            previous = json.loads((out / "compare.json").read_text())
+            done = previous["rows"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise LarosaError(f"{out / 'compare.json'} is not a larosa comparison ({e}); delete it or pick "
+                              "another --out") from e
+        changed = [k for k in COMPARE_SETTINGS if previous.get(k) != settings[k]]
+        if changed:
+            raise LarosaError(f"{out} holds a comparison with other settings ({', '.join(changed)}); delete it or "
+                              "pick another --out")
+        a.methods += [m for m in previous.get("methods", []) if m not in a.methods]  # nothing earlier is dropped
+        a.sparsity = sorted(set(a.sparsity) | set(previous.get("targets", [])))
+        if (out / "rotations.safetensors").exists():
+            rotations_path = out / "rotations.safetensors"
+        if not a.quiet:
+            print(f"resuming {out}: {len(done)} finished run(s) kept", file=sys.stderr)
+    rotations = Rotations.load(rotations_path) if rotations_path else None
     model, tok = load_model(a.model, device=a.device, dtype=DTYPES[a.dtype] if a.dtype else None)
     calib = token_windows(tok, a.calib_data, a.calib_windows, a.seq_len)
+
+    def save(result: dict) -> dict:
+        report = {k: v for k, v in result.items() if k != "rotations"} | settings
+        report["table"] = compare_table(report)
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            if result["rotations"] is not None:
+                result["rotations"].save(out / "rotations.safetensors")
+            bench.write(out, "compare", report, report["table"])
+        return report
+
     result = compare(model, a.methods, a.sparsity, calib=calib, search_windows=calib[: a.search_windows],
                      windows=token_windows(tok, a.data, a.windows, a.seq_len), rotations=rotations,
-                     scope=a.scope, device=a.device, progress=not a.quiet)
-    rotations = result.pop("rotations")
-    result.update(model=a.model, data=a.data, windows=a.windows, calib_data=a.calib_data,
-                  calib_windows=a.calib_windows, search_windows=a.search_windows)
-    result["table"] = compare_table(result)
-    if a.out:
-        out = Path(a.out)
-        out.mkdir(parents=True, exist_ok=True)
-        if rotations is not None:
-            rotations.save(out / "rotations.safetensors")
-        bench.write(out, "compare", result, result["table"])
-        compare_plot(result, out / "compare.png")
-    return result
+                     scope=a.scope, device=a.device, done=done, on_row=save, progress=not a.quiet)
+    report = save(result)
+    if out is not None:
+        compare_plot(report, out / "compare.png")
+    return report
 
 
 def _cmd_demo(a: argparse.Namespace) -> dict:

@@ -8,6 +8,7 @@ share each one actually skipped on the evaluation windows is measured and report
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -59,15 +60,26 @@ def _apply(model: nn.Module, method: str, target: float, rotations: Rotations | 
 
 def compare(model: nn.Module, methods: list[str], targets: list[float], *, calib: torch.Tensor,
             search_windows: torch.Tensor, windows: torch.Tensor, rotations: Rotations | None = None,
-            scope: str = "block", device: str | None = None, progress: bool = True) -> dict:
-    """One perplexity per (method, target); ``rotations`` gains the search plans it did not have."""
+            scope: str = "block", device: str | None = None, done: list[dict] = (),
+            on_row: Callable[[dict], None] | None = None, progress: bool = True) -> dict:
+    """One perplexity per (method, target); ``rotations`` gains the search plans it did not have.
+
+    Rows in ``done`` (from an interrupted run with the same settings) are kept instead of run again;
+    ``on_row(result so far)`` is called after each new row, so a caller can save partial results.
+    """
     check_methods(methods)
     start = time.perf_counter()
     if rotations is None and any(m.startswith("larosa") for m in methods):
         rotations = calibrate(model, calib, device=device, progress=progress)
     runs = [(m, t) for m in methods for t in ([0.0] if m == "dense" else targets)]
+    finished = {(r["method"], r["target"]): r for r in done}
     rows = []
+    result = {"methods": methods, "targets": targets, "scope": scope, "rows": rows, "rotations": rotations,
+              "seconds": 0.0}
     for method, target in tqdm(runs, desc="compare", unit="run", disable=not progress):
+        if (method, target) in finished:
+            rows.append(finished[(method, target)])
+            continue
         row = {"method": method, "label": LABELS[method], "target": target}
         try:
             setup = time.perf_counter()
@@ -81,8 +93,11 @@ def compare(model: nn.Module, methods: list[str], targets: list[float], *, calib
             if getattr(model, "larosa", None) is not None:
                 unsparsify(model)
         rows.append(row)
-    return {"methods": methods, "targets": targets, "scope": scope, "rows": rows, "rotations": rotations,
-            "seconds": round(time.perf_counter() - start, 1)}
+        result["seconds"] = round(time.perf_counter() - start, 1)
+        if on_row is not None:
+            on_row(result)
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    return result
 
 
 def table(result: dict) -> str:
@@ -92,8 +107,8 @@ def table(result: dict) -> str:
     for method in result["methods"]:
         cells = []
         for t in [0.0] if method == "dense" else targets:
-            row = next(r for r in result["rows"] if r["method"] == method and r["target"] == t)
-            cells.append(f"n/a ({row['error'][:60]})" if "error" in row else
+            row = next((r for r in result["rows"] if r["method"] == method and r["target"] == t), None)
+            cells.append("not run yet" if row is None else f"n/a ({row['error'][:60]})" if "error" in row else
                          f"{row['ppl']:.3f} ({row['measured_param_weighted']:.3f})")
         if method == "dense":
             cells = cells * len(targets)
