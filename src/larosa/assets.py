@@ -155,5 +155,10 @@ def smollm2_dir() -> Path:
         staged = Path(tmp) / "model"
         model.save_pretrained(staged)
         tokenizer.save_pretrained(staged)
-        os.replace(staged, out)  # atomic: a crash leaves no half-written model behind
+        try:
+            os.replace(staged, out)  # atomic: a crash leaves no half-written model behind
+        except OSError:
+            if not (out / "config.json").exists():
+                raise
+            # a concurrent larosa process finished the same model first; its copy is complete: use it
     return out
