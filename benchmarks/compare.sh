@@ -7,21 +7,26 @@
 #   OUTDIR/global: the three LaRoSa rows in the deployable form, global scope on the gain-free Q (what
 #                  `larosa sparsify` folds into the weights; folded = simulate for the same Q, tested).
 # Resumable: `larosa compare` keeps the finished runs and searched plans of an interrupted run in its --out.
-# LAROSA_ARGS is passed to every command (for example "--device cuda --dtype float32").
-# Usage: [LAROSA_ARGS=...] bash benchmarks/compare.sh [OUTDIR]
+# LAROSA_ARGS is passed to every command (for example "--device cuda --dtype float32"); BATCH windows run per
+# forward pass in the evaluations and searches (default 1; 4 on a GPU: the same numbers, faster).
+# Usage: [BATCH=N] [LAROSA_ARGS=...] bash benchmarks/compare.sh [OUTDIR]
 set -euo pipefail
 out=${1:-runs/compare}
 data=${LAROSA_SHARED_DATA:-../shared/data}
 args=${LAROSA_ARGS:-}
-part() {  # NAME SIGNAL SCOPE METHODS
-  mkdir -p "$out/$1"
-  [ -s "$out/$1/rotations-$2.safetensors" ] || larosa calibrate builtin:smollm2 --signal $2 $args \
+mkdir -p "$out/block" "$out/global"
+for part in block:gain global:gainfree; do  # one at a time: parallel CPU eigendecompositions oversubscribe cores
+  dir=$out/${part%:*} signal=${part#*:}
+  [ -s "$dir/rotations-$signal.safetensors" ] || larosa calibrate builtin:smollm2 --signal $signal $args \
     --data "$data/calib-wikipedia.txt" --windows 16 --seq-len 2048 \
-    --out "$out/$1/rotations-$2.safetensors" --json --quiet > "$out/$1/calibrate.json"
+    --out "$dir/rotations-$signal.safetensors" --json --quiet > "$dir/calibrate.json"
+done
+compare() {  # DIR SIGNAL SCOPE METHODS
   larosa compare builtin:smollm2 $args --rotations "$out/$1/rotations-$2.safetensors" --scope $3 --methods $4 \
     --data "$data/wikitext-2-raw-test.txt" --windows 40 --calib-data "$data/calib-wikipedia.txt" \
-    --calib-windows 16 --search-windows 4 --sparsity 0.25,0.4,0.5 --out "$out/$1" --json --quiet > /dev/null
+    --calib-windows 16 --search-windows 4 --sparsity 0.25,0.4,0.5 --batch-size ${BATCH:-1} --out "$out/$1" \
+    --json --quiet > /dev/null
 }
-part block gain block dense,teal,teal-greedy,cats,larosa,larosa-searched,larosa-searched-wa & block=$!
-part global gainfree global larosa,larosa-searched,larosa-searched-wa & global=$!
+compare block gain block dense,teal,teal-greedy,cats,larosa,larosa-searched,larosa-searched-wa & block=$!
+compare global gainfree global larosa,larosa-searched,larosa-searched-wa & global=$!
 rc=0; wait $block || rc=$?; wait $global || rc=$?; exit $rc

@@ -124,3 +124,18 @@ def test_unknown_scope_is_refused():
     rot = larosa.calibrate(model, random_windows(), progress=False)
     with pytest.raises(larosa.LarosaError, match="scope must be one of"):
         larosa.sparsify(model, rot, 0.4, scope="head")
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.4])
+def test_batched_perplexity_equals_one_window_at_a_time(sparsity):
+    model = tiny_model("llama")
+    windows = random_windows(5)
+    if sparsity:
+        larosa.sparsify(model, larosa.calibrate(model, random_windows(4, seed=3), progress=False), sparsity)
+    one = larosa.perplexity(model, windows, progress=False)
+    for batch in (2, 5, 8):  # uneven last batch; more than there are windows
+        got = larosa.perplexity(model, windows, batch_size=batch, progress=False)
+        assert got["ppl"] == pytest.approx(one["ppl"], rel=1e-5) and got["tokens"] == one["tokens"] == 5 * 31
+        assert got["site_sparsity"] == pytest.approx(one["site_sparsity"])
+    with pytest.raises(larosa.LarosaError, match="batch size"):
+        larosa.perplexity(model, windows, batch_size=0)

@@ -39,7 +39,7 @@ def check_methods(methods: list[str]) -> None:
 
 
 def _apply(model: nn.Module, method: str, target: float, rotations: Rotations | None, calib: torch.Tensor,
-           search_windows: torch.Tensor, scope: str, device: str | None) -> dict:
+           search_windows: torch.Tensor, scope: str, device: str | None, batch_size: int) -> dict:
     """Make ``model`` sparse by ``method`` in place; returns what was chosen (thresholds, plan, ...)."""
     if method in ("teal", "teal-greedy"):
         return peers.teal(model, calib, target, greedy=method == "teal-greedy", device=device, progress=False)
@@ -52,7 +52,8 @@ def _apply(model: nn.Module, method: str, target: float, rotations: Rotations | 
     score = "weight" if method == "larosa-searched-wa" else "magnitude"
     plan = find_plan(rotations, target, scope, score)
     if plan is None:
-        plan = search(model, rotations, search_windows, target, scope=scope, score=score, progress=False)
+        plan = search(model, rotations, search_windows, target, scope=scope, score=score, batch_size=batch_size,
+                      progress=False)
         add_plan(rotations, plan)
     sparsify(model, rotations, plan_configs(plan), scope=scope, score=score)
     return {k: plan[k] for k in ("rotated_multiple", "layer_factors", "seconds")}
@@ -60,7 +61,7 @@ def _apply(model: nn.Module, method: str, target: float, rotations: Rotations | 
 
 def compare(model: nn.Module, methods: list[str], targets: list[float], *, calib: torch.Tensor,
             search_windows: torch.Tensor, windows: torch.Tensor, rotations: Rotations | None = None,
-            scope: str = "block", device: str | None = None, done: list[dict] = (),
+            scope: str = "block", device: str | None = None, batch_size: int = 1, done: list[dict] = (),
             on_row: Callable[[dict], None] | None = None, progress: bool = True) -> dict:
     """One perplexity per (method, target); ``rotations`` gains the search plans it did not have.
 
@@ -84,9 +85,9 @@ def compare(model: nn.Module, methods: list[str], targets: list[float], *, calib
         try:
             setup = time.perf_counter()
             row["settings"] = {} if method == "dense" else _apply(
-                model, method, target, rotations, calib, search_windows, scope, device)
+                model, method, target, rotations, calib, search_windows, scope, device, batch_size)
             row["setup_seconds"] = round(time.perf_counter() - setup, 1)
-            row.update(perplexity(model, windows, progress=False))
+            row.update(perplexity(model, windows, batch_size=batch_size, progress=False))
         except LarosaError as e:  # an unreachable target (CATS past the MLP's share): reported, not fatal
             row["error"] = str(e)
         finally:

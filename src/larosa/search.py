@@ -61,7 +61,7 @@ def _check_target(target: float) -> None:
 
 @torch.no_grad()
 def search_split(model: nn.Module, rotations: Rotations, windows: torch.Tensor, target: float, *,
-                 scope: str = "block", score: str = "magnitude", grid=SPLIT_GRID,
+                 scope: str = "block", score: str = "magnitude", grid=SPLIT_GRID, batch_size: int = 1,
                  progress: bool = True) -> dict:
     """The grid point with the lowest calibration NLL; {"config", "rotated_multiple", "trials"}."""
     _check_target(target)
@@ -72,7 +72,7 @@ def search_split(model: nn.Module, rotations: Rotations, windows: torch.Tensor, 
         if config is None:
             continue
         sparsify(model, rotations, config, scope=scope, score=score)
-        nll = math.log(perplexity(model, windows, progress=False)["ppl"])
+        nll = math.log(perplexity(model, windows, batch_size=batch_size, progress=False)["ppl"])
         unsparsify(model)
         trials.append({"rotated_multiple": m, "sites": config.sites(), "nll": nll})
     if not trials:
@@ -84,7 +84,7 @@ def search_split(model: nn.Module, rotations: Rotations, windows: torch.Tensor, 
 
 @torch.no_grad()
 def layer_costs(model: nn.Module, rotations: Rotations, windows: torch.Tensor, base: SparsityConfig, *,
-                scope: str = "block", score: str = "magnitude", factors=LAYER_FACTORS,
+                scope: str = "block", score: str = "magnitude", factors=LAYER_FACTORS, batch_size: int = 1,
                 progress: bool = True) -> list[list[float]]:
     """costs[l][j]: calibration NLL with layer l's sites at ``factors[j] * base`` and every other layer at
     ``base`` (inf where a site would reach 1).
@@ -104,7 +104,7 @@ def layer_costs(model: nn.Module, rotations: Rotations, windows: torch.Tensor, b
             plan = [base] * n
             plan[i] = SparsityConfig(**levels)
             sparsify(model, rotations, plan, scope=scope, score=score)
-            row.append(math.log(perplexity(model, windows, progress=False)["ppl"]))
+            row.append(math.log(perplexity(model, windows, batch_size=batch_size, progress=False)["ppl"]))
         costs.append(row)
     unsparsify(model)
     return costs
@@ -127,15 +127,17 @@ def allocate(costs: list[list[float]], factors=LAYER_FACTORS) -> list[float]:
 
 
 def search(model: nn.Module, rotations: Rotations, windows: torch.Tensor, target: float, *,
-           scope: str = "block", score: str = "magnitude", layers: bool = True, progress: bool = True) -> dict:
+           scope: str = "block", score: str = "magnitude", layers: bool = True, batch_size: int = 1,
+           progress: bool = True) -> dict:
     """Split search, then (with ``layers``) the per-layer allocation on top of it; a JSON-ready plan."""
     start = time.perf_counter()
-    split = search_split(model, rotations, windows, target, scope=scope, score=score, progress=progress)
+    split = search_split(model, rotations, windows, target, scope=scope, score=score, batch_size=batch_size,
+                         progress=progress)
     base = split["config"]
     factors = [1.0] * adapter_for(model).dims.n_layers
     if layers:
         factors = allocate(layer_costs(model, rotations, windows, base, scope=scope, score=score,
-                                       progress=progress))
+                                       batch_size=batch_size, progress=progress))
     plan = [SparsityConfig(**{s: v * f for s, v in base.sites().items()}) for f in factors]
     return {
         "target": target, "scope": scope, "score": score, "signal": rotations.signal,
