@@ -80,7 +80,7 @@ def test_measured_param_weighted_sparsity_matches_target(arch, method):
 
 def test_quantiles_from_a_token_subsample(monkeypatch):
     """With fewer sampled values than the calibration holds, thresholds are still the target's quantiles."""
-    monkeypatch.setattr(peers, "SAMPLE", 2000)
+    monkeypatch.setattr(larosa.layerwise, "SAMPLE", 2000)
     model, windows = tiny_model("llama"), random_windows(8, seed=3)
     teal(model, windows, 0.5, progress=False)
     assert larosa.perplexity(model, windows, progress=False)["measured_param_weighted"] == pytest.approx(0.5, abs=0.04)

@@ -11,8 +11,9 @@ from transformers import AutoModelForCausalLM
 import larosa
 from larosa.adapters import adapter_for
 from larosa.fold import fold, save_folded
-from larosa.search import (LAYER_FACTORS, add_plan, allocate, layer_costs, config_for_target, default_config, find_plan,
-                           plan_configs, search, stored_plans)
+from larosa.layerwise import greedy_levels
+from larosa.search import (add_plan, config_for_target, default_config, find_plan, greedy_plan, plan_configs, search,
+                           stored_plans)
 from larosa.sparsify import SparsityConfig, plan_param_weighted, topk
 
 
@@ -79,22 +80,31 @@ def test_configs_for_a_target_hold_the_parameter_weighted_sparsity(multiple):
     assert config_for_target(dims, 0.9, 0.5) is None  # plain sites would need more than 1
 
 
-def test_layer_costs_move_one_layer_at_a_time(calibrated):
+def test_greedy_levels_land_on_the_target_and_spare_the_costly_site():
+    weights = {"cheap": 300, "costly": 100}
+    calls = []
+
+    def error(levels):
+        calls.append(levels)
+        return levels["cheap"] ** 2 + 50 * levels["costly"] ** 2
+
+    levels = greedy_levels(weights, 0.4, 0.05, error)
+    assert sum(levels[s] * w for s, w in weights.items()) / sum(weights.values()) == pytest.approx(0.4)
+    assert levels["costly"] < 0.1 < levels["cheap"]
+    assert calls[0] == {"cheap": 0.0, "costly": 0.0}  # the dense error is measured, not assumed 0
+    with pytest.raises(larosa.LarosaError, match="cannot reach"):  # no site goes beyond MAX_SITE = 0.99
+        greedy_levels(weights, 0.995, 0.25, error)
+
+
+def test_per_layer_site_plan_holds_the_target_in_every_layer(calibrated):
     model, rot = calibrated
-    base = SparsityConfig(0.3, 0.4, 0.3, 0.4)
-    costs = layer_costs(copy.deepcopy(model), rot, random_windows(2, seed=7), base, progress=False)
-    at_one = [row[LAYER_FACTORS.index(1.0)] for row in costs]
-    assert max(at_one) - min(at_one) < 1e-6  # every layer at the split: the same model each time
-    assert all(len(set(row)) > 3 for row in costs)  # and moving one layer changes the loss
-    assert all(row[-1] < float("inf") for row in costs)  # 1.5 x 0.4 = 0.6 is a valid level
-
-
-def test_allocation_keeps_the_mean_and_spares_the_sensitive_layer():
-    cheap = [0.01 * f for f in LAYER_FACTORS]
-    costly = [1.0 * f * f for f in LAYER_FACTORS]
-    factors = allocate([cheap, costly, cheap])
-    assert sum(factors) / 3 == pytest.approx(1.0)
-    assert factors[1] == LAYER_FACTORS[0] and factors[0] > 1
+    dims = adapter_for(model).dims
+    plan = greedy_plan(copy.deepcopy(model), rot, random_windows(2, seed=7), 0.4, scope="block", progress=False)
+    assert len(plan) == dims.n_layers
+    for config in plan:
+        assert config.param_weighted(dims) == pytest.approx(0.4)
+    levels = {round(v, 6) for c in plan for v in c.sites().values()}
+    assert len(levels) > 2  # sites and layers get different levels, not one split
 
 
 def test_search_holds_the_target_and_round_trips_through_the_rotations_file(calibrated, tmp_path):
@@ -104,6 +114,9 @@ def test_search_holds_the_target_and_round_trips_through_the_rotations_file(cali
     plan = search(copy.deepcopy(model), rot, windows, 0.4, scope="block", progress=False)
     configs = plan_configs(plan)
     assert plan_param_weighted(configs, dims) == pytest.approx(0.4)
+    assert set(plan["nll"]) == {"split", "per-layer"} and plan["nll"][plan["chosen"]] == min(plan["nll"].values())
+    if plan["chosen"] == "split":
+        assert all(c == configs[0] for c in configs)
     assert min(t["nll"] for t in plan["split_trials"]) == pytest.approx(
         next(t["nll"] for t in plan["split_trials"] if t["rotated_multiple"] == plan["rotated_multiple"]))
     rot = copy.deepcopy(rot)

@@ -235,7 +235,7 @@ def _cmd_search(a: argparse.Namespace) -> dict:
         plan = search(model, rotations, windows, target, scope=a.scope, score=a.score, layers=not a.no_layers,
                       batch_size=a.batch_size, progress=not a.quiet)
         add_plan(rotations, plan)
-        plans.append({k: plan[k] for k in ("target", "scope", "score", "rotated_multiple", "layer_factors",
+        plans.append({k: plan[k] for k in ("target", "scope", "score", "rotated_multiple", "chosen", "nll",
                                            "seconds")})
     rotations.save(a.out)
     return {"out": a.out, "data": a.data, "windows": a.windows, "plans": plans}
@@ -363,8 +363,9 @@ def _print_text(command: str, out: dict) -> None:
         print(out["table"])
     elif command == "search":
         for p in out["plans"]:
-            print(f"target {p['target']}: rotated sites at {p['rotated_multiple']} x target, layer factors "
-                  f"{min(p['layer_factors'])}..{max(p['layer_factors'])}, {p['seconds']} s")
+            nll = ", ".join(f"{k} {v:.4f}" for k, v in p["nll"].items())
+            print(f"target {p['target']}: split with rotated sites at {p['rotated_multiple']} x target; "
+                  f"calibration NLL {nll}: kept {p['chosen']}; {p['seconds']} s")
         print(f"wrote {out['out']}")
     elif command == "demo":
         print(f"\n{out['model']}\ncalibrated on {out['calibration']}; perplexity on {out['evaluation']}\n")
@@ -480,7 +481,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seq-len", type=int, default=2048)
     s.add_argument("--scope", choices=SCOPES, default="block", help="rotation scope the plan is for (default block)")
     s.add_argument("--score", choices=SCORES, default="magnitude")
-    s.add_argument("--no-layers", action="store_true", help="search the split only, same sparsity in every layer")
+    s.add_argument("--no-layers", action="store_true", help="search the split only, no per-layer site search")
     s.add_argument("--out", required=True, help="rotations file to write, with the plans added")
 
     cmp = sub.add_parser("compare", help="dense, TEAL, CATS and LaRoSa variants on the same windows at equal "

@@ -56,7 +56,7 @@ def _apply(model: nn.Module, method: str, target: float, rotations: Rotations | 
                       progress=False)
         add_plan(rotations, plan)
     sparsify(model, rotations, plan_configs(plan), scope=scope, score=score)
-    return {k: plan[k] for k in ("rotated_multiple", "layer_factors", "seconds")}
+    return {k: plan[k] for k in ("rotated_multiple", "chosen", "nll", "seconds")}
 
 
 def compare(model: nn.Module, methods: list[str], targets: list[float], *, calib: torch.Tensor,

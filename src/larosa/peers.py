@@ -13,19 +13,16 @@ The sites follow :mod:`larosa.sparsify`'s contract (``layer.larosa_sites``, ``mo
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 from transformers.activations import ACT2FN
 
 from .adapters import Adapter, Dims, adapter_for
-from .calibrate import _first_layer_inputs
 from .errors import LarosaError
-from .models import default_device
+from .layerwise import MAX_SITE, Chooser, greedy_levels, layerwise, output_error
 from .sparsify import _refuse_folded, unsparsify
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -33,9 +30,6 @@ PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 INPUT_OF = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "o_in", "gate": "mlp_in", "up": "mlp_in",
             "down": "down_in"}
 METHODS = ("teal-uniform", "teal-greedy", "cats")
-SAMPLE = 1 << 20  # |x| values kept per site and layer: quantiles to ~1e-3, and cheap to sort
-GREEDY_TOKENS = 4096  # calibration tokens the greedy search measures layer output error on
-MAX_SITE = 0.99  # the greedy search leaves at least 1 % of every projection's input
 
 
 class ThresholdSite(nn.Module):
@@ -125,27 +119,6 @@ def apply(model: nn.Module, settings: dict) -> nn.Module:
 
 
 # -- calibration --------------------------------------------------------------------------------------------
-class _Sample:
-    """A random subsample of one site's |score| over the calibration tokens, for quantiles.
-
-    torch.quantile refuses large inputs and a full sort of every token would not fit on the device for big
-    models, so each window contributes a fixed number of random tokens (all of them when few).
-    """
-
-    def __init__(self, n_windows: int, generator: torch.Generator):
-        self.n_windows, self.generator = n_windows, generator
-        self.parts: list[torch.Tensor] = []
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1])
-        rows = min(x.shape[0], math.ceil(SAMPLE / (x.shape[1] * self.n_windows)))
-        idx = torch.randperm(x.shape[0], generator=self.generator)[:rows].to(x.device)
-        self.parts.append(x[idx].abs().float().flatten())
-
-    def sorted(self) -> torch.Tensor:
-        return torch.cat(self.parts).sort().values.cpu()
-
-
 def _threshold(values: torch.Tensor, sparsity: float) -> float:
     """Zeroing |x| < threshold drops a share ``sparsity`` of the sorted sample; 0 keeps everything."""
     if sparsity <= 0.0:
@@ -153,53 +126,6 @@ def _threshold(values: torch.Tensor, sparsity: float) -> float:
     return values[min(round(sparsity * len(values)), len(values) - 1)].item()
 
 
-def _run(layer: nn.Module, call: tuple, x: torch.Tensor) -> torch.Tensor:
-    args, kwargs = call
-    out = layer(x, *args, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
-
-
-# Turns one layer's sorted samples (and, for a search, its dense inputs) into that layer's plan.
-Chooser = Callable[[nn.Module, tuple, dict[str, torch.Tensor], torch.Tensor], dict]
-
-
-@torch.no_grad()
-def _layerwise(model: nn.Module, windows: torch.Tensor, taps: dict[str, Callable], choose: Chooser,
-               desc: str, device: str | None, progress: bool) -> list[dict]:
-    """Run the dense model layer by layer on ``windows`` (one layer on the device at a time, as calibrate does),
-    sampling what ``taps`` read at each layer, and return ``choose``'s plan for every layer.
-
-    ``taps`` maps a sample name to a function of (adapter, layer) giving the module to hook and how to read
-    the signal from its (input, output).
-    """
-    adapter = adapter_for(model)
-    device = torch.device(device or default_device())
-    hidden, calls = _first_layer_inputs(adapter, windows, device)
-    kept = max(1, min(len(windows), GREEDY_TOKENS // windows.shape[1]))
-    generator = torch.Generator().manual_seed(0)
-    plans = []
-    for i, layer in enumerate(tqdm(adapter.layers(), desc=desc, unit="layer", disable=not progress)):
-        home = next(layer.parameters()).device
-        layer.to(device)
-        samples = {name: _Sample(len(windows), generator) for name in taps}
-        try:
-            handles = []
-            for name, tap in taps.items():
-                module, read = tap(adapter, layer)
-                handles.append(module.register_forward_hook(
-                    lambda m, a, out, s=samples[name], read=read: s.add(read(a[0], out))))
-            inputs = hidden[:kept].clone()
-            try:
-                for j in range(hidden.shape[0]):
-                    hidden[j] = _run(layer, calls[i], hidden[j : j + 1])[0]
-            finally:
-                for h in handles:
-                    h.remove()
-            values = {name: s.sorted() for name, s in samples.items()}
-            plans.append(choose(layer, calls[i], values, inputs))
-        finally:
-            layer.to(home)
-    return plans
 
 
 def _teal_plan(values: dict[str, torch.Tensor], sparsity: dict[str, float]) -> dict:
@@ -208,43 +134,22 @@ def _teal_plan(values: dict[str, torch.Tensor], sparsity: dict[str, float]) -> d
 
 
 def _greedy(adapter: Adapter, target: float, step: float) -> Chooser:
-    """TEAL's block-wise greedy allocation: from all-dense, repeatedly raise by ``step`` the projection whose
-    raise costs the least added layer output error per weight read skipped, until the layer's
-    parameter-weighted sparsity is ``target`` (the last raise is partial, so it lands on it).
+    """TEAL's block-wise greedy allocation over the seven projections, by layer output error (the thresholds of
+    each trial are the quantiles of that projection's input)."""
 
-    The cost is per weight skipped because projections differ in size: an unnormalised comparison would
-    favour the small k and v projections for saving little.
-    """
-
-    def choose(layer, call, values, inputs) -> dict:
+    def choose(i, layer, call, values, inputs) -> dict:
         weights = {p: m.weight.numel() for p, m in _projections(adapter, layer).items()}
-        goal = target * sum(weights.values())
-        sparsity = dict.fromkeys(PROJECTIONS, 0.0)
-        dense = _run(layer, call, inputs).float()  # all kept windows in one call: the masks broadcast
-        norm = dense.pow(2).sum()
-        handles = _attach_teal(adapter, layer, sparsity)
+        error = output_error(layer, call, inputs)
+        handles = _attach_teal(adapter, layer, dict.fromkeys(PROJECTIONS, 0.0))
         sites = layer.larosa_sites
 
-        def error(trial: dict[str, float]) -> float:
-            """||y - y_dense||² / ||y_dense||² of the layer's output on the kept calibration windows."""
+        def trial_error(levels: dict[str, float]) -> float:
             for p in PROJECTIONS:
-                sites[p].threshold = _threshold(values[INPUT_OF[p]], trial[p])
-            return ((_run(layer, call, inputs).float() - dense).pow(2).sum() / norm).item()
+                sites[p].threshold = _threshold(values[INPUT_OF[p]], levels[p])
+            return error()
 
         try:
-            current = 0.0
-            while (missing := goal - sum(sparsity[p] * weights[p] for p in PROJECTIONS)) > 1e-9 * goal:
-                best = None
-                for p in PROJECTIONS:
-                    raise_by = min(step, MAX_SITE - sparsity[p], missing / weights[p])
-                    if raise_by <= 1e-12:
-                        continue
-                    trial = {**sparsity, p: sparsity[p] + raise_by}
-                    e = error(trial)
-                    cost = (e - current) / (raise_by * weights[p])
-                    if best is None or cost < best[0]:
-                        best = (cost, e, trial)
-                _, current, sparsity = best
+            sparsity = greedy_levels(weights, target, step, trial_error)
         finally:
             for h in handles:
                 h.remove()
@@ -281,11 +186,11 @@ def teal(model: nn.Module, windows: torch.Tensor, target: float, *, greedy: bool
     taps = {"attn_in": _input_tap("q"), "o_in": _input_tap("o"), "mlp_in": _input_tap("gate"),
             "down_in": _input_tap("down")}
 
-    def uniform(layer, call, values, inputs) -> dict:
+    def uniform(i, layer, call, values, inputs) -> dict:
         return _teal_plan(values, dict.fromkeys(PROJECTIONS, target))
 
     choose = _greedy(adapter, target, step) if greedy else uniform
-    layers = _layerwise(model, windows, taps, choose, "teal", device, progress)
+    layers = layerwise(model, windows, taps, choose, "teal", device, progress)
     settings = {"method": "teal-greedy" if greedy else "teal-uniform", "target": target,
                 **({"step": step} if greedy else {}), "windows": windows.shape[0], "seq_len": windows.shape[1],
                 "seconds": round(time.perf_counter() - start, 3), "layers": layers}
@@ -322,10 +227,10 @@ def cats(model: nn.Module, windows: torch.Tensor, target: float, *, device: str 
     start = time.perf_counter()
     taps = {"gate": lambda adapter, layer: (adapter.gate_up(layer)[0], lambda x, out: act(out))}
 
-    def choose(layer, call, values, inputs) -> dict:
+    def choose(i, layer, call, values, inputs) -> dict:
         return {"cats": {"sparsity": level, "threshold": _threshold(values["gate"], level)}}
 
-    layers = _layerwise(model, windows, taps, choose, "cats", device, progress)
+    layers = layerwise(model, windows, taps, choose, "cats", device, progress)
     settings = {"method": "cats", "target": target, "level": level, "windows": windows.shape[0],
                 "seq_len": windows.shape[1], "seconds": round(time.perf_counter() - start, 3), "layers": layers}
     apply(model, settings)

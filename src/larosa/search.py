@@ -1,14 +1,18 @@
 """LaRoSa's free parameters, searched on calibration data instead of hard-coded.
 
-Two searches, each holding the model's parameter-weighted sparsity (the share of decoder weight reads skipped) at
-the target:
+Both searches hold the model's parameter-weighted sparsity (the share of decoder weight reads skipped) at the
+target:
 
 - the split (the paper's Algorithm 1): a grid over how much sparsity the rotated sites (attention and MLP inputs)
-  take against the plain ones (o_proj and down_proj inputs), scored by calibration NLL. The reference code fixes
-  it at 0.8 / 1.2.
-- the per-layer allocation: every layer's sites scaled by a factor f_l, with mean f_l = 1 so the target holds.
-  Each layer's cost at each factor is the calibration NLL with that layer alone moved off the split; layers are
-  then raised greedily by the least NLL added per step.
+  take against the plain ones (o_proj and down_proj inputs), the same in every layer, scored by calibration NLL.
+  The reference code fixes it at 0.8 / 1.2.
+- per layer, the four sites' levels from TEAL's greedy allocation on that layer's output error (Top-K on the
+  rotated inputs), every layer at the target. It is kept only where it beats the split on calibration NLL.
+
+Moving sparsity between layers was tried first (each layer's factor 0.5 to 1.5 around the split, allocated
+greedily from the calibration NLL with one layer moved at a time): the single-layer costs did not add up, and on
+SmolLM2 the plans piled sparsity on the last layers and raised WikiText-2 PPL over the plain split (25.2 to 29.1
+at 40 %), so every layer keeps the target.
 
 A plan is a list of per-layer :class:`SparsityConfig`; it is stored in the rotations file and used by eval and
 sparsify.
@@ -27,11 +31,12 @@ from tqdm.auto import tqdm
 from .adapters import Dims, adapter_for
 from .errors import LarosaError
 from .evaluate import perplexity
+from .layerwise import greedy_levels, layerwise, output_error
 from .rotations import Rotations
-from .sparsify import DEFAULT_SPLIT, SITES, SparsityConfig, sparsify, unsparsify
+from .sparsify import (DEFAULT_SPLIT, SITES, SparsityConfig, attach_sites, keep_count, site_inputs, sparsify,
+                       unsparsify)
 
 SPLIT_GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3)  # rotated-site level as a multiple of the target
-LAYER_FACTORS = tuple(round(0.5 + 0.1 * i, 1) for i in range(11))  # 0.5 ... 1.5
 ROTATED, PLAIN = ("attn_in", "mlp_in"), ("o_in", "down_in")
 
 
@@ -82,67 +87,66 @@ def search_split(model: nn.Module, rotations: Rotations, windows: torch.Tensor, 
             "trials": trials}
 
 
+GREEDY_STEP = 0.05  # a site's level rises by this much per greedy step
+
+
 @torch.no_grad()
-def layer_costs(model: nn.Module, rotations: Rotations, windows: torch.Tensor, base: SparsityConfig, *,
-                scope: str = "block", score: str = "magnitude", factors=LAYER_FACTORS, batch_size: int = 1,
-                progress: bool = True) -> list[list[float]]:
-    """costs[l][j]: calibration NLL with layer l's sites at ``factors[j] * base`` and every other layer at
-    ``base`` (inf where a site would reach 1).
-
-    The loss itself, not a layer's output error: relative output errors are small wherever the residual stream is
-    large (the middle layers of Llama-style models), and allocating by them piled sparsity there and raised PPL.
-    """
-    n = adapter_for(model).dims.n_layers
-    costs = []
-    for i in tqdm(range(n), desc="layer sensitivity", unit="layer", disable=not progress):
-        row = []
-        for f in factors:
-            levels = {s: v * f for s, v in base.sites().items()}
-            if max(levels.values()) >= 1:
-                row.append(math.inf)
-                continue
-            plan = [base] * n
-            plan[i] = SparsityConfig(**levels)
-            sparsify(model, rotations, plan, scope=scope, score=score)
-            row.append(math.log(perplexity(model, windows, batch_size=batch_size, progress=False)["ppl"]))
-        costs.append(row)
+def greedy_plan(model: nn.Module, rotations: Rotations, windows: torch.Tensor, target: float, *,
+                scope: str = "block", score: str = "magnitude", step: float = GREEDY_STEP,
+                progress: bool = True) -> list[SparsityConfig]:
+    """Per layer, the sites' levels that reach ``target`` with the least layer output error, raised greedily
+    (:func:`larosa.layerwise.greedy_levels`) on the dense model's inputs to that layer."""
+    _check_target(target)
+    adapter = adapter_for(model)
+    weights = adapter.dims.site_weights()
+    qs = rotations.for_scope(scope)
     unsparsify(model)
-    return costs
 
+    def choose(i, layer, call, values, inputs) -> dict:
+        error = output_error(layer, call, inputs)
+        handles = attach_sites(adapter, layer, SparsityConfig(0.0, 0.0, 0.0, 0.0),
+                               *site_inputs(adapter, layer, rotations, qs[i], score))
+        sites = layer.larosa_sites
 
-def allocate(costs: list[list[float]], factors=LAYER_FACTORS) -> list[float]:
-    """Per-layer factors with mean exactly 1 (so the target holds), raised greedily from the smallest factor by
-    the least cost added per step (costs taken as additive over layers)."""
-    n, lo = len(costs), 0
-    step = factors[1] - factors[0]
-    chosen = [lo] * n
-    steps = round(n * (1 - factors[lo]) / step)
-    for _ in range(steps):
-        cost = [costs[i][j + 1] - costs[i][j] if j + 1 < len(factors) else math.inf for i, j in enumerate(chosen)]
-        i = min(range(n), key=cost.__getitem__)
-        if math.isinf(cost[i]) or math.isnan(cost[i]):
-            raise LarosaError("no per-layer allocation reaches the target within the factor grid")
-        chosen[i] += 1
-    return [factors[j] for j in chosen]
+        def trial_error(levels: dict[str, float]) -> float:
+            for site, level in levels.items():
+                sites[site].k = keep_count(level, sites[site].size)
+            return error()
+
+        try:
+            return greedy_levels(weights, target, step, trial_error)
+        finally:
+            for h in handles:
+                h.remove()
+            del layer._modules["larosa_sites"]
+
+    device = str(next(model.parameters()).device)
+    return [SparsityConfig(**levels) for levels in layerwise(model, windows, {}, choose, f"site search @ {target:.2f}",
+                                                             device, progress)]
 
 
 def search(model: nn.Module, rotations: Rotations, windows: torch.Tensor, target: float, *,
            scope: str = "block", score: str = "magnitude", layers: bool = True, batch_size: int = 1,
            progress: bool = True) -> dict:
-    """Split search, then (with ``layers``) the per-layer allocation on top of it; a JSON-ready plan."""
+    """Split search, then (with ``layers``) the per-layer greedy, kept if its calibration NLL is lower; a
+    JSON-ready plan."""
     start = time.perf_counter()
     split = search_split(model, rotations, windows, target, scope=scope, score=score, batch_size=batch_size,
                          progress=progress)
-    base = split["config"]
-    factors = [1.0] * adapter_for(model).dims.n_layers
+    n = adapter_for(model).dims.n_layers
+    plan, chosen = [split["config"]] * n, "split"
+    nll = {"split": min(t["nll"] for t in split["trials"])}
     if layers:
-        factors = allocate(layer_costs(model, rotations, windows, base, scope=scope, score=score,
-                                       batch_size=batch_size, progress=progress))
-    plan = [SparsityConfig(**{s: v * f for s, v in base.sites().items()}) for f in factors]
+        greedy = greedy_plan(model, rotations, windows, target, scope=scope, score=score, progress=progress)
+        sparsify(model, rotations, greedy, scope=scope, score=score)
+        nll["per-layer"] = math.log(perplexity(model, windows, batch_size=batch_size, progress=False)["ppl"])
+        unsparsify(model)
+        if nll["per-layer"] < nll["split"]:
+            plan, chosen = greedy, "per-layer"
     return {
         "target": target, "scope": scope, "score": score, "signal": rotations.signal,
         "rotated_multiple": split["rotated_multiple"], "split_trials": split["trials"],
-        "layer_factors": factors, "layers": [c.sites() for c in plan],
+        "chosen": chosen, "nll": nll, "layers": [c.sites() for c in plan],
         "windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
         "seconds": round(time.perf_counter() - start, 1),
     }

@@ -111,6 +111,7 @@ class TopKSite(nn.Module):
     def __init__(self, size: int, sparsity: float, rotation: torch.Tensor | None = None,
                  gain: torch.Tensor | None = None, weights: int = 0, scale: torch.Tensor | None = None):
         super().__init__()
+        self.size = size
         self.k = keep_count(sparsity, size)
         self.weights = weights  # weight elements this site gates: what a zero saves in reads
         self.register_buffer("rotation", rotation, persistent=False)
