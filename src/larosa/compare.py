@@ -117,21 +117,29 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(result: dict, path: str | Path) -> None:
-    """PPL against measured parameter-weighted sparsity, a line per method, dense as a dashed level."""
+def plot(result: dict, path: str | Path, cap: float = 2.0) -> None:
+    """PPL against measured parameter-weighted sparsity, a line per method, dense as a dashed level. Points above
+    ``cap`` x dense are drawn on the top edge with their value, so one collapsed method does not flatten the rest."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    measured = [r for r in result["rows"] if "ppl" in r]
+    dense = next((r["ppl"] for r in measured if r["method"] == "dense"), None)
+    top = min(max(r["ppl"] for r in measured), cap * dense) if dense else max(r["ppl"] for r in measured)
     for method in result["methods"]:
-        rows = [r for r in result["rows"] if r["method"] == method and "ppl" in r]
+        rows = [r for r in measured if r["method"] == method]
         if method == "dense" and rows:
             ax.axhline(rows[0]["ppl"], color="gray", linestyle="--", label="dense")
         elif rows:
-            ax.plot([r["measured_param_weighted"] for r in rows], [r["ppl"] for r in rows], marker="o",
-                    label=LABELS[method])
+            x = [r["measured_param_weighted"] for r in rows]
+            line, = ax.plot(x, [min(r["ppl"], top) for r in rows], marker="o", label=LABELS[method])
+            for xi, r in zip(x, rows):
+                if r["ppl"] > top:
+                    ax.annotate(f"{r['ppl']:.0f}", (xi, top), textcoords="offset points", xytext=(0, -12),
+                                ha="center", fontsize=7, color=line.get_color())
     ax.set_xlabel("parameter-weighted sparsity (measured)")
     ax.set_ylabel("perplexity")
     ax.grid(alpha=0.3)
