@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from larosa.cli import main
 
@@ -18,6 +19,14 @@ def test_calibrate_then_eval_ppl_json(model_dir, tmp_path, capsys):
     assert code == 0 and rot.exists()
     meta = json.loads(out)
     assert meta["tokens"] == "128" and meta["num_layers"] == "3"
+    lazy = tmp_path / "lazy.safetensors"
+    code, out, _ = run(capsys, "calibrate", model_dir, "--data", text, "--out", lazy, "--windows", 4,
+                       "--seq-len", 32, "--lazy", "--device", "cpu", "--json", "--quiet")
+    from larosa import Rotations
+
+    a, b = Rotations.load(rot), Rotations.load(lazy)
+    assert code == 0 and a.meta["weights_fingerprint"] == b.meta["weights_fingerprint"]
+    torch.testing.assert_close(b.q("global"), a.q("global"), rtol=1e-5, atol=1e-6)
 
     common = ("eval", "ppl", model_dir, "--data", text, "--seq-len", 32, "--windows", 3, "--json", "--quiet")
     code, out, _ = run(capsys, *common)

@@ -1,8 +1,10 @@
 import pytest
 import torch
-from conftest import random_windows, tiny_model
+from conftest import TEXT, random_windows, tiny_model, train_tokenizer
+from safetensors.torch import load_file
 
 import larosa
+from larosa.models import load_lazy
 from larosa.rotations import Rotations, pca_rotation
 
 
@@ -139,3 +141,43 @@ def test_non_orthogonal_rotation_is_refused(saved, tmp_path):
     rot.save(tmp_path / "bad.safetensors")
     with pytest.raises(larosa.LarosaError, match="layers.1.mlp is not orthogonal"):
         Rotations.load(tmp_path / "bad.safetensors")
+
+
+def _saved(path, arch: str = "llama", shard: str = "1GB"):
+    tokenizer = train_tokenizer(TEXT)
+    tiny_model(arch, vocab=len(tokenizer)).save_pretrained(path, max_shard_size=shard)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("shards", ["one file", "sharded"])
+def test_calibration_from_disk_equals_calibration_in_ram(tmp_path, shards):
+    """load_lazy keeps every weight on disk (meta) and reads one layer at a time: the same rotations and the
+    same fingerprint as the model held in RAM, and nothing stays resident afterwards."""
+    path = _saved(tmp_path / "m", "qwen2", "100KB" if shards == "sharded" else "1GB")
+    assert (tmp_path / "m" / "model.safetensors.index.json").exists() == (shards == "sharded")
+    windows = random_windows(3)
+    eager, _ = larosa.load_model(path, device="cpu", dtype=torch.float32)
+    lazy, _ = load_lazy(path)
+    assert all(p.device.type == "meta" for p in lazy.parameters())
+    for signal in ("gain", "gainfree"):
+        a = larosa.calibrate(eager, windows, signal=signal, device="cpu", progress=False)
+        b = larosa.calibrate(lazy, windows, signal=signal, device="cpu", progress=False)
+        assert a.tensors.keys() == b.tensors.keys() and a.meta["weights_fingerprint"] == b.meta["weights_fingerprint"]
+        for name in a.tensors:
+            torch.testing.assert_close(b.tensors[name], a.tensors[name], rtol=1e-5, atol=1e-6)
+    assert all(p.device.type == "meta" for p in lazy.parameters())
+    assert all(b.device.type == "cpu" for b in lazy.buffers())
+
+
+def test_lazy_loading_refuses_checkpoints_it_cannot_read(tmp_path):
+    path = _saved(tmp_path / "m")
+    lazy, _ = load_lazy(path)
+    del lazy.larosa_weights.weight_map["model.layers.1.mlp.down_proj.weight"]  # as a truncated index would
+    with pytest.raises(larosa.LarosaError, match="no tensor 'model.layers.1.mlp.down_proj.weight'"):
+        larosa.calibrate(lazy, random_windows(2), device="cpu", progress=False)
+    weights = tmp_path / "m" / "model.safetensors"
+    torch.save(load_file(weights), tmp_path / "m" / "pytorch_model.bin")
+    weights.unlink()
+    with pytest.raises(larosa.LarosaError, match="safetensors checkpoints only"):
+        load_lazy(path)

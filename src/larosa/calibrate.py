@@ -1,12 +1,14 @@
 """Layer-by-layer calibration: the second moment XᵀX of each block's input, then PCA rotations.
 
 Only one decoder layer's weights sit on the compute device at a time, with the calibration hidden states; the
-rest of the model stays where it was loaded (CPU RAM). Each layer reads the dense output of the layer before,
-as the paper does.
+rest of the model stays where it was loaded: in CPU RAM, or on disk for a model from
+:func:`larosa.models.load_lazy` (a 70B model in bf16 needs ~2 GB of GPU memory per layer then, not 140 GB of RAM).
+Each layer reads the dense output of the layer before, as the paper does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -16,9 +18,15 @@ from tqdm.auto import tqdm
 from . import __version__
 from .adapters import Adapter, adapter_for
 from .data import token_windows
-from .models import default_device
 from .errors import LarosaError
-from .rotations import SIGNALS, Rotations, config_hash, pca_rotation, weights_fingerprint
+from .models import default_device, resident
+from .rotations import (
+    SIGNALS,
+    Rotations,
+    config_hash,
+    pca_rotation,
+    weights_fingerprint,
+)
 
 
 def _first_layer_inputs(adapter: Adapter, windows: torch.Tensor, device: torch.device):
@@ -43,21 +51,17 @@ def _first_layer_inputs(adapter: Adapter, windows: torch.Tensor, device: torch.d
         return forward
 
     others = [m for m in body.children() if m is not layers]
-    # Record devices, not tensors: Module.to moves a parameter in place, so the tensor would follow the move.
-    homes = [t.device if (t := next(m.parameters(), next(m.buffers(), None))) is not None else None for m in others]
-    try:
-        for i, layer in enumerate(layers):
-            layer.forward = recorder(i)
+    with contextlib.ExitStack() as stack:
         for m in others:
-            m.to(device)
-        for w in windows:
-            body(input_ids=w[None].to(device), use_cache=False)
-    finally:
-        for layer in layers:
-            layer.__dict__.pop("forward", None)
-        for m, home in zip(others, homes):
-            if home is not None:
-                m.to(home)
+            stack.enter_context(resident(adapter.model, m, device))
+        try:
+            for i, layer in enumerate(layers):
+                layer.forward = recorder(i)
+            for w in windows:
+                body(input_ids=w[None].to(device), use_cache=False)
+        finally:
+            for layer in layers:
+                layer.__dict__.pop("forward", None)
     return torch.cat(hidden), calls
 
 
@@ -123,32 +127,34 @@ def calibrate(
     start = time.perf_counter()
 
     hidden, layer_calls = _first_layer_inputs(adapter, windows, device)
+    with resident(model, model.get_input_embeddings(), device):
+        fingerprint = weights_fingerprint(model)
     tensors: dict[str, torch.Tensor] = {}
     pooled = torch.zeros(dims.hidden, dims.hidden, dtype=torch.float64)
     layers = adapter.layers()
     for i, layer in enumerate(tqdm(layers, desc="calibrating", unit="layer", disable=not progress)):
-        home = next(layer.parameters()).device
-        layer.to(device)
         moments = {"attn": SecondMoment(), "mlp": SecondMoment(),
                    "heads": SecondMoment(dims.n_kv_heads, dims.n_heads // dims.n_kv_heads)}
-        handles = [
-            adapter.attn_norm(layer).register_forward_hook(lambda m, a, out: moments["attn"].add(out)),
-            adapter.mlp_norm(layer).register_forward_hook(lambda m, a, out: moments["mlp"].add(out)),
-            adapter.o_proj(layer).register_forward_pre_hook(lambda m, a: moments["heads"].add(a[0])),
-        ]
-        try:
-            for j in range(hidden.shape[0]):
-                args, kwargs = layer_calls[i]
-                out = layer(hidden[j : j + 1], *args, **kwargs)
-                hidden[j] = out[0] if isinstance(out, tuple) else out
-        finally:
-            for h in handles:
-                h.remove()
-            layer.to(home)
-        for block, norm in (("attn", adapter.attn_norm(layer)), ("mlp", adapter.mlp_norm(layer))):
+        with resident(model, layer, device):
+            handles = [
+                adapter.attn_norm(layer).register_forward_hook(lambda m, a, out: moments["attn"].add(out)),
+                adapter.mlp_norm(layer).register_forward_hook(lambda m, a, out: moments["mlp"].add(out)),
+                adapter.o_proj(layer).register_forward_pre_hook(lambda m, a: moments["heads"].add(a[0])),
+            ]
+            try:
+                for j in range(hidden.shape[0]):
+                    args, kwargs = layer_calls[i]
+                    out = layer(hidden[j : j + 1], *args, **kwargs)
+                    hidden[j] = out[0] if isinstance(out, tuple) else out
+            finally:
+                for h in handles:
+                    h.remove()
+            gains = {"attn": adapter.attn_norm(layer).weight.detach().cpu(),
+                     "mlp": adapter.mlp_norm(layer).weight.detach().cpu()}
+        for block in ("attn", "mlp"):
             xtx = moments[block].xtx.cpu()
             if signal == "gainfree":
-                xtx = _gain_free(xtx, norm.weight, f"layer {i} {block} norm")
+                xtx = _gain_free(xtx, gains[block], f"layer {i} {block} norm")
             pooled += xtx
             tensors[f"layers.{i}.{block}"], tensors[f"layers.{i}.{block}.eigvals"] = pca_rotation(xtx)
         tensors[f"layers.{i}.heads"], tensors[f"layers.{i}.heads.eigvals"] = pca_rotation(moments["heads"].xtx.cpu())
@@ -158,7 +164,7 @@ def calibrate(
         "model": str(getattr(model.config, "name_or_path", "") or model.config.model_type),
         "model_type": model.config.model_type,
         "config_hash": config_hash(model.config),
-        "weights_fingerprint": weights_fingerprint(model),
+        "weights_fingerprint": fingerprint,
         "hidden_size": str(dims.hidden),
         "num_layers": str(dims.n_layers),
         "signal": signal,

@@ -23,7 +23,7 @@ from .data import token_windows
 from .errors import LarosaError
 from .evaluate import perplexity
 from .fold import fold, folded_sparsity, save_folded
-from .models import default_device, default_dtype, load_model
+from .models import default_device, default_dtype, load_lazy, load_model
 from .rotations import SCOPES, SIGNALS, Rotations
 from .search import add_plan, default_config, find_plan, plan_configs, search
 from .sparsify import (DEFAULT_SPLIT, SCORES, SITES, SparsityConfig, per_layer, plan_param_weighted, sparsify,
@@ -79,9 +79,10 @@ def _batch_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_calibrate(a: argparse.Namespace) -> dict:
-    # Weights stay in CPU RAM; one layer at a time visits the compute device, in that device's dtype.
+    # Weights stay in CPU RAM (or on disk with --lazy); one layer at a time visits the compute device, in that
+    # device's dtype.
     dtype = DTYPES[a.dtype] if a.dtype else default_dtype(a.device or default_device())
-    model, tok = load_model(a.model, device="cpu", dtype=dtype)
+    model, tok = load_lazy(a.model, dtype=dtype) if a.lazy else load_model(a.model, device="cpu", dtype=dtype)
     rot = calibrate(model, a.data, tokenizer=tok, n_windows=a.windows, seq_len=a.seq_len, signal=a.signal,
                     device=a.device, progress=not a.quiet)
     rot.meta["model"] = a.model
@@ -438,6 +439,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--signal", choices=SIGNALS, default="gain",
                    help="gain: PCA of the norm output with its gain (the reference code, default); gainfree: "
                         "without it, the signal Top-K sees in the folded model")
+    c.add_argument("--lazy", action="store_true",
+                   help="leave the weights on disk and read one layer at a time (models larger than RAM; "
+                        "safetensors checkpoints)")
 
     e = sub.add_parser("eval", help="evaluate a dense or sparse model")
     esub = e.add_subparsers(dest="metric", required=True)

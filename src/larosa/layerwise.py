@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .adapters import adapter_for
 from .calibrate import _first_layer_inputs
 from .errors import LarosaError
-from .models import default_device
+from .models import default_device, resident
 
 SAMPLE = 1 << 20  # |x| values kept per site and layer: quantiles to ~1e-3, and cheap to sort
 GREEDY_TOKENS = 4096  # calibration tokens the greedy search measures layer output error on
@@ -70,10 +70,8 @@ def layerwise(model: nn.Module, windows: torch.Tensor, taps: dict[str, Callable]
     generator = torch.Generator().manual_seed(0)
     plans = []
     for i, layer in enumerate(tqdm(adapter.layers(), desc=desc, unit="layer", disable=not progress)):
-        home = next(layer.parameters()).device
-        layer.to(device)
         samples = {name: _Sample(len(windows), generator) for name in taps}
-        try:
+        with resident(model, layer, device):
             handles = []
             for name, tap in taps.items():
                 module, read = tap(adapter, layer)
@@ -88,8 +86,6 @@ def layerwise(model: nn.Module, windows: torch.Tensor, taps: dict[str, Callable]
                     h.remove()
             values = {name: s.sorted() for name, s in samples.items()}
             plans.append(choose(i, layer, calls[i], values, inputs))
-        finally:
-            layer.to(home)
     return plans
 
 

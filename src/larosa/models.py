@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
 import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+from safetensors import safe_open
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from . import assets
@@ -41,3 +50,81 @@ def load_model(name: str, *, device: str | None = None, dtype: torch.dtype | Non
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or default_dtype(device), device_map=device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model.eval(), tokenizer
+
+
+class DiskWeights:
+    """A checkpoint's safetensors shards, read one module at a time: what lets calibration visit a model larger
+    than RAM layer by layer (parameters stay on the meta device until :func:`resident` brings them in)."""
+
+    def __init__(self, path: Path, dtype: torch.dtype):
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (path / "model.safetensors").is_file():
+            with safe_open(path / "model.safetensors", "pt") as f:
+                weight_map = dict.fromkeys(f.keys(), "model.safetensors")
+        else:
+            raise LarosaError(f"{path} has no model.safetensors or model.safetensors.index.json; lazy loading reads "
+                              "safetensors checkpoints only")
+        self.path, self.dtype, self.weight_map = path, dtype, weight_map
+
+    def load(self, module: nn.Module, prefix: str, device: torch.device) -> None:
+        for name, _ in list(module.named_parameters()):
+            key = f"{prefix}{name}"
+            if key not in self.weight_map:
+                raise LarosaError(f"the checkpoint in {self.path} has no tensor {key!r}")
+            with safe_open(self.path / self.weight_map[key], "pt", device=str(device)) as f:
+                value = f.get_tensor(key).to(self.dtype)
+            set_module_tensor_to_device(module, name, device, value=value)
+
+
+def load_lazy(name: str, *, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) with the weights left on disk: parameters on the meta device, buffers (rotary tables)
+    real. Use :func:`resident` to bring a module's weights in for a block of work."""
+    path = Path(resolve(name))
+    if not path.is_dir():
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+        except Exception as e:  # offline, unknown repo, gated: one clear line
+            raise LarosaError(f"cannot fetch model {name!r}: {e}") from e
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except OSError as e:
+        raise LarosaError(f"cannot load model {name!r}: {e}") from e
+    adapter_class(config)
+    weights = DiskWeights(path, dtype)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.larosa_weights = weights
+    return model.eval(), AutoTokenizer.from_pretrained(path)
+
+
+@contextmanager
+def resident(model: nn.Module, module: nn.Module, device: torch.device | str):
+    """``module``'s weights on ``device`` for the block: a lazily loaded model reads them from disk and drops them
+    after; otherwise they move there and back to where they were."""
+    weights: DiskWeights | None = getattr(model, "larosa_weights", None)
+    if weights is None:
+        # Record devices, not tensors: Module.to moves a parameter in place, so the tensor would follow the move.
+        home = next((t.device for t in itertools.chain(module.parameters(), module.buffers())), None)
+        module.to(device)
+        try:
+            yield module
+        finally:
+            if home is not None:
+                module.to(home)
+        return
+    prefix = next(name for name, m in model.named_modules() if m is module)
+    weights.load(module, f"{prefix}." if prefix else "", torch.device(device))
+    buffers = [name for name, _ in module.named_buffers()]
+    for name in buffers:
+        set_module_tensor_to_device(module, name, device)
+    try:
+        yield module
+    finally:
+        for name, _ in list(module.named_parameters()):
+            set_module_tensor_to_device(module, name, "meta")
+        for name in buffers:
+            set_module_tensor_to_device(module, name, "cpu")
