@@ -11,8 +11,8 @@ target:
 
 Moving sparsity between layers was tried first (each layer's factor 0.5 to 1.5 around the split, allocated
 greedily from the calibration NLL with one layer moved at a time): the single-layer costs did not add up, and on
-SmolLM2 the plans piled sparsity on the last layers and raised WikiText-2 PPL over the plain split (25.2 to 29.1
-at 40 %), so every layer keeps the target.
+SmolLM2 the plans piled sparsity on the last layers and raised WikiText-2 PPL over the plain split (global scope:
+25.2 to 29.1 at 40 %), so every layer keeps the target.
 
 A plan is a list of per-layer :class:`SparsityConfig`; it is stored in the rotations file and used by eval and
 sparsify.
