@@ -35,6 +35,16 @@ def test_calibrate_then_eval_ppl_json(model_dir, tmp_path, capsys):
     assert set(dense) >= {"ppl", "tokens", "windows", "nominal_sparsity", "param_weighted_sparsity",
                           "site_sparsity", "seconds"}
 
+    for sparsity in ((), ("--rotations", rot, "--sparsity", 0.5, "--scope", "global")):
+        code, out, _ = run(capsys, *common, *sparsity)
+        in_ram = json.loads(out)
+        code, out, _ = run(capsys, *common, *sparsity, "--lazy", "--device", "cpu")
+        streamed = json.loads(out)
+        assert code == 0 and streamed["ppl"] == pytest.approx(in_ram["ppl"], rel=1e-5)
+        assert streamed["param_weighted_sparsity"] == in_ram["param_weighted_sparsity"]
+    code, _, err = run(capsys, *common, "--rotations", rot, "--sparsity", 0.4, "--mode", "folded", "--lazy")
+    assert code == 2 and "--lazy scores the dense model" in err
+
     code, out, _ = run(capsys, *common, "--rotations", rot, "--sparsity", 0)
     zero = json.loads(out)
     assert zero["ppl"] == pytest.approx(dense["ppl"], rel=1e-5)

@@ -4,6 +4,7 @@ from conftest import TEXT, random_windows, tiny_model, train_tokenizer
 from safetensors.torch import load_file
 
 import larosa
+from larosa.evaluate import perplexity_streamed
 from larosa.models import load_lazy
 from larosa.rotations import Rotations, pca_rotation
 
@@ -143,9 +144,9 @@ def test_non_orthogonal_rotation_is_refused(saved, tmp_path):
         Rotations.load(tmp_path / "bad.safetensors")
 
 
-def _saved(path, arch: str = "llama", shard: str = "1GB"):
+def _saved(path, arch: str = "llama", shard: str = "1GB", tie: bool = False):
     tokenizer = train_tokenizer(TEXT)
-    tiny_model(arch, vocab=len(tokenizer)).save_pretrained(path, max_shard_size=shard)
+    tiny_model(arch, tie=tie, vocab=len(tokenizer)).save_pretrained(path, max_shard_size=shard)
     tokenizer.save_pretrained(path)
     return str(path)
 
@@ -181,3 +182,33 @@ def test_lazy_loading_refuses_checkpoints_it_cannot_read(tmp_path):
     weights.unlink()
     with pytest.raises(larosa.LarosaError, match="safetensors checkpoints only"):
         load_lazy(path)
+
+
+@pytest.mark.parametrize("arch, tie", [("llama", False), ("qwen2", True)])
+def test_streamed_perplexity_equals_the_whole_model_forward(tmp_path, arch, tie):
+    """One layer resident at a time, in RAM or read from disk: the same PPL and measured sparsity as perplexity()
+    on the whole model, dense and sparse (weight-aware scores on gain-free Q need the resident weights)."""
+    path = _saved(tmp_path / "m", arch, tie=tie)
+    eager, _ = larosa.load_model(path, device="cpu", dtype=torch.float32)
+    lazy, _ = load_lazy(path)
+    assert eager.config.tie_word_embeddings == tie
+    windows = random_windows(3)
+    rot = larosa.calibrate(eager, random_windows(4, seed=5), signal="gainfree", device="cpu", progress=False)
+    plan = [larosa.SparsityConfig(0.2, 0.3, 0.4, 0.5), larosa.SparsityConfig(0.5, 0.5, 0.5, 0.5),
+            larosa.SparsityConfig(0.0, 0.1, 0.2, 0.3)]
+    for sparsity, scope, score in [(None, "block", "magnitude"), (0.5, "block", "magnitude"),
+                                   (plan, "global", "weight")]:
+        if sparsity is None:
+            larosa.unsparsify(eager)
+        else:
+            larosa.sparsify(eager, rot, sparsity, scope=scope, score=score)
+        want = larosa.perplexity(eager, windows, progress=False)
+        for model in (eager, lazy):
+            if model is eager:
+                larosa.unsparsify(eager)
+            got = perplexity_streamed(model, windows, rotations=rot, sparsity=sparsity, scope=scope, score=score,
+                                      device="cpu", progress=False)
+            assert got["ppl"] == pytest.approx(want["ppl"], rel=1e-5) and got["tokens"] == want["tokens"]
+            assert got["measured_param_weighted"] == pytest.approx(want["measured_param_weighted"], abs=1e-9)
+            assert got["site_sparsity"] == pytest.approx(want["site_sparsity"])
+    assert all(p.device.type == "meta" for p in lazy.parameters())

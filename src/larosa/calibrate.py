@@ -127,8 +127,7 @@ def calibrate(
     start = time.perf_counter()
 
     hidden, layer_calls = _first_layer_inputs(adapter, windows, device)
-    with resident(model, model.get_input_embeddings(), device):
-        fingerprint = weights_fingerprint(model)
+    fingerprint = weights_fingerprint(model)
     tensors: dict[str, torch.Tensor] = {}
     pooled = torch.zeros(dims.hidden, dims.hidden, dtype=torch.float64)
     layers = adapter.layers()

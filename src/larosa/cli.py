@@ -21,7 +21,7 @@ from .compare import plot as compare_plot
 from .compare import table as compare_table
 from .data import token_windows
 from .errors import LarosaError
-from .evaluate import perplexity
+from .evaluate import perplexity, perplexity_streamed
 from .fold import fold, folded_sparsity, save_folded
 from .models import default_device, default_dtype, load_lazy, load_model
 from .rotations import SCOPES, SIGNALS, Rotations
@@ -114,6 +114,9 @@ def _sparsity_report(configs: list[SparsityConfig] | None, dims) -> dict:
 def _eval_model(a: argparse.Namespace):
     """(model, tokenizer, report): the model of `eval ppl` / `eval tasks`, dense, simulated or folded, and what
     its sparsity is."""
+    lazy = getattr(a, "lazy", False)
+    if lazy and (a.method != "larosa" or a.mode == "folded"):
+        raise LarosaError("--lazy scores the dense model or LaRoSa in simulate mode; not --mode folded or a peer")
     if a.method != "larosa":
         return _peer_model(a)
     wants_sparsity = a.sparsity is not None or a.site or a.target is not None
@@ -125,9 +128,15 @@ def _eval_model(a: argparse.Namespace):
         raise LarosaError("--head-rotation applies to --mode folded only")
     rotations = Rotations.load(a.rotations) if a.rotations else None
     a.scope = a.scope or ("global" if a.mode == "folded" else "block")
-    model, tok = load_model(a.model, device=a.device, dtype=DTYPES[a.dtype] if a.dtype else None)
+    dtype = DTYPES[a.dtype] if a.dtype else None
+    if lazy:
+        model, tok = load_lazy(a.model, dtype=dtype or default_dtype(a.device or default_device()))
+    else:
+        model, tok = load_model(a.model, device=a.device, dtype=dtype)
     config, source = _chosen_sparsity(a, model, rotations)
-    if a.mode == "folded":
+    if lazy:
+        a.streamed = {"rotations": rotations, "sparsity": config, "scope": a.scope, "score": a.score}
+    elif a.mode == "folded":
         model = fold(model, rotations, config, scope=a.scope, head_rotation=a.head_rotation, score=a.score)
     elif config is not None:
         sparsify(model, rotations, config, scope=a.scope, score=a.score)
@@ -184,8 +193,11 @@ def _method_args(p: argparse.ArgumentParser) -> None:
 
 def _cmd_eval_ppl(a: argparse.Namespace) -> dict:
     model, tok, report = _eval_model(a)
-    result = perplexity(model, token_windows(tok, a.data, a.windows, a.seq_len), batch_size=a.batch_size,
-                        progress=not a.quiet)
+    windows = token_windows(tok, a.data, a.windows, a.seq_len)
+    if a.lazy:  # the sparsity is attached layer by layer while each layer's weights are read
+        result = perplexity_streamed(model, windows, **a.streamed, device=a.device, progress=not a.quiet)
+    else:
+        result = perplexity(model, windows, batch_size=a.batch_size, progress=not a.quiet)
     return {**result, **report, "data": a.data}
 
 
@@ -451,6 +463,9 @@ def parser() -> argparse.ArgumentParser:
     _eval_sparsity_args(ppl)
     ppl.add_argument("--windows", type=int, help="score the first N windows (default: all)")
     _batch_arg(ppl)
+    ppl.add_argument("--lazy", action="store_true",
+                     help="leave the weights on disk and run every window through one layer at a time (models "
+                          "larger than the GPU or RAM; dense or simulate mode)")
     ppl.add_argument("--seq-len", type=int, default=2048, help="tokens per window (default 2048)")
 
     tk = esub.add_parser("tasks", help="zero-shot acc / acc_norm through lm-evaluation-harness (pip install "

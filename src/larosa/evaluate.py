@@ -10,8 +10,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .adapters import adapter_for
+from .calibrate import _first_layer_inputs
 from .errors import LarosaError
-from .sparsify import measured_param_weighted, site_sparsity
+from .layerwise import run_layer
+from .models import default_device, resident
+from .rotations import Rotations
+from .sparsify import Sparsity, layer_sites, measured_param_weighted, site_sparsity
 
 
 @torch.no_grad()
@@ -43,4 +48,56 @@ def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 1, 
         "seconds": time.perf_counter() - start,
         "measured_param_weighted": measured_param_weighted(model),
         "site_sparsity": site_sparsity(model),
+    }
+
+
+@torch.no_grad()
+def perplexity_streamed(model: nn.Module, windows: torch.Tensor, *, rotations: Rotations | None = None,
+                        sparsity: Sparsity | None = None, scope: str = "block", score: str = "magnitude",
+                        device: str | None = None, progress: bool = True) -> dict:
+    """:func:`perplexity` of the dense model, or of LaRoSa simulated with ``sparsity`` (as :func:`sparsify` would
+    make it), with one decoder layer's weights resident at a time.
+
+    Every window passes through a layer before the next layer is read, so the device holds one layer and the
+    hidden states of all windows: a model larger than the GPU, or than RAM with :func:`larosa.models.load_lazy`,
+    is scored with each weight read once.
+    """
+    adapter = adapter_for(model)
+    device = torch.device(device or default_device())
+    start = time.perf_counter()
+    attach = layer_sites(model, rotations, sparsity, scope=scope, score=score)[1] if sparsity is not None else None
+    hidden, calls = _first_layer_inputs(adapter, windows, device)
+    zeros: dict[str, float] = {}
+    seen: dict[str, float] = {}
+    skipped = 0.0
+    for i, layer in enumerate(tqdm(adapter.layers(), desc="perplexity", unit="layer", disable=not progress)):
+        with resident(model, layer, device):
+            handles = attach(i, layer) if attach else []
+            try:
+                for j in range(hidden.shape[0]):
+                    hidden[j] = run_layer(layer, calls[i], hidden[j : j + 1])[0]
+            finally:
+                for h in handles:
+                    h.remove()
+                sites = layer._modules.pop("larosa_sites", {})
+            for name, site in sites.items():
+                zeros[name] = zeros.get(name, 0.0) + site.zeros.item()
+                seen[name] = seen.get(name, 0.0) + site.seen.item()
+                skipped += site.zeros.item() / site.seen.item() * site.weights
+    # The output head: the embedding itself where the model ties them (a lazy model's lm_head is never loaded).
+    head = model.get_input_embeddings() if model.config.tie_word_embeddings else model.get_output_embeddings()
+    nll, tokens = 0.0, 0
+    with resident(model, adapter.final_norm(), device), resident(model, head, device):
+        for j in range(hidden.shape[0]):
+            logits = F.linear(adapter.final_norm()(hidden[j : j + 1]), head.weight)[0, :-1].float()
+            nll += F.cross_entropy(logits, windows[j, 1:].to(device), reduction="sum").item()
+            tokens += windows.shape[1] - 1
+    total = sum(adapter.dims.site_weights().values()) * adapter.dims.n_layers
+    return {
+        "ppl": math.exp(nll / tokens),
+        "tokens": tokens,
+        "windows": len(windows),
+        "seconds": time.perf_counter() - start,
+        "measured_param_weighted": skipped / total,
+        "site_sparsity": {s: zeros[s] / seen[s] for s in seen if seen[s]},
     }

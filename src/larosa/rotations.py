@@ -55,7 +55,13 @@ def config_hash(config) -> str:
 
 def weights_fingerprint(model) -> str:
     """A few embedding values in bf16: tells a fine-tune from its base, whatever dtype it was loaded in."""
-    sample = model.get_input_embeddings().weight[:8, :8].detach().to("cpu", torch.bfloat16)
+    embedding = model.get_input_embeddings()
+    if embedding.weight.device.type == "meta":  # a model from load_lazy: read it from the checkpoint
+        from .models import resident
+
+        with resident(model, embedding, "cpu"):
+            return weights_fingerprint(model)
+    sample = embedding.weight[:8, :8].detach().to("cpu", torch.bfloat16)
     return hashlib.sha256(sample.view(torch.int16).numpy().tobytes()).hexdigest()[:16]
 
 

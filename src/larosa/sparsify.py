@@ -9,7 +9,7 @@ kernels do the speed).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -205,23 +205,36 @@ def sparsify(
     :meth:`Rotations.for_scope`); Top-K runs on the signal the rotations were calibrated on. ``rotations=None``
     gives plain, unrotated Top-K. ``score="weight"`` ranks entries by |x_i| ||W_i||.
     """
+    configs, attach = layer_sites(model, rotations, sparsity, scope=scope, score=score)
+    unsparsify(model)
+    handles = []
+    for i, layer in enumerate(adapter_for(model).layers()):
+        handles += attach(i, layer)
+    model.larosa = {"handles": handles, "sparsity": configs, "scope": scope,
+                    "rotated": rotations is not None, "score": score}
+    return model
+
+
+def layer_sites(model: nn.Module, rotations: Rotations | None, sparsity: Sparsity, *, scope: str = "block",
+                score: str = "magnitude") -> tuple[list[SparsityConfig], Callable[[int, nn.Module], list]]:
+    """(per-layer configs, ``attach``): ``attach(i, layer)`` hooks layer i's sites and returns the handles. What
+    :func:`sparsify` does to every layer, usable one layer at a time while its weights are resident
+    (:func:`larosa.evaluate.perplexity_streamed`)."""
     adapter = adapter_for(model)
     _refuse_folded(model)
     if score not in SCORES:
         raise LarosaError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
-    layers = adapter.layers()
-    configs = per_layer(sparsity, len(layers))
+    configs = per_layer(sparsity, adapter.dims.n_layers)
+    qs = None
     if rotations is not None:
         rotations.check_model(model)
-        qs_per_layer = rotations.for_scope(scope)
-    unsparsify(model)
-    handles = []
-    for i, layer in enumerate(layers):
-        qs = qs_per_layer[i] if rotations is not None else None
-        handles += attach_sites(adapter, layer, configs[i], *site_inputs(adapter, layer, rotations, qs, score))
-    model.larosa = {"handles": handles, "sparsity": configs, "scope": scope, "rotated": rotations is not None,
-                    "score": score}
-    return model
+        qs = rotations.for_scope(scope)
+
+    def attach(i: int, layer: nn.Module) -> list:
+        inputs = site_inputs(adapter, layer, rotations, qs[i] if qs is not None else None, score)
+        return attach_sites(adapter, layer, configs[i], *inputs)
+
+    return configs, attach
 
 
 def _refuse_folded(model: nn.Module) -> None:
