@@ -12,9 +12,9 @@ __version__ = "0.1.0"
 from .calibrate import calibrate
 from .data import token_windows
 from .errors import LarosaError
-from .evaluate import perplexity
+from .evaluate import perplexity, perplexity_streamed
 from .fold import fold, save_folded
-from .models import load_model
+from .models import load_lazy, load_model
 from .peers import cats, teal
 from .rotations import Rotations
 from .sparsify import SparsityConfig, site_sparsity, sparsify, unsparsify
@@ -26,8 +26,10 @@ __all__ = [
     "calibrate",
     "cats",
     "fold",
+    "load_lazy",
     "load_model",
     "perplexity",
+    "perplexity_streamed",
     "save_folded",
     "site_sparsity",
     "sparsify",
