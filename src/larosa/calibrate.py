@@ -65,6 +65,23 @@ def _first_layer_inputs(adapter: Adapter, windows: torch.Tensor, device: torch.d
     return torch.cat(hidden), calls
 
 
+def run_layer(layer: nn.Module, call: tuple, x: torch.Tensor) -> torch.Tensor:
+    args, kwargs = call
+    out = layer(x, *args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def advance(layer: nn.Module, call: tuple, hidden: torch.Tensor, handles=()) -> None:
+    """Every window's hidden state through ``layer``, in place, one window at a time; the hooks in ``handles``
+    are removed afterwards, also on error."""
+    try:
+        for j in range(hidden.shape[0]):
+            hidden[j] = run_layer(layer, call, hidden[j : j + 1])[0]
+    finally:
+        for h in handles:
+            h.remove()
+
+
 class SecondMoment:
     """Running XᵀX over tokens in float64 (sums of outer products lose digits in float32 over many tokens).
 
@@ -140,14 +157,7 @@ def calibrate(
                 adapter.mlp_norm(layer).register_forward_hook(lambda m, a, out: moments["mlp"].add(out)),
                 adapter.o_proj(layer).register_forward_pre_hook(lambda m, a: moments["heads"].add(a[0])),
             ]
-            try:
-                for j in range(hidden.shape[0]):
-                    args, kwargs = layer_calls[i]
-                    out = layer(hidden[j : j + 1], *args, **kwargs)
-                    hidden[j] = out[0] if isinstance(out, tuple) else out
-            finally:
-                for h in handles:
-                    h.remove()
+            advance(layer, layer_calls[i], hidden, handles)
             gains = {"attn": adapter.attn_norm(layer).weight.detach().cpu(),
                      "mlp": adapter.mlp_norm(layer).weight.detach().cpu()}
         for block in ("attn", "mlp"):

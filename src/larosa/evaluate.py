@@ -11,12 +11,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import adapter_for
-from .calibrate import _first_layer_inputs
+from .calibrate import _first_layer_inputs, advance
 from .errors import LarosaError
-from .layerwise import run_layer
 from .models import default_device, resident
 from .rotations import Rotations
-from .sparsify import Sparsity, layer_sites, measured_param_weighted, site_sparsity
+from .sparsify import (Sparsity, layer_sites, measured_param_weighted, param_weighted_share, site_sparsity,
+                       sparsity_by_site)
 
 
 @torch.no_grad()
@@ -67,23 +67,14 @@ def perplexity_streamed(model: nn.Module, windows: torch.Tensor, *, rotations: R
     start = time.perf_counter()
     attach = layer_sites(model, rotations, sparsity, scope=scope, score=score)[1] if sparsity is not None else None
     hidden, calls = _first_layer_inputs(adapter, windows, device)
-    zeros: dict[str, float] = {}
-    seen: dict[str, float] = {}
-    skipped = 0.0
+    measured = []  # each layer's sites, kept for their counters once the layer is gone
     for i, layer in enumerate(tqdm(adapter.layers(), desc="perplexity", unit="layer", disable=not progress)):
         with resident(model, layer, device):
-            handles = attach(i, layer) if attach else []
             try:
-                for j in range(hidden.shape[0]):
-                    hidden[j] = run_layer(layer, calls[i], hidden[j : j + 1])[0]
+                advance(layer, calls[i], hidden, attach(i, layer) if attach else ())
             finally:
-                for h in handles:
-                    h.remove()
-                sites = layer._modules.pop("larosa_sites", {})
-            for name, site in sites.items():
-                zeros[name] = zeros.get(name, 0.0) + site.zeros.item()
-                seen[name] = seen.get(name, 0.0) + site.seen.item()
-                skipped += site.zeros.item() / site.seen.item() * site.weights
+                if "larosa_sites" in layer._modules:
+                    measured.append(layer._modules.pop("larosa_sites"))
     # The output head: the embedding itself where the model ties them (a lazy model's lm_head is never loaded).
     head = model.get_input_embeddings() if model.config.tie_word_embeddings else model.get_output_embeddings()
     nll, tokens = 0.0, 0
@@ -92,12 +83,11 @@ def perplexity_streamed(model: nn.Module, windows: torch.Tensor, *, rotations: R
             logits = F.linear(adapter.final_norm()(hidden[j : j + 1]), head.weight)[0, :-1].float()
             nll += F.cross_entropy(logits, windows[j, 1:].to(device), reduction="sum").item()
             tokens += windows.shape[1] - 1
-    total = sum(adapter.dims.site_weights().values()) * adapter.dims.n_layers
     return {
         "ppl": math.exp(nll / tokens),
         "tokens": tokens,
         "windows": len(windows),
         "seconds": time.perf_counter() - start,
-        "measured_param_weighted": skipped / total,
-        "site_sparsity": {s: zeros[s] / seen[s] for s in seen if seen[s]},
+        "measured_param_weighted": param_weighted_share(measured, adapter.dims),
+        "site_sparsity": sparsity_by_site(measured),
     }

@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import adapter_for
-from .calibrate import _first_layer_inputs
+from .calibrate import _first_layer_inputs, advance, run_layer
 from .errors import LarosaError
 from .models import default_device, resident
 
@@ -48,12 +48,6 @@ class _Sample:
         return torch.cat(self.parts).sort().values.cpu()
 
 
-def run_layer(layer: nn.Module, call: tuple, x: torch.Tensor) -> torch.Tensor:
-    args, kwargs = call
-    out = layer(x, *args, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
-
-
 @torch.no_grad()
 def layerwise(model: nn.Module, windows: torch.Tensor, taps: dict[str, Callable], choose: Chooser,
               desc: str, device: str | None, progress: bool) -> list[dict]:
@@ -78,12 +72,7 @@ def layerwise(model: nn.Module, windows: torch.Tensor, taps: dict[str, Callable]
                 handles.append(module.register_forward_hook(
                     lambda m, a, out, s=samples[name], read=read: s.add(read(a[0], out))))
             inputs = hidden[:kept].clone()
-            try:
-                for j in range(hidden.shape[0]):
-                    hidden[j] = run_layer(layer, calls[i], hidden[j : j + 1])[0]
-            finally:
-                for h in handles:
-                    h.remove()
+            advance(layer, calls[i], hidden, handles)
             values = {name: s.sorted() for name, s in samples.items()}
             plans.append(choose(i, layer, calls[i], values, inputs))
     return plans

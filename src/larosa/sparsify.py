@@ -255,34 +255,43 @@ def unsparsify(model: nn.Module) -> nn.Module:
     return model
 
 
-def site_sparsity(model: nn.Module, reset: bool = False) -> dict[str, float]:
-    """Measured share of zeros fed to each site's weights, over all layers and tokens since the last reset."""
+def _attached(model: nn.Module) -> list[nn.ModuleDict]:
+    return [layer._modules["larosa_sites"] for layer in adapter_for(model).layers() if "larosa_sites" in layer._modules]
+
+
+def sparsity_by_site(layers: list[nn.ModuleDict]) -> dict[str, float]:
+    """Measured share of zeros fed to each site's weights, over the given layers' sites."""
     zeros: dict[str, float] = {}
     seen: dict[str, float] = {}
-    for layer in adapter_for(model).layers():
-        sites = layer._modules.get("larosa_sites")
-        if sites is None:
-            continue
+    for sites in layers:
         for name, site in sites.items():
             zeros[name] = zeros.get(name, 0.0) + site.zeros.item()
             seen[name] = seen.get(name, 0.0) + site.seen.item()
-            if reset:
-                site.zeros.zero_()
-                site.seen.zero_()
     return {s: zeros[s] / seen[s] for s in seen if seen[s]}
 
 
-def measured_param_weighted(model: nn.Module) -> float:
-    """Measured share of decoder linear weight reads skipped since the last reset, for any method's sites.
+def param_weighted_share(layers: list[nn.ModuleDict], dims: Dims) -> float:
+    """Measured share of the decoder's linear weight reads that the given layers' sites skipped.
 
     Every site module counts ``zeros`` and ``seen`` and knows the ``weights`` it gates, so Top-K, threshold and
     gate-activation methods are compared on the same footing.
     """
-    adapter = adapter_for(model)
-    skipped = 0.0
-    for layer in adapter.layers():
-        for site in getattr(layer, "larosa_sites", {}).values():
-            if site.seen.item():
-                skipped += site.zeros.item() / site.seen.item() * site.weights
-    total = sum(adapter.dims.site_weights().values()) * len(adapter.layers())
-    return skipped / total
+    skipped = sum(site.zeros.item() / site.seen.item() * site.weights
+                  for sites in layers for site in sites.values() if site.seen.item())
+    return skipped / (sum(dims.site_weights().values()) * dims.n_layers)
+
+
+def site_sparsity(model: nn.Module, reset: bool = False) -> dict[str, float]:
+    """Measured share of zeros fed to each site's weights, over all layers and tokens since the last reset."""
+    layers = _attached(model)
+    measured = sparsity_by_site(layers)
+    if reset:
+        for site in (site for sites in layers for site in sites.values()):
+            site.zeros.zero_()
+            site.seen.zero_()
+    return measured
+
+
+def measured_param_weighted(model: nn.Module) -> float:
+    """Measured share of decoder linear weight reads skipped since the last reset, for any method's sites."""
+    return param_weighted_share(_attached(model), adapter_for(model).dims)
