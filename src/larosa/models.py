@@ -38,14 +38,20 @@ def resolve(name: str) -> str:
     return name
 
 
-def load_model(name: str, *, device: str | None = None, dtype: torch.dtype | None = None):
-    """(model, tokenizer), in eval mode; the architecture is checked before any weight is read."""
-    path = resolve(name)
+def _supported_config(name: str, path) -> AutoConfig:
+    """The model's config, read before any weight; an unsupported architecture is an error here."""
     try:
         config = AutoConfig.from_pretrained(path)
     except OSError as e:
         raise LarosaError(f"cannot load model {name!r}: {e}") from e
     adapter_class(config)
+    return config
+
+
+def load_model(name: str, *, device: str | None = None, dtype: torch.dtype | None = None):
+    """(model, tokenizer), in eval mode; the architecture is checked before any weight is read."""
+    path = resolve(name)
+    _supported_config(name, path)
     device = device or default_device()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or default_dtype(device), device_map=device)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -89,11 +95,7 @@ def load_lazy(name: str, *, dtype: torch.dtype = torch.float32):
             path = Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
         except Exception as e:  # offline, unknown repo, gated: one clear line
             raise LarosaError(f"cannot fetch model {name!r}: {e}") from e
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except OSError as e:
-        raise LarosaError(f"cannot load model {name!r}: {e}") from e
-    adapter_class(config)
+    config = _supported_config(name, path)
     weights = DiskWeights(path, dtype)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
