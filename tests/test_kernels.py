@@ -366,3 +366,23 @@ def test_method_argument_checks():
     with pytest.raises(TypeError, match="unknown GEMV option"):
         topk_gemv(torch.randn(64, device=DEVICE).bfloat16(), torch.randn(64, 8, device=DEVICE).bfloat16(), 3,
                   fused=True, block_m=4)
+
+
+@needs_triton
+def test_pdl_gives_the_same_result_or_is_refused():
+    """PDL only changes when the GEMV's programs start: the output must be bitwise the plain launch's. Where
+    the device cannot (CPU, the interpreter, pre-Hopper GPUs) pdl=True is a clear error, and the engine does
+    not ask for it."""
+    g = gen(91)
+    d_in, d_out = 4096, 1000
+    wt = torch.randn(d_in, d_out, generator=g).to(torch.bfloat16).to(DEVICE)
+    x = torch.randn(d_in, generator=g).to(torch.bfloat16).to(DEVICE)
+    k = d_in // 2
+    if not K.pdl_supported(wt.device):
+        with pytest.raises(RuntimeError, match="pdl needs"):
+            topk_gemv(x, wt, k, fused=True, pdl=True)
+        return
+    plain = topk_gemv(x, wt, k, fused=True)
+    assert torch.equal(topk_gemv(x, wt, k, fused=True, pdl=True), plain)
+    assert rel_err(plain, topk_gemv_reference(x, wt, k)) < 1e-2
+    assert workspaces_clean()

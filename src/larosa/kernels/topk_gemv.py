@@ -377,6 +377,13 @@ def _num_sms(device: torch.device) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- API
+@functools.cache
+def pdl_supported(device: torch.device) -> bool:
+    """Whether ``topk_gemv(..., pdl=True)`` runs on ``device``: a Hopper or newer GPU, a Triton with gdc_wait."""
+    return (HAVE_GDC and not INTERPRETED and device.type == "cuda"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
 def _workspace(device: torch.device) -> Tensor:
     """The threshold kernel's histogram and ticket (int32, zero between calls), one per device. Made on the
     first call, which must come before any CUDA graph capture (as Triton's compilation must too)."""
@@ -587,13 +594,11 @@ def topk_gemv(
     chunk = _cdiv(_cdiv(d_in, max(1, cfg["split_k"])), bk) * bk  # positions a program takes
     split = _cdiv(d_in, chunk)
     n_blocks = _cdiv(d_out, bn)
+    if pdl and not pdl_supported(wt.device):
+        raise RuntimeError("pdl needs a Hopper or newer GPU and a Triton with tl.extra.cuda.gdc_wait")
     acc, cnt = _gemv_workspace(wt.device, d_out, n_blocks)
     state = _threshold(xf, k, trigger=pdl)
-    extra = {}
-    if pdl:
-        if INTERPRETED or not HAVE_GDC:
-            raise RuntimeError("pdl needs a GPU and a Triton with tl.extra.cuda.gdc_wait")
-        extra["launch_pdl"] = True
+    extra = {"launch_pdl": True} if pdl else {}
     _topk_gemv_kernel[(n_blocks, split)](
         xf, wt, out, acc, cnt, _workspace(xf.device), state, d_in, d_out, wt.stride(0), chunk,
         BLOCK_N=bn, BLOCK_K=bk, ONE_SPLIT=split == 1, PDL=pdl, num_warps=cfg["num_warps"], **extra,

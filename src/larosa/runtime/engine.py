@@ -23,10 +23,12 @@ from ..sparsify import Sparsity, keep_count, per_layer, topk
 @torch.compiler.disable
 def _sparse_decode(x: torch.Tensor, wt: torch.Tensor, k: int) -> torch.Tensor:
     """The Triton Top-K kernels, run as they are under torch.compile: traced, their workspaces (allocated on
-    the first call, zeroed by the kernels themselves) would become graph tensors."""
-    from ..kernels import topk_gemv
+    the first call, zeroed by the kernels themselves) would become graph tensors. Where the GPU allows, the GEMV
+    is a programmatic dependent launch of the threshold search: Llama-2-7B at 50 % decoded 1.7 % (global scope)
+    and 2.4 % (layer scope) faster on the H200."""
+    from ..kernels import pdl_supported, topk_gemv
 
-    return topk_gemv(x, wt, k)
+    return topk_gemv(x, wt, k, pdl=pdl_supported(x.device))
 
 
 class Proj(nn.Module):
@@ -73,6 +75,23 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-b, a), dim=-1)
 
 
+class KVCache(nn.Module):
+    """One layer's keys and values for ``max_seq`` positions, in buffers of its own: with one buffer for all
+    layers, sliced per layer, torch.compile wrote the whole cache back after every update (about 0.4 ms a token
+    on Llama-2-7B, 8 % of the dense decode step)."""
+
+    def __init__(self, n_kv_heads: int, max_seq: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        shape, kw = (n_kv_heads, max_seq, head_dim), {"dtype": dtype, "device": device}
+        self.register_buffer("k", torch.zeros(shape, **kw), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, **kw), persistent=False)
+
+    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k.index_copy_(1, pos, k)
+        self.v.index_copy_(1, pos, v)
+        return self.k, self.v
+
+
 @dataclass
 class Shape:
     hidden: int
@@ -91,8 +110,9 @@ class Layer(nn.Module):
             attn_norm, qkv, o, mlp_norm, gate_up, down)
         self.mid_adapter = None if mid_adapter is None else Proj(mid_adapter)
         self.out_adapter = None if out_adapter is None else Proj(out_adapter)
+        self.cache: KVCache | None = None  # set by Transformer, which knows the cache length
 
-    def forward(self, h, cos, sin, k_cache, v_cache, pos, mask):
+    def forward(self, h, cos, sin, pos, mask):
         s = self.shape
         t = h.shape[0]
         q, k, v = self.qkv(self.attn_norm(h)).split(
@@ -101,8 +121,7 @@ class Layer(nn.Module):
         k = k.view(t, s.n_kv_heads, s.head_dim).transpose(0, 1)
         v = v.view(t, s.n_kv_heads, s.head_dim).transpose(0, 1)
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-        k_cache.index_copy_(1, pos, k)
-        v_cache.index_copy_(1, pos, v)
+        k_cache, v_cache = self.cache.update(pos, k, v)
         attn = F.scaled_dot_product_attention(q[None], k_cache[None], v_cache[None], attn_mask=mask[None, None],
                                               enable_gqa=True)
         h = h + self.o(attn[0].transpose(0, 1).reshape(t, -1))
@@ -124,11 +143,9 @@ class Transformer(nn.Module):
         self.layers, self.final_norm, self.lm_head = nn.ModuleList(layers), final_norm, lm_head
         self.register_buffer("cos", cos[:max_seq], persistent=False)
         self.register_buffer("sin", sin[:max_seq], persistent=False)
-        s = layers[0].shape
-        cache = (len(layers), s.n_kv_heads, max_seq, s.head_dim)
-        kw = dict(dtype=embedding.dtype, device=embedding.device)
-        self.register_buffer("k_cache", torch.zeros(cache, **kw), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(cache, **kw), persistent=False)
+        for layer in self.layers:
+            s = layer.shape
+            layer.cache = KVCache(s.n_kv_heads, max_seq, s.head_dim, embedding.dtype, embedding.device)
         causal = torch.ones(max_seq, max_seq, dtype=torch.bool, device=embedding.device).tril()
         self.register_buffer("causal", causal, persistent=False)
         self.max_seq = max_seq
@@ -137,8 +154,8 @@ class Transformer(nn.Module):
         """Logits for ``tokens`` (1-D) at cache positions ``pos`` (1-D, same length)."""
         h = self.embedding[tokens]
         cos, sin, mask = self.cos[pos][None], self.sin[pos][None], self.causal[pos]
-        for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, self.k_cache[i], self.v_cache[i], pos, mask)
+        for layer in self.layers:
+            h = layer(h, cos, sin, pos, mask)
         return self.lm_head(self.final_norm(h)).float()
 
     @classmethod
