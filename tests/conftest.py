@@ -68,12 +68,17 @@ def train_tokenizer(text: str, vocab: int = 96) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
 
 
+def saved_tiny(path: Path, arch: str = "llama", shard: str = "1GB", tie: bool = False) -> str:
+    """A tiny model and its tokenizer saved as a safetensors checkpoint (sharded when ``shard`` is small), as
+    load_lazy reads them."""
+    tokenizer = train_tokenizer(TEXT)
+    tiny_model(arch, tie=tie, vocab=len(tokenizer)).save_pretrained(path, max_shard_size=shard)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture
 def model_dir(tmp_path):
     """A saved tiny Llama with a tokenizer and a text file to calibrate and evaluate on."""
-    path = tmp_path / "tiny-llama"
-    tokenizer = train_tokenizer(TEXT)
-    tiny_model("llama", vocab=len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
     (tmp_path / "text.txt").write_text(TEXT, encoding="utf-8")
-    return path
+    return Path(saved_tiny(tmp_path / "tiny-llama"))

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import TEXT, random_windows, tiny_model, train_tokenizer
+from conftest import random_windows, saved_tiny, tiny_model
 from safetensors.torch import load_file
 
 import larosa
@@ -144,18 +144,11 @@ def test_non_orthogonal_rotation_is_refused(saved, tmp_path):
         Rotations.load(tmp_path / "bad.safetensors")
 
 
-def _saved(path, arch: str = "llama", shard: str = "1GB", tie: bool = False):
-    tokenizer = train_tokenizer(TEXT)
-    tiny_model(arch, tie=tie, vocab=len(tokenizer)).save_pretrained(path, max_shard_size=shard)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
 @pytest.mark.parametrize("shards", ["one file", "sharded"])
 def test_calibration_from_disk_equals_calibration_in_ram(tmp_path, shards):
     """load_lazy keeps every weight on disk (meta) and reads one layer at a time: the same rotations and the
     same fingerprint as the model held in RAM, and nothing stays resident afterwards."""
-    path = _saved(tmp_path / "m", "qwen2", "100KB" if shards == "sharded" else "1GB")
+    path = saved_tiny(tmp_path / "m", "qwen2", "100KB" if shards == "sharded" else "1GB")
     assert (tmp_path / "m" / "model.safetensors.index.json").exists() == (shards == "sharded")
     windows = random_windows(3)
     eager, _ = larosa.load_model(path, device="cpu", dtype=torch.float32)
@@ -172,7 +165,7 @@ def test_calibration_from_disk_equals_calibration_in_ram(tmp_path, shards):
 
 
 def test_lazy_loading_refuses_checkpoints_it_cannot_read(tmp_path):
-    path = _saved(tmp_path / "m")
+    path = saved_tiny(tmp_path / "m")
     lazy, _ = load_lazy(path)
     del lazy.larosa_weights.weight_map["model.layers.1.mlp.down_proj.weight"]  # as a truncated index would
     with pytest.raises(larosa.LarosaError, match="no tensor 'model.layers.1.mlp.down_proj.weight'"):
@@ -188,7 +181,7 @@ def test_lazy_loading_refuses_checkpoints_it_cannot_read(tmp_path):
 def test_streamed_perplexity_equals_the_whole_model_forward(tmp_path, arch, tie):
     """One layer resident at a time, in RAM or read from disk: the same PPL and measured sparsity as perplexity()
     on the whole model, dense and sparse (weight-aware scores on gain-free Q need the resident weights)."""
-    path = _saved(tmp_path / "m", arch, tie=tie)
+    path = saved_tiny(tmp_path / "m", arch, tie=tie)
     eager, _ = larosa.load_model(path, device="cpu", dtype=torch.float32)
     lazy, _ = load_lazy(path)
     assert eager.config.tie_word_embeddings == tie

@@ -5,11 +5,12 @@ import json
 
 import pytest
 import torch
-from conftest import random_windows, tiny_model
+from conftest import random_windows, saved_tiny, tiny_model
 from transformers import AutoModelForCausalLM
 
 import larosa
 from larosa.adapters import adapter_for
+from larosa.cli import main
 from larosa.fold import fold, save_folded
 from larosa.layerwise import greedy_levels
 from larosa.search import (add_plan, config_for_target, default_config, find_plan, greedy_plan, plan_configs, search,
@@ -131,3 +132,44 @@ def test_search_holds_the_target_and_round_trips_through_the_rotations_file(cali
     again.meta["plans"] = "{not json"
     with pytest.raises(larosa.LarosaError, match="JSON"):
         stored_plans(again)
+
+
+@pytest.mark.parametrize("scope, score", [("block", "magnitude"), ("global", "weight")])
+def test_lazy_search_finds_the_plan_of_the_search_in_ram(tmp_path, scope, score):
+    """Weights left on disk and every trial scored one layer at a time: the same split, per-layer levels and
+    calibration NLLs as the search on the model in RAM (weight-aware scores read the resident layer's weights)."""
+    path = saved_tiny(tmp_path / "m")
+    eager, _ = larosa.load_model(path, device="cpu", dtype=torch.float32)
+    lazy, _ = larosa.load_lazy(path)
+    rot = larosa.calibrate(eager, random_windows(4, seed=3), signal="gainfree", device="cpu", progress=False)
+    windows = random_windows(2, seed=7)
+    want, got = (search(m, rot, windows, 0.4, scope=scope, score=score, device="cpu", progress=False)
+                 for m in (eager, lazy))
+    assert (got["chosen"], got["rotated_multiple"], got["layers"]) == (
+        want["chosen"], want["rotated_multiple"], want["layers"])
+    assert got["nll"] == pytest.approx(want["nll"], rel=1e-5)
+    assert [t["nll"] for t in got["split_trials"]] == pytest.approx([t["nll"] for t in want["split_trials"]],
+                                                                    rel=1e-5)
+    assert all(p.device.type == "meta" for p in lazy.parameters())
+
+
+def test_search_lazy_cli_stores_the_plan_of_the_search_in_ram(model_dir, tmp_path, capsys, monkeypatch):
+    rot, in_ram, lazy = (tmp_path / f"{name}.safetensors" for name in ("rot", "in-ram", "lazy"))
+    model, _ = larosa.load_model(str(model_dir), device="cpu")
+    larosa.calibrate(model, random_windows(4, seed=3), device="cpu", progress=False).save(rot)
+    common = ["search", model_dir, "--rotations", rot, "--data", tmp_path / "text.txt", "--target", "0.3,0.4",
+              "--windows", 2, "--seq-len", 32, "--device", "cpu", "--json", "--quiet"]
+    assert main([str(a) for a in [*common, "--out", in_ram]]) == 0
+
+    def whole_model_forward(*args, **kwargs):
+        raise AssertionError("a lazily loaded model has no weights in memory for a whole-model forward")
+
+    monkeypatch.setattr("larosa.search.perplexity", whole_model_forward)
+    capsys.readouterr()
+    assert main([str(a) for a in [*common, "--lazy", "--out", lazy]]) == 0
+    assert [p["target"] for p in json.loads(capsys.readouterr().out)["plans"]] == [0.3, 0.4]
+    want, got = larosa.Rotations.load(in_ram), larosa.Rotations.load(lazy)
+    for target in (0.3, 0.4):
+        a, b = (find_plan(r, target, "block", "magnitude") for r in (want, got))
+        assert (b["chosen"], b["rotated_multiple"], b["layers"]) == (a["chosen"], a["rotated_multiple"], a["layers"])
+        assert b["nll"] == pytest.approx(a["nll"], rel=1e-5)

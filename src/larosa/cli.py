@@ -78,11 +78,17 @@ def _batch_arg(p: argparse.ArgumentParser) -> None:
                    help="windows per forward pass: same result, faster on a GPU (default 1)")
 
 
+def _load(a: argparse.Namespace, lazy: bool, device: str | None = None):
+    """(model, tokenizer) in --dtype, else the compute device's dtype: with ``lazy`` the weights stay on disk
+    (:func:`load_lazy`, for the commands that read one layer at a time), else on ``device`` (default --device)."""
+    dtype = DTYPES[a.dtype] if a.dtype else default_dtype(a.device or default_device())
+    return load_lazy(a.model, dtype=dtype) if lazy else load_model(a.model, device=device or a.device, dtype=dtype)
+
+
 def _cmd_calibrate(a: argparse.Namespace) -> dict:
     # Weights stay in CPU RAM (or on disk with --lazy); one layer at a time visits the compute device, in that
     # device's dtype.
-    dtype = DTYPES[a.dtype] if a.dtype else default_dtype(a.device or default_device())
-    model, tok = load_lazy(a.model, dtype=dtype) if a.lazy else load_model(a.model, device="cpu", dtype=dtype)
+    model, tok = _load(a, a.lazy, device="cpu")
     rot = calibrate(model, a.data, tokenizer=tok, n_windows=a.windows, seq_len=a.seq_len, signal=a.signal,
                     device=a.device, progress=not a.quiet)
     rot.meta["model"] = a.model
@@ -128,11 +134,7 @@ def _eval_model(a: argparse.Namespace):
         raise LarosaError("--head-rotation applies to --mode folded only")
     rotations = Rotations.load(a.rotations) if a.rotations else None
     a.scope = a.scope or ("global" if a.mode == "folded" else "block")
-    dtype = DTYPES[a.dtype] if a.dtype else None
-    if lazy:
-        model, tok = load_lazy(a.model, dtype=dtype or default_dtype(a.device or default_device()))
-    else:
-        model, tok = load_model(a.model, device=a.device, dtype=dtype)
+    model, tok = _load(a, lazy)
     config, source = _chosen_sparsity(a, model, rotations)
     if lazy:
         a.streamed = {"rotations": rotations, "sparsity": config, "scope": a.scope, "score": a.score}
@@ -241,12 +243,12 @@ def _cmd_sparsify(a: argparse.Namespace) -> dict:
 
 def _cmd_search(a: argparse.Namespace) -> dict:
     rotations = Rotations.load(a.rotations)
-    model, tok = load_model(a.model, device=a.device, dtype=DTYPES[a.dtype] if a.dtype else None)
+    model, tok = _load(a, a.lazy)
     windows = token_windows(tok, a.data, a.windows, a.seq_len)
     plans = []
     for target in a.target:
         plan = search(model, rotations, windows, target, scope=a.scope, score=a.score, layers=not a.no_layers,
-                      batch_size=a.batch_size, progress=not a.quiet)
+                      batch_size=a.batch_size, device=a.device, progress=not a.quiet)
         add_plan(rotations, plan)
         plans.append({k: plan[k] for k in ("target", "scope", "score", "rotated_multiple", "chosen", "nll",
                                            "seconds")})
@@ -501,6 +503,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--scope", choices=SCOPES, default="block", help="rotation scope the plan is for (default block)")
     s.add_argument("--score", choices=SCORES, default="magnitude")
     s.add_argument("--no-layers", action="store_true", help="search the split only, no per-layer site search")
+    s.add_argument("--lazy", action="store_true",
+                   help="leave the weights on disk and score every trial one layer at a time (models larger than "
+                        "the GPU or RAM; safetensors checkpoints)")
     s.add_argument("--out", required=True, help="rotations file to write, with the plans added")
 
     cmp = sub.add_parser("compare", help="dense, TEAL, CATS and LaRoSa variants on the same windows at equal "

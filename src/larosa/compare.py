@@ -53,7 +53,7 @@ def _apply(model: nn.Module, method: str, target: float, rotations: Rotations | 
     plan = find_plan(rotations, target, scope, score)
     if plan is None:
         plan = search(model, rotations, search_windows, target, scope=scope, score=score, batch_size=batch_size,
-                      progress=False)
+                      device=device, progress=False)
         add_plan(rotations, plan)
     sparsify(model, rotations, plan_configs(plan), scope=scope, score=score)
     return {k: plan[k] for k in ("rotated_multiple", "chosen", "nll", "seconds")}

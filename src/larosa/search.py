@@ -15,7 +15,9 @@ SmolLM2 the plans piled sparsity on the last layers and raised WikiText-2 PPL ov
 25.2 to 29.1 at 40 %), so every layer keeps the target.
 
 A plan is a list of per-layer :class:`SparsityConfig`; it is stored in the rotations file and used by eval and
-sparsify.
+sparsify. A model from :func:`larosa.models.load_lazy` is searched with one decoder layer resident at a time
+(every trial streamed, see :func:`larosa.evaluate.perplexity_streamed`), so a model larger than the GPU or RAM
+can be searched too.
 """
 
 from __future__ import annotations
@@ -30,11 +32,11 @@ from tqdm.auto import tqdm
 
 from .adapters import Dims, adapter_for
 from .errors import LarosaError
-from .evaluate import perplexity
+from .evaluate import perplexity, perplexity_streamed
 from .layerwise import greedy_levels, layerwise, output_error
 from .rotations import Rotations
-from .sparsify import (DEFAULT_SPLIT, SITES, SparsityConfig, attach_sites, keep_count, site_inputs, sparsify,
-                       unsparsify)
+from .sparsify import (DEFAULT_SPLIT, SITES, Sparsity, SparsityConfig, attach_sites, keep_count, site_inputs,
+                       sparsify, unsparsify)
 
 SPLIT_GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3)  # rotated-site level as a multiple of the target
 ROTATED, PLAIN = ("attn_in", "mlp_in"), ("o_in", "down_in")
@@ -64,10 +66,26 @@ def _check_target(target: float) -> None:
         raise LarosaError(f"target parameter-weighted sparsity must be in (0, 1), got {target!r}")
 
 
+def _nll(model: nn.Module, rotations: Rotations, windows: torch.Tensor, sparsity: Sparsity, *, scope: str,
+         score: str, batch_size: int, device: str | None) -> float:
+    """Calibration NLL of ``sparsity``. A lazily loaded model's weights are not in memory (parameters on the meta
+    device), so it is scored one layer at a time on ``device``; otherwise by whole-model forwards where it is."""
+    if next(model.parameters()).device.type == "meta":
+        ppl = perplexity_streamed(model, windows, rotations=rotations, sparsity=sparsity, scope=scope, score=score,
+                                  device=device, progress=False)["ppl"]
+    else:
+        sparsify(model, rotations, sparsity, scope=scope, score=score)
+        try:
+            ppl = perplexity(model, windows, batch_size=batch_size, progress=False)["ppl"]
+        finally:
+            unsparsify(model)
+    return math.log(ppl)
+
+
 @torch.no_grad()
 def search_split(model: nn.Module, rotations: Rotations, windows: torch.Tensor, target: float, *,
                  scope: str = "block", score: str = "magnitude", grid=SPLIT_GRID, batch_size: int = 1,
-                 progress: bool = True) -> dict:
+                 device: str | None = None, progress: bool = True) -> dict:
     """The grid point with the lowest calibration NLL; {"config", "rotated_multiple", "trials"}."""
     _check_target(target)
     dims = adapter_for(model).dims
@@ -76,9 +94,8 @@ def search_split(model: nn.Module, rotations: Rotations, windows: torch.Tensor, 
         config = config_for_target(dims, target, m)
         if config is None:
             continue
-        sparsify(model, rotations, config, scope=scope, score=score)
-        nll = math.log(perplexity(model, windows, batch_size=batch_size, progress=False)["ppl"])
-        unsparsify(model)
+        nll = _nll(model, rotations, windows, config, scope=scope, score=score, batch_size=batch_size,
+                   device=device)
         trials.append({"rotated_multiple": m, "sites": config.sites(), "nll": nll})
     if not trials:
         raise LarosaError(f"no split of the grid reaches parameter-weighted sparsity {target}")
@@ -93,9 +110,10 @@ GREEDY_STEP = 0.05  # a site's level rises by this much per greedy step
 @torch.no_grad()
 def greedy_plan(model: nn.Module, rotations: Rotations, windows: torch.Tensor, target: float, *,
                 scope: str = "block", score: str = "magnitude", step: float = GREEDY_STEP,
-                progress: bool = True) -> list[SparsityConfig]:
+                device: str | None = None, progress: bool = True) -> list[SparsityConfig]:
     """Per layer, the sites' levels that reach ``target`` with the least layer output error, raised greedily
-    (:func:`larosa.layerwise.greedy_levels`) on the dense model's inputs to that layer."""
+    (:func:`larosa.layerwise.greedy_levels`) on the dense model's inputs to that layer; each layer visits
+    ``device`` in turn (default: cuda when available), so a lazily loaded model works too."""
     _check_target(target)
     adapter = adapter_for(model)
     weights = adapter.dims.site_weights()
@@ -120,27 +138,27 @@ def greedy_plan(model: nn.Module, rotations: Rotations, windows: torch.Tensor, t
                 h.remove()
             del layer._modules["larosa_sites"]
 
-    device = str(next(model.parameters()).device)
     return [SparsityConfig(**levels) for levels in layerwise(model, windows, {}, choose, f"site search @ {target:.2f}",
                                                              device, progress)]
 
 
 def search(model: nn.Module, rotations: Rotations, windows: torch.Tensor, target: float, *,
            scope: str = "block", score: str = "magnitude", layers: bool = True, batch_size: int = 1,
-           progress: bool = True) -> dict:
+           device: str | None = None, progress: bool = True) -> dict:
     """Split search, then (with ``layers``) the per-layer greedy, kept if its calibration NLL is lower; a
-    JSON-ready plan."""
+    JSON-ready plan. ``device`` is where layers run one at a time (the greedy; every trial of a lazily loaded
+    model); ``batch_size`` windows go through each whole-model forward of a model in memory."""
     start = time.perf_counter()
     split = search_split(model, rotations, windows, target, scope=scope, score=score, batch_size=batch_size,
-                         progress=progress)
+                         device=device, progress=progress)
     n = adapter_for(model).dims.n_layers
     plan, chosen = [split["config"]] * n, "split"
     nll = {"split": min(t["nll"] for t in split["trials"])}
     if layers:
-        greedy = greedy_plan(model, rotations, windows, target, scope=scope, score=score, progress=progress)
-        sparsify(model, rotations, greedy, scope=scope, score=score)
-        nll["per-layer"] = math.log(perplexity(model, windows, batch_size=batch_size, progress=False)["ppl"])
-        unsparsify(model)
+        greedy = greedy_plan(model, rotations, windows, target, scope=scope, score=score, device=device,
+                             progress=progress)
+        nll["per-layer"] = _nll(model, rotations, windows, greedy, scope=scope, score=score, batch_size=batch_size,
+                                device=device)
         if nll["per-layer"] < nll["split"]:
             plan, chosen = greedy, "per-layer"
     return {
