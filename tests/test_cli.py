@@ -105,6 +105,39 @@ def test_sparsify_writes_a_directory_that_eval_reads_like_the_in_memory_fold(mod
     assert code == 2 and "exists" in err
 
 
+def test_sparsify_lazy_writes_what_sparsify_in_ram_writes_and_leaves_the_checkpoint(model_dir, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from larosa.assets import sha256
+
+    text, rot = tmp_path / "text.txt", tmp_path / "rot.safetensors"
+    assert run(capsys, "calibrate", model_dir, "--data", text, "--out", rot, "--windows", 4, "--seq-len", 32,
+               "--signal", "gainfree", "--quiet")[0] == 0
+    before = {p.name: sha256(p) for p in model_dir.iterdir()}
+    settings = ("--rotations", rot, "--sparsity", 0.4, "--scope", "block", "--score", "weight", "--json", "--quiet")
+    reports = {}
+    for name, lazy in (("in-ram", ()), ("lazy", ("--lazy",))):
+        code, printed, _ = run(capsys, "sparsify", model_dir, *settings, *lazy, "--out", tmp_path / name)
+        assert code == 0
+        reports[name] = {k: v for k, v in json.loads(printed).items() if k != "out"}
+    assert reports["lazy"] == reports["in-ram"] and reports["lazy"]["score"] == "weight"
+    assert {p.name: sha256(p) for p in model_dir.iterdir()} == before
+    a, b = (load_file(tmp_path / "in-ram" / "model.safetensors"),
+            {k: v for p in (tmp_path / "lazy").glob("model-*.safetensors") for k, v in load_file(p).items()})
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    common = ("--data", text, "--seq-len", 32, "--windows", 2, "--json", "--quiet")
+    ppl = {name: json.loads(run(capsys, "eval", "ppl", tmp_path / name, *common)[1])["ppl"] for name in reports}
+    assert ppl["lazy"] == ppl["in-ram"]
+
+    code, _, err = run(capsys, "sparsify", model_dir, *settings, "--lazy", "--out", tmp_path / "lazy")
+    assert code == 2 and "exists" in err
+    weights = model_dir / "model.safetensors"
+    torch.save(load_file(weights), model_dir / "pytorch_model.bin")
+    weights.unlink()
+    code, _, err = run(capsys, "sparsify", model_dir, *settings, "--lazy", "--out", tmp_path / "bin")
+    assert code == 2 and "safetensors checkpoints only" in err and not (tmp_path / "bin").exists()
+
+
 def test_search_then_eval_and_sparsify_use_the_stored_plan(model_dir, tmp_path, capsys):
     text, rot, searched = tmp_path / "text.txt", tmp_path / "rot.safetensors", tmp_path / "searched.safetensors"
     assert run(capsys, "calibrate", model_dir, "--data", text, "--out", rot, "--windows", 4, "--seq-len", 32,

@@ -1,13 +1,15 @@
 import copy
 import json
+import sys
 
 import pytest
 import torch
-from conftest import random_windows, tiny_model
+from conftest import random_windows, saved_tiny, tiny_model
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import larosa
-from larosa.fold import CHECKSUMS, fold, save_folded
+from larosa.fold import CHECKSUMS, fold, fold_streamed, save_folded, verify_checksums
 
 
 def _rel(a, b):
@@ -166,3 +168,97 @@ def test_fold_keeps_the_model_on_its_device(calibrated):
     model, rot = calibrated[("llama", False)]
     folded = fold(copy.deepcopy(model).cuda(), rot, 0.4)
     assert {p.device.type for p in folded.parameters()} == {"cuda"}
+
+
+def _fold_both(tmp_path, arch, tie, scope, score, head_rotation=False, dtype=torch.float32, shard="1GB",
+               sparsity=0.4):
+    """One checkpoint on disk folded both ways: (the in-RAM folded model, save_folded's directory, the rotations,
+    fold_streamed's directory, its returned config)."""
+    path = saved_tiny(tmp_path / "m", arch, shard=shard, tie=tie)
+    model, tok = larosa.load_model(path, device="cpu", dtype=dtype)
+    rot = larosa.calibrate(model, random_windows(4, seed=3), signal="gainfree", device="cpu", progress=False)
+    how = {"scope": scope, "score": score, "head_rotation": head_rotation}
+    folded = fold(model, rot, sparsity, **how)
+    in_ram = save_folded(folded, tok, tmp_path / "in-ram")
+    lazy, tok = larosa.load_lazy(path, dtype=dtype)
+    config = fold_streamed(lazy, rot, sparsity, tmp_path / "streamed", tokenizer=tok, **how)
+    assert all(p.device.type == "meta" for p in lazy.parameters())  # nothing was kept resident
+    return folded, in_ram, tmp_path / "streamed", config
+
+
+def _tensors(path) -> dict[str, torch.Tensor]:
+    return {k: v for f in sorted(path.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+STREAMED = [  # arch, tied, scope, score, head rotation, dtype, checkpoint shard size, sparsity
+    ("llama", False, "global", "magnitude", False, torch.float32, "1GB", 0.4),
+    ("llama", True, "layer", "magnitude", True, torch.bfloat16, "1GB", 0.4),
+    ("qwen2", True, "block", "magnitude", False, torch.float32, "1GB", 0.5),
+    ("qwen2", False, "global", "weight", True, torch.float32, "100KB",
+     [larosa.SparsityConfig(0.2, 0.3, 0.4, 0.5), larosa.SparsityConfig(0.5, 0.5, 0.5, 0.5),
+      larosa.SparsityConfig(0.0, 0.1, 0.2, 0.3)]),
+    ("llama", True, "block", "weight", False, torch.bfloat16, "1GB", 0.4),
+]
+
+
+@pytest.mark.parametrize("arch, tie, scope, score, heads, dtype, shard, sparsity", STREAMED,
+                         ids=["llama-untied-global", "llama-tied-layer-heads-bf16", "qwen2-tied-block",
+                              "qwen2-untied-global-weight-heads-plan-sharded", "llama-tied-block-weight-bf16"])
+def test_streamed_fold_writes_what_the_fold_in_ram_saves(tmp_path, arch, tie, scope, score, heads, dtype, shard,
+                                                         sparsity):
+    folded, in_ram, streamed, config = _fold_both(tmp_path, arch, tie, scope, score, heads, dtype, shard, sparsity)
+    a, b = _tensors(in_ram), _tensors(streamed)
+    assert a.keys() == b.keys()
+    assert all(a[k].dtype == b[k].dtype == dtype and torch.equal(a[k], b[k]) for k in a)
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (streamed / name).read_text() == (in_ram / name).read_text(), name
+    assert config.larosa == folded.config.larosa
+    # A shard per decoder layer, one for the embedding and one for the head and final norm, all indexed.
+    index = json.loads((streamed / "model.safetensors.index.json").read_text())
+    shards = sorted(streamed.glob("model-*.safetensors"))
+    assert len(shards) == 3 + 2 and set(index["weight_map"].values()) == {p.name for p in shards}
+    for p in shards:
+        keys = load_file(p).keys()
+        assert all(index["weight_map"][k] == p.name for k in keys)
+        assert len({k.split(".")[2] for k in keys if k.startswith("model.layers.")}) <= 1
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in b.values())
+    assert json.loads((streamed / CHECKSUMS).read_text()).keys() == {p.name for p in shards}
+    verify_checksums(streamed)
+
+
+@pytest.mark.parametrize("arch, tie, scope, score", [("llama", True, "block", "weight"),
+                                                     ("qwen2", False, "layer", "magnitude")])
+def test_streamed_fold_loads_as_the_folded_model_in_ram(tmp_path, arch, tie, scope, score):
+    folded, _, streamed, _ = _fold_both(tmp_path, arch, tie, scope, score)
+    loaded, _ = larosa.load_model(str(streamed), device="cpu")
+    assert type(loaded) is type(folded) and loaded.config.larosa == folded.config.larosa
+    windows = random_windows(2)
+    with torch.no_grad():
+        assert torch.equal(loaded(windows).logits, folded(windows).logits)
+    shard = streamed / "model-00003-of-00005.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(larosa.LarosaError, match="model-00003-of-00005.safetensors is corrupted"):
+        larosa.load_model(str(streamed), device="cpu")
+
+
+def test_interrupted_streamed_fold_leaves_nothing_behind(tmp_path, monkeypatch):
+    path = saved_tiny(tmp_path / "m")
+    model, _ = larosa.load_model(path, device="cpu")
+    rot = larosa.calibrate(model, random_windows(2), signal="gainfree", device="cpu", progress=False)
+    lazy, _ = larosa.load_lazy(path)
+    written = []
+
+    def crash_on_the_third_shard(tensors, file, **kwargs):
+        written.append(file)
+        if len(written) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys.modules["larosa.fold"], "save_file", crash_on_the_third_shard)  # larosa.fold: fold()
+    with pytest.raises(KeyboardInterrupt):
+        fold_streamed(lazy, rot, 0.4, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    with pytest.raises(larosa.LarosaError, match="exists"):
+        fold_streamed(lazy, rot, 0.4, tmp_path / "m")
+    assert len(written) == 3  # refused before any weight was read

@@ -13,7 +13,7 @@ from .calibrate import calibrate
 from .data import token_windows
 from .errors import LarosaError
 from .evaluate import perplexity, perplexity_streamed
-from .fold import fold, save_folded
+from .fold import fold, fold_streamed, save_folded
 from .models import load_lazy, load_model
 from .peers import cats, teal
 from .rotations import Rotations
@@ -26,6 +26,7 @@ __all__ = [
     "calibrate",
     "cats",
     "fold",
+    "fold_streamed",
     "load_lazy",
     "load_model",
     "perplexity",

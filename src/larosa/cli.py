@@ -22,7 +22,7 @@ from .compare import table as compare_table
 from .data import token_windows
 from .errors import LarosaError
 from .evaluate import perplexity, perplexity_streamed
-from .fold import fold, folded_sparsity, save_folded
+from .fold import fold, fold_streamed, folded_sparsity, save_folded
 from .models import default_device, default_dtype, load_lazy, load_model
 from .rotations import SCOPES, SIGNALS, Rotations
 from .search import add_plan, default_config, find_plan, plan_configs, search
@@ -230,13 +230,19 @@ def _cmd_sparsify(a: argparse.Namespace) -> dict:
         raise LarosaError("give --sparsity, --target or --site")
     rotations = Rotations.load(a.rotations)
     a.scope = a.scope or "global"
-    model, tok = load_model(a.model, device="cpu", dtype=DTYPES[a.dtype] if a.dtype else None)
+    dtype = DTYPES[a.dtype] if a.dtype else default_dtype("cpu")  # folding runs on the CPU, whatever --device
+    model, tok = load_lazy(a.model, dtype=dtype) if a.lazy else load_model(a.model, device="cpu", dtype=dtype)
     config, source = _chosen_sparsity(a, model, rotations)
-    folded = fold(model, rotations, config, scope=a.scope, head_rotation=a.head_rotation, score=a.score)
-    save_folded(folded, tok, a.out, overwrite=a.overwrite)
-    dims = adapter_for(folded).dims
-    configs = folded_sparsity(folded.config.larosa, dims.n_layers)
-    return {"out": a.out, **folded.config.larosa, "sparsity_source": source,
+    how = {"scope": a.scope, "head_rotation": a.head_rotation, "score": a.score}
+    if a.lazy:
+        settings = fold_streamed(model, rotations, config, a.out, tokenizer=tok, overwrite=a.overwrite, **how).larosa
+    else:
+        folded = fold(model, rotations, config, **how)
+        save_folded(folded, tok, a.out, overwrite=a.overwrite)
+        settings = folded.config.larosa
+    dims = adapter_for(model).dims
+    configs = folded_sparsity(settings, dims.n_layers)
+    return {"out": a.out, **settings, "sparsity_source": source,
             "param_weighted_sparsity": plan_param_weighted(configs, dims),
             "adapter_overhead": dims.adapter_overhead(a.scope)}
 
@@ -490,6 +496,9 @@ def parser() -> argparse.ArgumentParser:
     _sparsity_args(f)
     f.add_argument("--out", required=True, help="directory to write (safetensors, config, tokenizer)")
     f.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    f.add_argument("--lazy", action="store_true",
+                   help="leave the weights on disk and fold and write one layer at a time (models larger than "
+                        "RAM; safetensors checkpoints)")
 
     s = sub.add_parser("search", help="search the split and per-layer sparsities for targets; store them in the "
                                       "rotations file")
