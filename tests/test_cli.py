@@ -15,7 +15,7 @@ def run(capsys, *argv):
 def test_calibrate_then_eval_ppl_json(model_dir, tmp_path, capsys):
     text, rot = tmp_path / "text.txt", tmp_path / "rot.safetensors"
     code, out, _ = run(capsys, "calibrate", model_dir, "--data", text, "--out", rot, "--windows", 4,
-                       "--seq-len", 32, "--json", "--quiet")
+                       "--seq-len", 32, "--device", "cpu", "--json", "--quiet")  # as the lazy run below
     assert code == 0 and rot.exists()
     meta = json.loads(out)
     assert meta["tokens"] == "128" and meta["num_layers"] == "3"
@@ -28,7 +28,9 @@ def test_calibrate_then_eval_ppl_json(model_dir, tmp_path, capsys):
     assert code == 0 and a.meta["weights_fingerprint"] == b.meta["weights_fingerprint"]
     torch.testing.assert_close(b.q("global"), a.q("global"), rtol=1e-5, atol=1e-6)
 
-    common = ("eval", "ppl", model_dir, "--data", text, "--seq-len", 32, "--windows", 3, "--json", "--quiet")
+    # float32 pinned: on a GPU the default would be bf16, and the in-RAM and streamed (CPU) runs below would differ
+    common = ("eval", "ppl", model_dir, "--data", text, "--seq-len", 32, "--windows", 3, "--dtype", "float32",
+              "--json", "--quiet")
     code, out, _ = run(capsys, *common)
     dense = json.loads(out)
     assert code == 0 and dense["tokens"] == 3 * 31 and dense["windows"] == 3 and dense["site_sparsity"] == {}
@@ -91,7 +93,7 @@ def test_sparsify_writes_a_directory_that_eval_reads_like_the_in_memory_fold(mod
     assert code == 0 and json.loads(printed)["scope"] == "block"
     assert (out / "config.json").exists() and (out / "tokenizer.json").exists()
 
-    common = ("--data", text, "--seq-len", 32, "--windows", 3, "--json", "--quiet")
+    common = ("--data", text, "--seq-len", 32, "--windows", 3, "--dtype", "float32", "--json", "--quiet")  # bf16 on GPU
     saved = json.loads(run(capsys, "eval", "ppl", out, *common)[1])
     in_memory = json.loads(run(capsys, "eval", "ppl", model_dir, *common, *settings, "--mode", "folded")[1])
     simulated = json.loads(run(capsys, "eval", "ppl", model_dir, *common, *settings)[1])
