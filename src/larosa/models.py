@@ -103,12 +103,16 @@ def load_lazy(name: str, *, dtype: torch.dtype = torch.float32):
     return model.eval(), AutoTokenizer.from_pretrained(path)
 
 
+def is_lazy(model: nn.Module) -> bool:
+    """Whether ``model`` came from :func:`load_lazy`: its weights are read from disk a module at a time."""
+    return getattr(model, "larosa_weights", None) is not None
+
+
 @contextmanager
 def resident(model: nn.Module, module: nn.Module, device: torch.device | str):
     """``module``'s weights on ``device`` for the block: a lazily loaded model reads them from disk and drops them
     after; otherwise they move there and back to where they were."""
-    weights: DiskWeights | None = getattr(model, "larosa_weights", None)
-    if weights is None:
+    if not is_lazy(model):
         # Record devices, not tensors: Module.to moves a parameter in place, so the tensor would follow the move.
         home = next((t.device for t in itertools.chain(module.parameters(), module.buffers())), None)
         module.to(device)
@@ -119,7 +123,7 @@ def resident(model: nn.Module, module: nn.Module, device: torch.device | str):
                 module.to(home)
         return
     prefix = next(name for name, m in model.named_modules() if m is module)
-    weights.load(module, f"{prefix}." if prefix else "", torch.device(device))
+    model.larosa_weights.load(module, f"{prefix}." if prefix else "", torch.device(device))
     buffers = [name for name, _ in module.named_buffers()]
     for name in buffers:
         set_module_tensor_to_device(module, name, device)

@@ -34,6 +34,7 @@ from .adapters import Dims, adapter_for
 from .errors import LarosaError
 from .evaluate import perplexity, perplexity_streamed
 from .layerwise import greedy_levels, layerwise, output_error
+from .models import is_lazy
 from .rotations import Rotations
 from .sparsify import (DEFAULT_SPLIT, SITES, Sparsity, SparsityConfig, attach_sites, keep_count, site_inputs,
                        sparsify, unsparsify)
@@ -68,9 +69,10 @@ def _check_target(target: float) -> None:
 
 def _nll(model: nn.Module, rotations: Rotations, windows: torch.Tensor, sparsity: Sparsity, *, scope: str,
          score: str, batch_size: int, device: str | None) -> float:
-    """Calibration NLL of ``sparsity``. A lazily loaded model's weights are not in memory (parameters on the meta
-    device), so it is scored one layer at a time on ``device``; otherwise by whole-model forwards where it is."""
-    if next(model.parameters()).device.type == "meta":
+    """Calibration NLL of ``sparsity``. A lazily loaded model's weights are not in memory
+    (:func:`larosa.models.load_lazy`), so it is scored one layer at a time on ``device``; otherwise by whole-model
+    forwards where it is."""
+    if is_lazy(model):
         ppl = perplexity_streamed(model, windows, rotations=rotations, sparsity=sparsity, scope=scope, score=score,
                                   device=device, progress=False)["ppl"]
     else:
