@@ -24,7 +24,7 @@ done
 compare() {  # DIR SIGNAL SCOPE METHODS
   larosa compare builtin:smollm2 $args --rotations "$out/$1/rotations-$2.safetensors" --scope $3 --methods $4 \
     --data "$data/wikitext-2-raw-test.txt" --windows 40 --calib-data "$data/calib-wikipedia.txt" \
-    --calib-windows 16 --search-windows 4 --sparsity 0.25,0.4,0.5 --batch-size ${BATCH:-1} --out "$out/$1" \
+    --calib-windows 16 --search-windows 4 --target 0.25,0.4,0.5 --batch-size ${BATCH:-1} --out "$out/$1" \
     --json --quiet > /dev/null
 }
 compare block gain block dense,teal,teal-greedy,cats,larosa,larosa-searched,larosa-searched-wa & block=$!

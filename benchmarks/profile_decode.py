@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 
-from larosa.bench import _random_model
-from larosa.files import write_text_atomic
+from larosa import SparsityConfig
+from larosa.bench.decode import random_model
+from larosa.io import write_report
 from larosa.runtime import Engine, Transformer
-from larosa.sparsify import SparsityConfig
+from larosa.sparsity import DEFAULT_SCOPE
 
 # Kernel families, by substrings of their names (first match wins); inductor's kernels start with "triton_".
 FAMILIES = [("fused elementwise (inductor)", ("triton_",)), ("Top-K select", ("_select", "_threshold", "_compact")),
@@ -77,17 +78,9 @@ def kernel_profile(engine: Engine, steps: int = 20) -> dict:
             "families": {f: {"us_per_token": t, "per_token": c} for f, (t, c) in families.items()}, "kernels": rows}
 
 
-def use_pdl() -> None:
-    """Launch every fused GEMV as a programmatic dependent launch of its threshold kernel (an experiment)."""
-    from larosa.kernels import topk_gemv
-    from larosa.runtime import engine
-
-    engine._sparse_decode = torch.compiler.disable(lambda x, wt, k: topk_gemv(x, wt, k, pdl=True))
-
-
 def profile_config(name: str, sparsity: float, scope: str, compile: bool, max_seq: int = 144) -> dict:
     cfg = SparsityConfig.from_nominal(sparsity) if sparsity else None
-    model = _random_model(name, cfg, scope)
+    model = random_model(name, cfg, scope)
     engine = Engine(Transformer.from_hf(model, max_seq=max_seq), compile=compile)
     del model
     prompt = torch.randint(0, 1000, (16,))
@@ -123,25 +116,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="llama2-7b")
     p.add_argument("--sparsity", default="0,0.5")
-    p.add_argument("--scope", default="layer")
+    p.add_argument("--scope", default=DEFAULT_SCOPE["folded"])
     p.add_argument("--no-compile", action="store_true", help="also profile without torch.compile")
-    p.add_argument("--pdl", action="store_true", help="launch the fused GEMVs with PDL")
     p.add_argument("--out", required=True)
     a = p.parse_args()
-    if a.pdl:
-        use_pdl()
     runs = []
     for s in [float(v) for v in a.sparsity.split(",")]:
         for compile in [True, False] if a.no_compile else [True]:
             runs.append(profile_config(a.config, s, a.scope, compile))
             print(table(runs[-1:]), flush=True)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    result = {"config": a.config, "pdl": a.pdl, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "runs": runs}
-    stem = f"profile-{a.config}-{a.scope}" + ("-pdl" if a.pdl else "")
-    write_text_atomic(out / f"{stem}.json", json.dumps(result, indent=2))
-    write_text_atomic(out / f"{stem}.md", table(runs) + "\n")
+    result = {"config": a.config, "device": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": runs}
+    write_report(a.out, f"profile-{a.config}-{a.scope}", result, table(runs))
 
 
 if __name__ == "__main__":

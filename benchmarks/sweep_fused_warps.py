@@ -4,18 +4,15 @@ the kernel takes 248 registers a thread, so only 2 programs fit an SM). L2-cold,
 
 from __future__ import annotations
 
-import importlib
-import json
 import math
 import sys
 from pathlib import Path
 
 import torch
 
-from larosa.kernels import topk_gemv_reference
-from larosa.kernels.bench import SHAPES, Timer
-
-kern = importlib.import_module("larosa.kernels.topk_gemv")  # the module (the package exports the function)
+from larosa.bench.kernels import SHAPES, Timer
+from larosa.io import write_json
+from larosa.kernels import topk_gemv, topk_gemv_reference
 
 # (block_n, block_k, programs per SM, warps); the first is fused_config's default
 CONFIGS = [(1024, 16, 4, 4), (1024, 16, 4, 8), (1024, 16, 2, 8), (1024, 32, 4, 8), (1024, 32, 2, 8),
@@ -35,11 +32,11 @@ def main(out: str) -> None:
             k = round((1 - s) * d_in)
             ref = topk_gemv_reference(xs[0], wts[0], k).float()
             for bn, bk, per_sm, warps in CONFIGS:
-                cfg = dict(block_n=bn, block_k=bk, split_k=kern._cdiv(per_sm * n_sm, kern._cdiv(d_out, bn)),
+                cfg = dict(block_n=bn, block_k=bk, split_k=math.ceil(per_sm * n_sm / math.ceil(d_out / bn)),
                            num_warps=warps)
-                y = kern.topk_gemv(xs[0], wts[0], k, fused=True, **cfg).float()
+                y = topk_gemv(xs[0], wts[0], k, fused=True, **cfg).float()
                 err = float((y - ref).norm() / ref.norm())
-                us = timer([lambda wt=wt, x=x: kern.topk_gemv(x, wt, k, fused=True, **cfg) for wt, x in zip(wts, xs)])
+                us = timer([lambda wt=wt, x=x: topk_gemv(x, wt, k, fused=True, **cfg) for wt, x in zip(wts, xs)])
                 rows.append(dict(shape=f"{model} {weight}", d_in=d_in, d_out=d_out, s=s, block_n=bn, block_k=bk,
                                  per_sm=per_sm, warps=warps, us=us, rel_err=err))
                 print(f"{model} {weight} s={s} {bn}x{bk} {per_sm}/SM {warps}w: {us:.1f} us (err {err:.1e})",
@@ -47,7 +44,7 @@ def main(out: str) -> None:
         del wts, xs
         torch.cuda.empty_cache()
     Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / "sweep-fused-warps.json").write_text(json.dumps(rows, indent=1))
+    write_json(Path(out) / "sweep-fused-warps.json", rows)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 import pytest
 
-from larosa.adapters import Dims
-from larosa.bench import byte_ideal_speedup
-from larosa.sparsify import SparsityConfig
+from larosa.arch import Dims
+from larosa.bench.decode import byte_ideal_speedup
+from larosa.sparsity import SparsityConfig
 
 LLAMA2_7B = Dims(hidden=4096, intermediate=11008, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128, vocab=32000)
 
@@ -30,7 +30,7 @@ def _kernel_row(**kw):
 
 
 def test_kernels_table_lists_every_row_and_the_sweep_winners():
-    from larosa.kernels.bench import kernels_table
+    from larosa.bench.kernels import kernels_table
 
     result = {"meta": dict(device="NVIDIA H200", torch="2.11", triton="3.6", copy_GBps=4242.3, launch_floor_us=0.71),
               "rows": [_kernel_row(), _kernel_row(weight="down", d_in=11008, d_out=4096, k=5504, pdl_us=17.5)],

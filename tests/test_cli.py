@@ -140,39 +140,40 @@ def test_sparsify_lazy_writes_what_sparsify_in_ram_writes_and_leaves_the_checkpo
     assert code == 2 and "safetensors checkpoints only" in err and not (tmp_path / "bin").exists()
 
 
-def test_search_then_eval_and_sparsify_use_the_stored_plan(model_dir, tmp_path, capsys):
-    text, rot, searched = tmp_path / "text.txt", tmp_path / "rot.safetensors", tmp_path / "searched.safetensors"
+def test_search_then_eval_and_sparsify_use_the_plan_file(model_dir, tmp_path, capsys):
+    text, rot, plans = tmp_path / "text.txt", tmp_path / "rot.safetensors", tmp_path / "plans.json"
     assert run(capsys, "calibrate", model_dir, "--data", text, "--out", rot, "--windows", 4, "--seq-len", 32,
                "--signal", "gainfree", "--quiet")[0] == 0
     code, out, _ = run(capsys, "search", model_dir, "--rotations", rot, "--data", text, "--target", "0.4",
-                       "--windows", 2, "--seq-len", 32, "--device", "cpu", "--json", "--quiet", "--out", searched)
+                       "--windows", 2, "--seq-len", 32, "--device", "cpu", "--json", "--quiet", "--out", plans)
     assert code == 0 and json.loads(out)["plans"][0]["target"] == 0.4
 
     common = ("eval", "ppl", model_dir, "--data", text, "--seq-len", 32, "--windows", 2, "--json", "--quiet",
-              "--target", 0.4)
-    plan = json.loads(run(capsys, *common, "--rotations", searched)[1])
-    fixed = json.loads(run(capsys, *common, "--rotations", rot)[1])
-    weighted = json.loads(run(capsys, *common, "--rotations", searched, "--score", "weight")[1])
+              "--rotations", rot, "--target", 0.4)
+    plan = json.loads(run(capsys, *common, "--plan", plans)[1])
+    fixed = json.loads(run(capsys, *common)[1])
     assert plan["sparsity_source"] == "searched" and fixed["sparsity_source"] == "split"
-    assert weighted["sparsity_source"] == "split"  # the stored plan was searched for magnitude scores
-    for r in (plan, fixed, weighted):
+    assert plan["scope"] == "block"  # the plan's scope
+    code, _, err = run(capsys, *common, "--plan", plans, "--score", "weight")
+    assert code == 2 and "no plan for target 0.4, score weight" in err  # it was searched for magnitude scores
+    for r in (plan, fixed):
         assert r["param_weighted_sparsity"] == pytest.approx(0.4)
         assert r["measured_param_weighted"] == pytest.approx(0.4, abs=0.02)
     assert plan["ppl"] != fixed["ppl"]
 
-    code, out, _ = run(capsys, "sparsify", model_dir, "--rotations", searched, "--target", 0.4, "--scope", "block",
-                       "--out", tmp_path / "f", "--json", "--quiet")
-    assert code == 0 and json.loads(out)["sparsity_source"] == "searched"
-    saved = json.loads(run(capsys, "eval", "ppl", tmp_path / "f", *common[3:-2])[1])
+    code, out, _ = run(capsys, "sparsify", model_dir, "--rotations", rot, "--plan", plans, "--out", tmp_path / "f",
+                       "--json", "--quiet")
+    assert code == 0 and json.loads(out)["sparsity_source"] == "searched" and json.loads(out)["scope"] == "block"
+    saved = json.loads(run(capsys, "eval", "ppl", tmp_path / "f", *common[3:-4])[1])
     assert saved["param_weighted_sparsity"] == pytest.approx(0.4)
 
-    code, _, err = run(capsys, *common, "--rotations", rot, "--sparsity", 0.4)
+    code, _, err = run(capsys, *common, "--sparsity", 0.4)
     assert code == 2 and "not both" in err
 
 
 def test_compare_writes_json_table_plot_and_reusable_plans(model_dir, tmp_path, capsys):
     text, out = tmp_path / "text.txt", tmp_path / "cmp"
-    code, printed, _ = run(capsys, "compare", model_dir, "--sparsity", "0.25,0.6", "--data", text, "--windows", 2,
+    code, printed, _ = run(capsys, "compare", model_dir, "--target", "0.25,0.6", "--data", text, "--windows", 2,
                            "--calib-data", text, "--calib-windows", 3, "--search-windows", 2, "--seq-len", 32,
                            "--device", "cpu", "--out", out, "--json", "--quiet")
     assert code == 0
@@ -183,11 +184,11 @@ def test_compare_writes_json_table_plot_and_reusable_plans(model_dir, tmp_path, 
             assert "out of reach" in r["error"]
         else:  # thresholds come from the calibration text, so they hold on it only roughly
             assert r["measured_param_weighted"] == pytest.approx(r["target"], abs=0.05), r["method"]
-    assert {p.name for p in out.iterdir()} == {"compare.json", "compare.md", "compare.png", "rotations.safetensors"}
-    from larosa import Rotations
-    from larosa.search import find_plan
+    assert {p.name for p in out.iterdir()} == {"compare.json", "compare.md", "compare.png", "rotations.safetensors",
+                                               "plans.json"}
+    from larosa.sparsity.plan import load_plans, select
 
-    assert find_plan(Rotations.load(out / "rotations.safetensors"), 0.6, "block", "weight") is not None
+    assert select(load_plans(out / "plans.json"), 0.6, "block", "weight").target == 0.6
     code, _, err = run(capsys, "compare", model_dir, "--methods", "dense,magic", "--data", text,
                        "--calib-data", text)
     assert code == 2 and "unknown method" in err
@@ -208,22 +209,22 @@ def test_compare_resumes_an_interrupted_run_and_refuses_other_settings(model_dir
 
     monkeypatch.setattr(larosa.compare, "_apply", dies_on_search)
     with pytest.raises(KeyboardInterrupt):
-        run(capsys, *common, "--methods", "dense,larosa,larosa-searched", "--sparsity", "0.3")
+        run(capsys, *common, "--methods", "dense,larosa,larosa-searched", "--target", "0.3")
     partial = json.loads((out / "compare.json").read_text())
     assert [r["method"] for r in partial["rows"]] == ["dense", "larosa"]
     assert "| LaRoSa, searched | not run yet |" in (out / "compare.md").read_text()
 
     monkeypatch.setattr(larosa.compare, "_apply", real_apply)
-    code, printed, _ = run(capsys, *common, "--methods", "larosa-searched", "--sparsity", "0.3")
+    code, printed, _ = run(capsys, *common, "--methods", "larosa-searched", "--target", "0.3")
     result = json.loads(printed)
     assert code == 0 and [r["method"] for r in result["rows"]] == ["larosa-searched", "dense", "larosa"]
     assert result["rows"][1:] == partial["rows"]  # kept, not re-run
     assert json.loads((out / "compare.json").read_text())["rows"] == result["rows"]
 
-    code, _, err = run(capsys, *common, "--search-windows", 1, "--sparsity", "0.3")
+    code, _, err = run(capsys, *common, "--search-windows", 1, "--target", "0.3")
     assert code == 2 and "other settings (search_windows)" in err
     (out / "compare.json").write_text("{")
-    code, _, err = run(capsys, *common, "--sparsity", "0.3")
+    code, _, err = run(capsys, *common, "--target", "0.3")
     assert code == 2 and "not a larosa comparison" in err
 
 

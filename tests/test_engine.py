@@ -19,7 +19,8 @@ def pair(request):
     """(dense HF model, folded HF model at 50 % in block scope with the per-head rotation)."""
     model = tiny_model(*request.param)
     rot = larosa.calibrate(model, random_windows(4, seed=3), signal="gainfree", progress=False)
-    folded = larosa.fold(copy.deepcopy(model), rot, 0.5, scope="block", head_rotation=True)
+    folded = larosa.sparsify(copy.deepcopy(model), larosa.LaRoSaConfig(rot, sparsity=0.5, scope="block",
+                                                                      head_rotation=True, mode="folded"))
     return model, folded
 
 
@@ -41,8 +42,9 @@ def test_engine_runs_weight_aware_scores_and_per_layer_plans_like_the_hf_model()
     rot = larosa.calibrate(model, random_windows(4, seed=3), signal="gainfree", progress=False)
     plan = [larosa.SparsityConfig(0.3, 0.5, 0.3, 0.5), larosa.SparsityConfig(0.6, 0.2, 0.5, 0.7),
             larosa.SparsityConfig(0.0, 0.4, 0.2, 0.1)]
-    folded = larosa.fold(copy.deepcopy(model), rot, plan, score="weight")
-    magnitude = larosa.fold(copy.deepcopy(model), rot, plan)
+    folded = larosa.sparsify(copy.deepcopy(model), larosa.LaRoSaConfig(rot, sparsity=plan, score="weight",
+                                                                      mode="folded"))
+    magnitude = larosa.sparsify(copy.deepcopy(model), larosa.LaRoSaConfig(rot, sparsity=plan, mode="folded"))
     tokens = random_windows(1, seq_len=12)[0]
     with torch.no_grad():
         ref, other = folded(tokens[None]).logits[0], magnitude(tokens[None]).logits[0]

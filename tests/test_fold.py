@@ -9,7 +9,13 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import larosa
-from larosa.fold import CHECKSUMS, fold, fold_streamed, save_folded, verify_checksums
+from larosa import LaRoSaConfig
+from larosa.fold import fold, fold_streamed, save_folded
+from larosa.io import CHECKSUMS, verify_checksums
+
+
+def folding(rot, sparsity, **how) -> LaRoSaConfig:
+    return LaRoSaConfig(rot, sparsity=sparsity, mode="folded", **how)
 
 
 def _rel(a, b):
@@ -37,7 +43,7 @@ def test_folded_at_sparsity_zero_equals_dense(calibrated, arch, scope, head_rota
     windows = random_windows(2)
     with torch.no_grad():
         dense = model(windows).logits
-        folded = fold(copy.deepcopy(model), rot, 0.0, scope=scope, head_rotation=head_rotation)
+        folded = fold(copy.deepcopy(model), folding(rot, 0.0, scope=scope, head_rotation=head_rotation))
         assert _rel(folded(windows).logits, dense) < 1e-4
     assert type(folded).__name__.startswith("Larosa")
     adapters = [m for n, m in folded.named_modules() if n.endswith("_adapter") and m is not None]
@@ -54,8 +60,8 @@ def test_folded_at_sparsity_zero_equals_dense(calibrated, arch, scope, head_rota
 def test_folded_equals_simulate_when_q_comes_from_the_same_signal(calibrated, scope):
     for model, rot in calibrated.values():
         windows = random_windows(2)
-        simulated = larosa.sparsify(copy.deepcopy(model), rot, 0.5, scope=scope)
-        folded = fold(copy.deepcopy(model), rot, 0.5, scope=scope)
+        simulated = larosa.sparsify(copy.deepcopy(model), LaRoSaConfig(rot, sparsity=0.5, scope=scope))
+        folded = fold(copy.deepcopy(model), folding(rot, 0.5, scope=scope))
         with torch.no_grad():
             a, b, dense = folded(windows).logits, simulated(windows).logits, model(windows).logits
         assert _rel(a, b) < 1e-4
@@ -67,15 +73,15 @@ def test_head_rotation_changes_what_o_proj_top_k_sees(calibrated):
     model, rot = calibrated[("llama", False)]
     windows = random_windows(2)
     with torch.no_grad():
-        plain = fold(copy.deepcopy(model), rot, 0.5)(windows).logits
-        heads = fold(copy.deepcopy(model), rot, 0.5, head_rotation=True)(windows).logits
+        plain = fold(copy.deepcopy(model), folding(rot, 0.5))(windows).logits
+        heads = fold(copy.deepcopy(model), folding(rot, 0.5, head_rotation=True))(windows).logits
     assert _rel(heads, plain) > 1e-3
 
 
 @pytest.fixture
 def saved(calibrated, tmp_path):
     model, rot = calibrated[("qwen2", True)]
-    folded = fold(copy.deepcopy(model), rot, 0.4, scope="block", head_rotation=True)
+    folded = fold(copy.deepcopy(model), folding(rot, 0.4, scope="block", head_rotation=True))
     return folded, save_folded(folded, None, tmp_path / "folded")
 
 
@@ -140,25 +146,26 @@ def test_folded_models_refuse_simulation_and_refolding(saved, calibrated):
     folded, _ = saved
     _, rot = calibrated[("qwen2", True)]
     with pytest.raises(larosa.LarosaError, match="folded"):
-        larosa.sparsify(folded, rot, 0.4)
+        larosa.sparsify(folded, LaRoSaConfig(rot, sparsity=0.4))
     with pytest.raises(larosa.LarosaError, match="already folded"):
-        fold(folded, rot, 0.4)
+        fold(folded, folding(rot, 0.4))
 
 
 def test_adapter_overhead_counts_d_squared_per_adapter():
-    from larosa.adapters import adapter_for
+    from larosa.arch import adapter_for
+    from larosa.sparsity.levels import adapter_overhead
 
     dims = adapter_for(tiny_model("llama")).dims  # layer: 64*128 + 64*64 + 2*64*96 + 96*64 = 30720 weights
-    assert dims.adapter_overhead("global") == 0
-    assert dims.adapter_overhead("layer") == pytest.approx(4096 / 30720)
-    assert dims.adapter_overhead("block") == pytest.approx(2 * 4096 / 30720)
+    assert adapter_overhead(dims, "global") == 0
+    assert adapter_overhead(dims, "layer") == pytest.approx(4096 / 30720)
+    assert adapter_overhead(dims, "block") == pytest.approx(2 * 4096 / 30720)
 
 
 def test_fold_warns_on_gain_included_rotations_and_keeps_dtype():
     model = tiny_model("llama").to(torch.bfloat16)
     rot = larosa.calibrate(model, random_windows(2, seed=5), signal="gain", progress=False)
     with pytest.warns(UserWarning, match="gain-free"):
-        folded = fold(model, rot, 0.4)
+        folded = fold(model, folding(rot, 0.4))
     assert {p.dtype for p in folded.parameters()} == {torch.bfloat16}
     assert folded.config.larosa["scope"] == "global"  # the measured best default
 
@@ -166,7 +173,7 @@ def test_fold_warns_on_gain_included_rotations_and_keeps_dtype():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fold_keeps_the_model_on_its_device(calibrated):
     model, rot = calibrated[("llama", False)]
-    folded = fold(copy.deepcopy(model).cuda(), rot, 0.4)
+    folded = fold(copy.deepcopy(model).cuda(), folding(rot, 0.4))
     assert {p.device.type for p in folded.parameters()} == {"cuda"}
 
 
@@ -178,10 +185,10 @@ def _fold_both(tmp_path, arch, tie, scope, score, head_rotation=False, dtype=tor
     model, tok = larosa.load_model(path, device="cpu", dtype=dtype)
     rot = larosa.calibrate(model, random_windows(4, seed=3), signal="gainfree", device="cpu", progress=False)
     how = {"scope": scope, "score": score, "head_rotation": head_rotation}
-    folded = fold(model, rot, sparsity, **how)
+    folded = fold(model, folding(rot, sparsity, **how))
     in_ram = save_folded(folded, tok, tmp_path / "in-ram")
     lazy, tok = larosa.load_lazy(path, dtype=dtype)
-    config = fold_streamed(lazy, rot, sparsity, tmp_path / "streamed", tokenizer=tok, **how)
+    config = fold_streamed(lazy, folding(rot, sparsity, **how), tmp_path / "streamed", tokenizer=tok)
     assert all(p.device.type == "meta" for p in lazy.parameters())  # nothing was kept resident
     return folded, in_ram, tmp_path / "streamed", config
 
@@ -222,7 +229,8 @@ def test_streamed_fold_writes_what_the_fold_in_ram_saves(tmp_path, arch, tie, sc
         assert all(index["weight_map"][k] == p.name for k in keys)
         assert len({k.split(".")[2] for k in keys if k.startswith("model.layers.")}) <= 1
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in b.values())
-    assert json.loads((streamed / CHECKSUMS).read_text()).keys() == {p.name for p in shards}
+    # Every file is listed (so that overwrite knows the directory as larosa's); the weights are verified.
+    assert json.loads((streamed / CHECKSUMS).read_text()).keys() == {p.name for p in streamed.iterdir()} - {CHECKSUMS}
     verify_checksums(streamed)
 
 
@@ -255,10 +263,10 @@ def test_interrupted_streamed_fold_leaves_nothing_behind(tmp_path, monkeypatch):
         if len(written) == 3:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(sys.modules["larosa.fold"], "save_file", crash_on_the_third_shard)  # larosa.fold: fold()
+    monkeypatch.setattr(sys.modules["larosa.fold.folding"], "save_file", crash_on_the_third_shard)  # the module, not larosa.fold
     with pytest.raises(KeyboardInterrupt):
-        fold_streamed(lazy, rot, 0.4, tmp_path / "out")
+        fold_streamed(lazy, folding(rot, 0.4), tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
     with pytest.raises(larosa.LarosaError, match="exists"):
-        fold_streamed(lazy, rot, 0.4, tmp_path / "m")
+        fold_streamed(lazy, folding(rot, 0.4), tmp_path / "m")
     assert len(written) == 3  # refused before any weight was read

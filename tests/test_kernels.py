@@ -292,14 +292,7 @@ def test_large_shapes_on_gpu(d_in, d_out):
 
 # ---------------------------------------------------------------------------------------------- v2 paths
 def workspaces_clean() -> bool:
-    mod = sys.modules[select_topk.__module__]
-    dev = torch.device(DEVICE)
-    key = (dev.type, dev.index)
-    ok = int(mod._workspace(dev).abs().sum()) == 0
-    if key in mod._GEMV_WORKSPACES:
-        acc, cnt = mod._GEMV_WORKSPACES[key]
-        ok = ok and int(cnt.abs().sum()) == 0 and float(acc.abs().sum()) == 0
-    return ok
+    return K.workspaces_clean(torch.device(DEVICE))
 
 
 @needs_triton

@@ -7,25 +7,26 @@ from conftest import random_windows, tiny_model
 from transformers.activations import ACT2FN
 
 import larosa
-from larosa import peers
-from larosa.adapters import adapter_for
+from larosa.arch import adapter_for
 from larosa.errors import LarosaError
-from larosa.peers import PROJECTIONS, apply, cats, cats_level, teal
-from larosa.sparsify import measured_param_weighted, site_sparsity
+from larosa.sparsity import peers
+from larosa.sparsity.levels import site_weights
+from larosa.sparsity.peers import PROJECTIONS, CatsConfig, TealConfig, cats, cats_level, restore, teal
+from larosa.sparsity.sites import measured_param_weighted, site_sparsity
 
-METHODS = ["teal-uniform", "teal-greedy", "cats"]
-TARGETS = {"teal-uniform": 0.4, "teal-greedy": 0.4, "cats": 0.3}  # the tiny models' up + down share is 40 %
+METHODS = ["teal", "teal-greedy", "cats"]
+TARGETS = {"teal": 0.4, "teal-greedy": 0.4, "cats": 0.3}  # the tiny models' up + down share is 40 %
 
 
 def calibrate(method: str, model, windows, target: float | None = None) -> dict:
     target = TARGETS[method] if target is None else target
     if method == "cats":
-        return cats(model, windows, target, progress=False)
-    return teal(model, windows, target, greedy=method == "teal-greedy", step=0.1, progress=False)
+        return cats(model, CatsConfig(target, windows), progress=False)
+    return teal(model, TealConfig(target, windows, greedy=method == "teal-greedy", step=0.1), progress=False)
 
 
 def layer_weights(model) -> int:
-    return sum(adapter_for(model).dims.site_weights().values())
+    return sum(site_weights(adapter_for(model).dims).values())
 
 
 def hook_count(model) -> int:
@@ -54,7 +55,7 @@ def test_uniform_teal_at_zero_is_dense(model):
     windows = random_windows(2)
     with torch.no_grad():
         dense = model(windows).logits
-        settings = teal(model, random_windows(3, seed=5), 0.0, progress=False)
+        settings = teal(model, TealConfig(0.0, random_windows(3, seed=5)), progress=False)
         sparse = model(windows).logits
     assert torch.equal(sparse, dense)
     assert all(plan[p]["threshold"] == 0.0 for plan in settings["layers"] for p in PROJECTIONS)
@@ -80,9 +81,9 @@ def test_measured_param_weighted_sparsity_matches_target(arch, method):
 
 def test_quantiles_from_a_token_subsample(monkeypatch):
     """With fewer sampled values than the calibration holds, thresholds are still the target's quantiles."""
-    monkeypatch.setattr(larosa.layerwise, "SAMPLE", 2000)
+    monkeypatch.setattr(larosa.streaming, "SAMPLE", 2000)
     model, windows = tiny_model("llama"), random_windows(8, seed=3)
-    teal(model, windows, 0.5, progress=False)
+    teal(model, TealConfig(0.5, windows), progress=False)
     assert larosa.perplexity(model, windows, progress=False)["measured_param_weighted"] == pytest.approx(0.5, abs=0.04)
 
 
@@ -95,9 +96,9 @@ def test_greedy_holds_target_per_layer_with_less_layer_error_than_uniform(arch):
         _, out = capture(model, windows, replace=dense_in)
         return [((out[i] - dense_out[i]).pow(2).sum() / dense_out[i].pow(2).sum()).item() for i in out]
 
-    teal(model, windows, 0.4, progress=False)
+    teal(model, TealConfig(0.4, windows), progress=False)
     uniform = errors()
-    settings = teal(model, windows, 0.4, greedy=True, step=0.1, progress=False)
+    settings = teal(model, TealConfig(0.4, windows, greedy=True, step=0.1), progress=False)
     site_sparsity(model, reset=True)
     greedy = errors()
     weights = {p: m.weight.numel() for p, m in peers._projections(adapter_for(model), model.model.layers[0]).items()}
@@ -115,7 +116,7 @@ def test_greedy_holds_target_per_layer_with_less_layer_error_than_uniform(arch):
 def test_cats_zeroes_down_proj_inputs_where_the_gate_activation_is_small(arch):
     model, windows = tiny_model(arch), random_windows(4, seed=3)
     adapter = adapter_for(model)
-    settings = cats(model, windows, 0.3, progress=False)
+    settings = cats(model, CatsConfig(0.3, windows), progress=False)
     level = cats_level(adapter.dims, 0.3)
     assert level * 2 * adapter.dims.hidden * adapter.dims.intermediate == pytest.approx(0.3 * layer_weights(model))
     act = ACT2FN[model.config.hidden_act]
@@ -134,7 +135,7 @@ def test_cats_zeroes_down_proj_inputs_where_the_gate_activation_is_small(arch):
             assert small.float().mean().item() == pytest.approx(level, abs=0.03)
 
 
-def test_apply_reproduces_and_unsparsify_restores_dense_exactly():
+def test_restore_reproduces_and_unsparsify_restores_dense_exactly():
     model, windows = tiny_model("llama"), random_windows(3, seed=3)
     fresh = copy.deepcopy(model)
     with torch.no_grad():
@@ -145,7 +146,7 @@ def test_apply_reproduces_and_unsparsify_restores_dense_exactly():
             assert not torch.allclose(sparse, dense)
             assert measured_param_weighted(model) == pytest.approx(TARGETS[method], abs=0.02)  # calibrated dense
             assert hook_count(model) == (1 if method == "cats" else len(PROJECTIONS)) * len(settings["layers"])
-            apply(fresh, json.loads(json.dumps(settings)))
+            restore(fresh, json.loads(json.dumps(settings)))
             assert torch.equal(fresh(windows).logits, sparse)
         larosa.unsparsify(model)
         assert torch.equal(model(windows).logits, dense)
@@ -157,9 +158,9 @@ def test_apply_reproduces_and_unsparsify_restores_dense_exactly():
 def test_bad_targets_are_refused(target):
     model, windows = tiny_model("llama"), random_windows(2)
     with pytest.raises(LarosaError, match="target"):
-        teal(model, windows, target, progress=False)
+        teal(model, TealConfig(target, windows), progress=False)
     with pytest.raises(LarosaError, match="target"):
-        cats(model, windows, target, progress=False)
+        cats(model, CatsConfig(target, windows), progress=False)
     assert hook_count(model) == 0
 
 
@@ -168,24 +169,24 @@ def test_unreachable_targets_are_refused():
     dims = adapter_for(model).dims
     assert cats_level(dims, 0.39) == pytest.approx(0.39 / 0.4)  # up + down are 40 % of the tiny layer
     with pytest.raises(LarosaError, match="out of reach"):
-        cats(model, windows, 0.4, progress=False)
+        cats(model, CatsConfig(0.4, windows), progress=False)
     with pytest.raises(LarosaError, match="too high"):
-        teal(model, windows, 0.995, greedy=True, progress=False)
+        teal(model, TealConfig(0.995, windows, greedy=True), progress=False)
     with pytest.raises(LarosaError, match="step"):
-        teal(model, windows, 0.4, greedy=True, step=0.0, progress=False)
+        teal(model, TealConfig(0.4, windows, greedy=True, step=0.0), progress=False)
 
 
 def test_bad_settings_and_folded_models_are_refused():
     model, windows = tiny_model("llama"), random_windows(2)
-    settings = teal(model, windows, 0.3, progress=False)
+    settings = teal(model, TealConfig(0.3, windows), progress=False)
     with pytest.raises(LarosaError, match="method"):
-        apply(model, {**settings, "method": "topk"})
+        restore(model, {**settings, "method": "topk"})
     with pytest.raises(LarosaError, match="layers"):
-        apply(model, {**settings, "layers": settings["layers"][:-1]})
+        restore(model, {**settings, "layers": settings["layers"][:-1]})
     larosa.unsparsify(model)
     rotations = larosa.calibrate(model, windows, signal="gainfree", device="cpu", progress=False)
-    folded = larosa.fold(copy.deepcopy(model), rotations, 0.0)
-    for call in (lambda: teal(folded, windows, 0.3, progress=False), lambda: cats(folded, windows, 0.3, progress=False),
-                 lambda: apply(folded, settings)):
+    folded = larosa.sparsify(copy.deepcopy(model), larosa.LaRoSaConfig(rotations, sparsity=0.0, mode="folded"))
+    for call in (lambda: teal(folded, TealConfig(0.3, windows), progress=False),
+                 lambda: cats(folded, CatsConfig(0.3, windows), progress=False), lambda: restore(folded, settings)):
         with pytest.raises(LarosaError, match="folded"):
             call()

@@ -32,7 +32,7 @@ def test_smollm2_dense_is_sane_and_sparse_ppl_rises_with_sparsity():
     assert 5 < dense < 60, dense
     ppl = []
     for s in (0.25, 0.4, 0.5):
-        larosa.sparsify(model, rot, s)
+        larosa.sparsify(model, larosa.LaRoSaConfig(rot, sparsity=s))
         ppl.append(larosa.perplexity(model, windows, progress=False)["ppl"])
     assert dense < ppl[0] < ppl[1] < ppl[2] < 4 * dense, (dense, ppl)
 

@@ -4,7 +4,7 @@ from conftest import random_windows, saved_tiny, tiny_model
 from safetensors.torch import load_file
 
 import larosa
-from larosa.evaluate import perplexity_streamed
+from larosa.eval import perplexity_streamed
 from larosa.models import load_lazy
 from larosa.rotations import Rotations, pca_rotation
 
@@ -98,7 +98,7 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
     back = Rotations.load(tmp_path / "r.safetensors")
     assert back.meta == rot.meta and back.tensors.keys() == rot.tensors.keys()
     assert all(torch.equal(rot.tensors[k], back.tensors[k]) for k in rot.tensors)
-    assert not list(tmp_path.glob("*.tmp"))
+    assert [p.name for p in tmp_path.iterdir()] == ["r.safetensors"]  # no temporary file left
     back.check_model(model)
 
 
@@ -114,7 +114,7 @@ def test_rotations_for_another_architecture_are_refused(saved):
     with pytest.raises(larosa.LarosaError, match="calibrate this model first"):
         rot.check_model(tiny_model("qwen2"))  # same dims, other family
     with pytest.raises(larosa.LarosaError, match="calibrate this model first"):
-        larosa.sparsify(tiny_model("llama", vocab=128), rot, 0.4)  # same family, other config
+        larosa.sparsify(tiny_model("llama", vocab=128), larosa.LaRoSaConfig(rot, sparsity=0.4))  # other config
 
 
 def test_rotations_from_other_weights_warn(saved):
@@ -191,16 +191,16 @@ def test_streamed_perplexity_equals_the_whole_model_forward(tmp_path, arch, tie)
             larosa.SparsityConfig(0.0, 0.1, 0.2, 0.3)]
     for sparsity, scope, score in [(None, "block", "magnitude"), (0.5, "block", "magnitude"),
                                    (plan, "global", "weight")]:
-        if sparsity is None:
+        config = None if sparsity is None else larosa.LaRoSaConfig(rot, sparsity=sparsity, scope=scope, score=score)
+        if config is None:
             larosa.unsparsify(eager)
         else:
-            larosa.sparsify(eager, rot, sparsity, scope=scope, score=score)
+            larosa.sparsify(eager, config)
         want = larosa.perplexity(eager, windows, progress=False)
         for model in (eager, lazy):
             if model is eager:
                 larosa.unsparsify(eager)
-            got = perplexity_streamed(model, windows, rotations=rot, sparsity=sparsity, scope=scope, score=score,
-                                      device="cpu", progress=False)
+            got = perplexity_streamed(model, windows, config, device="cpu", progress=False)
             assert got["ppl"] == pytest.approx(want["ppl"], rel=1e-5) and got["tokens"] == want["tokens"]
             assert got["measured_param_weighted"] == pytest.approx(want["measured_param_weighted"], abs=1e-9)
             assert got["site_sparsity"] == pytest.approx(want["site_sparsity"])

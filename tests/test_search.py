@@ -9,13 +9,14 @@ from conftest import random_windows, saved_tiny, tiny_model
 from transformers import AutoModelForCausalLM
 
 import larosa
-from larosa.adapters import adapter_for
+from larosa import LaRoSaConfig
+from larosa.arch import adapter_for
 from larosa.cli import main
-from larosa.fold import fold, save_folded
-from larosa.layerwise import greedy_levels
-from larosa.search import (add_plan, config_for_target, default_config, find_plan, greedy_plan, plan_configs, search,
-                           stored_plans)
-from larosa.sparsify import SparsityConfig, plan_param_weighted, topk
+from larosa.fold import save_folded
+from larosa.search import greedy_plan, search
+from larosa.sparsity.levels import SparsityConfig, config_for_target, default_config, greedy_levels, param_weighted
+from larosa.sparsity.plan import load_plans, save_plans, select
+from larosa.sparsity.topk import topk
 
 
 def _rel(a, b):
@@ -39,9 +40,10 @@ def test_weight_aware_top_k_keeps_the_largest_weighted_entries():
 def test_folded_equals_simulate_with_weight_aware_scores(calibrated, scope):
     model, rot = calibrated
     windows = random_windows(2)
-    simulated = larosa.sparsify(copy.deepcopy(model), rot, 0.5, scope=scope, score="weight")
-    magnitude = larosa.sparsify(copy.deepcopy(model), rot, 0.5, scope=scope)
-    folded = fold(copy.deepcopy(model), rot, 0.5, scope=scope, score="weight")
+    simulated = larosa.sparsify(copy.deepcopy(model), LaRoSaConfig(rot, sparsity=0.5, scope=scope, score="weight"))
+    magnitude = larosa.sparsify(copy.deepcopy(model), LaRoSaConfig(rot, sparsity=0.5, scope=scope))
+    folded = larosa.sparsify(copy.deepcopy(model),
+                             LaRoSaConfig(rot, sparsity=0.5, scope=scope, score="weight", mode="folded"))
     with torch.no_grad():
         a, b, c = folded(windows).logits, simulated(windows).logits, magnitude(windows).logits
     assert _rel(a, b) < 1e-4
@@ -52,11 +54,11 @@ def test_per_layer_plan_sets_each_layers_k_and_survives_save_and_load(calibrated
     model, rot = calibrated
     dims = adapter_for(model).dims
     plan = [SparsityConfig(0.1, 0.2, 0.3, 0.4), SparsityConfig(0.5, 0.5, 0.5, 0.5), SparsityConfig(0.0, 0.0, 0.0, 0.0)]
-    simulated = larosa.sparsify(copy.deepcopy(model), rot, plan)
+    simulated = larosa.sparsify(copy.deepcopy(model), LaRoSaConfig(rot, sparsity=plan))
     ks = [[s.k for s in layer.larosa_sites.values()] for layer in adapter_for(simulated).layers()]
     assert ks == [[58, 51, 45, 58], [32, 32, 32, 48], [64, 64, 64, 96]]  # d = 64 = heads x head_dim, intermediate 96
-    assert plan_param_weighted(plan, dims) == pytest.approx(sum(c.param_weighted(dims) for c in plan) / 3)
-    folded = fold(copy.deepcopy(model), rot, plan, score="weight")
+    assert param_weighted(plan, dims) == pytest.approx(sum(c.param_weighted(dims) for c in plan) / 3)
+    folded = larosa.sparsify(copy.deepcopy(model), LaRoSaConfig(rot, sparsity=plan, score="weight", mode="folded"))
     out = save_folded(folded, None, tmp_path / "f")
     loaded = AutoModelForCausalLM.from_pretrained(out)
     windows = random_windows(2)
@@ -68,7 +70,7 @@ def test_per_layer_plan_sets_each_layers_k_and_survives_save_and_load(calibrated
 def test_wrong_length_plan_is_refused(calibrated):
     model, rot = calibrated
     with pytest.raises(larosa.LarosaError, match="per-layer plan"):
-        larosa.sparsify(copy.deepcopy(model), rot, [SparsityConfig(0.1, 0.1, 0.1, 0.1)])
+        larosa.sparsify(copy.deepcopy(model), LaRoSaConfig(rot, sparsity=[SparsityConfig(0.1, 0.1, 0.1, 0.1)]))
 
 
 @pytest.mark.parametrize("multiple", [0.5, 0.8, 1.0, 1.2])
@@ -108,30 +110,55 @@ def test_per_layer_site_plan_holds_the_target_in_every_layer(calibrated):
     assert len(levels) > 2  # sites and layers get different levels, not one split
 
 
-def test_search_holds_the_target_and_round_trips_through_the_rotations_file(calibrated, tmp_path):
+def test_search_holds_the_target_and_round_trips_through_a_plan_file(calibrated, tmp_path):
     model, rot = calibrated
     dims = adapter_for(model).dims
     windows = random_windows(2, seed=7)
     plan = search(copy.deepcopy(model), rot, windows, 0.4, scope="block", progress=False)
-    configs = plan_configs(plan)
-    assert plan_param_weighted(configs, dims) == pytest.approx(0.4)
-    assert set(plan["nll"]) == {"split", "per-layer"} and plan["nll"][plan["chosen"]] == min(plan["nll"].values())
-    if plan["chosen"] == "split":
+    configs = list(plan.levels)
+    assert param_weighted(configs, dims) == pytest.approx(0.4)
+    assert set(plan.nll) == {"split", "per-layer"} and plan.nll[plan.chosen] == min(plan.nll.values())
+    if plan.chosen == "split":
         assert all(c == configs[0] for c in configs)
-    assert min(t["nll"] for t in plan["split_trials"]) == pytest.approx(
-        next(t["nll"] for t in plan["split_trials"] if t["rotated_multiple"] == plan["rotated_multiple"]))
-    rot = copy.deepcopy(rot)
-    add_plan(rot, plan)
-    rot.save(tmp_path / "r.safetensors")
-    again = larosa.Rotations.load(tmp_path / "r.safetensors")
-    assert find_plan(again, 0.4, "block", "magnitude")["layers"] == plan["layers"]
-    assert find_plan(again, 0.4, "global", "magnitude") is None
-    again.meta["plans"] = json.dumps([{"layers": [{}]}])
+    assert min(t["nll"] for t in plan.split_trials) == pytest.approx(
+        next(t["nll"] for t in plan.split_trials if t["rotated_multiple"] == plan.rotated_multiple))
+    assert plan.model["config_hash"] == rot.meta["config_hash"] and plan.signal == "gainfree"
+    save_plans([plan], tmp_path / "plans.json")
+    again = load_plans(tmp_path / "plans.json")
+    assert again == [plan] and select(again, 0.4, "block", "magnitude") == plan
+    with pytest.raises(larosa.LarosaError, match="no plan for target 0.4, scope global"):
+        select(again, 0.4, "global")
+    simulated = larosa.sparsify(copy.deepcopy(model), LaRoSaConfig(rot, plan=plan))
+    assert larosa.describe(simulated)["scope"] == "block" and larosa.describe(simulated)["sparsity_source"] == "searched"
+    with pytest.raises(larosa.LarosaError, match="searched for scope 'block', not 'global'"):
+        LaRoSaConfig(rot, plan=plan, scope="global")
+    with pytest.raises(larosa.LarosaError, match="searched on"):
+        larosa.sparsify(tiny_model("llama", vocab=128), LaRoSaConfig(plan=plan))
+    doc = json.loads((tmp_path / "plans.json").read_text())
+    doc["plans"][0]["layers"] = [{}]
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
     with pytest.raises(larosa.LarosaError, match="re-run larosa search"):
-        stored_plans(again)
-    again.meta["plans"] = "{not json"
+        load_plans(tmp_path / "bad.json")
+
+
+def test_rotations_files_that_carry_plans_still_load_and_give_their_plans(calibrated, tmp_path):
+    """larosa 0.1 wrote searched plans into the rotations file's metadata."""
+    model, rot = calibrated
+    plan = search(copy.deepcopy(model), rot, random_windows(2, seed=7), 0.4, scope="global", layers=False,
+                  progress=False)
+    legacy = copy.deepcopy(rot)
+    keys = ("target", "scope", "score", "signal", "rotated_multiple", "split_trials", "chosen", "nll", "layers",
+            "windows", "seq_len", "seconds")
+    legacy.meta["plans"] = json.dumps([{k: v for k, v in plan.to_dict().items() if k in keys}])
+    legacy.save(tmp_path / "r.safetensors")
+    with pytest.warns(UserWarning, match="carries searched plans"):
+        larosa.Rotations.load(tmp_path / "r.safetensors").check_model(model)
+    (got,) = load_plans(tmp_path / "r.safetensors")
+    assert got.levels == plan.levels and got.scope == "global" and got.model["config_hash"] == rot.meta["config_hash"]
+    legacy.meta["plans"] = "{not json"
+    legacy.save(tmp_path / "broken.safetensors")
     with pytest.raises(larosa.LarosaError, match="JSON"):
-        stored_plans(again)
+        load_plans(tmp_path / "broken.safetensors")
 
 
 @pytest.mark.parametrize("scope, score", [("block", "magnitude"), ("global", "weight")])
@@ -145,16 +172,15 @@ def test_lazy_search_finds_the_plan_of_the_search_in_ram(tmp_path, scope, score)
     windows = random_windows(2, seed=7)
     want, got = (search(m, rot, windows, 0.4, scope=scope, score=score, device="cpu", progress=False)
                  for m in (eager, lazy))
-    assert (got["chosen"], got["rotated_multiple"], got["layers"]) == (
-        want["chosen"], want["rotated_multiple"], want["layers"])
-    assert got["nll"] == pytest.approx(want["nll"], rel=1e-5)
-    assert [t["nll"] for t in got["split_trials"]] == pytest.approx([t["nll"] for t in want["split_trials"]],
-                                                                    rel=1e-5)
+    assert (got.chosen, got.rotated_multiple, got.levels) == (want.chosen, want.rotated_multiple, want.levels)
+    assert got.nll == pytest.approx(want.nll, rel=1e-5)
+    assert [t["nll"] for t in got.split_trials] == pytest.approx([t["nll"] for t in want.split_trials], rel=1e-5)
     assert all(p.device.type == "meta" for p in lazy.parameters())
 
 
 def test_search_lazy_cli_stores_the_plan_of_the_search_in_ram(model_dir, tmp_path, capsys, monkeypatch):
-    rot, in_ram, lazy = (tmp_path / f"{name}.safetensors" for name in ("rot", "in-ram", "lazy"))
+    rot = tmp_path / "rot.safetensors"
+    in_ram, lazy = tmp_path / "in-ram.json", tmp_path / "lazy.json"
     model, _ = larosa.load_model(str(model_dir), device="cpu")
     larosa.calibrate(model, random_windows(4, seed=3), device="cpu", progress=False).save(rot)
     common = ["search", model_dir, "--rotations", rot, "--data", tmp_path / "text.txt", "--target", "0.3,0.4",
@@ -168,8 +194,8 @@ def test_search_lazy_cli_stores_the_plan_of_the_search_in_ram(model_dir, tmp_pat
     capsys.readouterr()
     assert main([str(a) for a in [*common, "--lazy", "--out", lazy]]) == 0
     assert [p["target"] for p in json.loads(capsys.readouterr().out)["plans"]] == [0.3, 0.4]
-    want, got = larosa.Rotations.load(in_ram), larosa.Rotations.load(lazy)
+    want, got = load_plans(in_ram), load_plans(lazy)
     for target in (0.3, 0.4):
-        a, b = (find_plan(r, target, "block", "magnitude") for r in (want, got))
-        assert (b["chosen"], b["rotated_multiple"], b["layers"]) == (a["chosen"], a["rotated_multiple"], a["layers"])
-        assert b["nll"] == pytest.approx(a["nll"], rel=1e-5)
+        a, b = (select(plans, target, "block", "magnitude") for plans in (want, got))
+        assert (b.chosen, b.rotated_multiple, b.levels) == (a.chosen, a.rotated_multiple, a.levels)
+        assert b.nll == pytest.approx(a.nll, rel=1e-5)

@@ -5,8 +5,10 @@ import torch
 from conftest import random_windows, tiny_model
 
 import larosa
-from larosa.adapters import adapter_for
-from larosa.sparsify import SITES, SparsityConfig, keep_count, topk
+from larosa import LaRoSaConfig
+from larosa.arch import adapter_for
+from larosa.sparsity.levels import SITES, SparsityConfig, keep_count, site_sizes
+from larosa.sparsity.topk import topk
 
 
 def test_topk_keeps_exactly_k_largest_even_with_ties():
@@ -37,7 +39,7 @@ def test_sparsity_zero_reproduces_dense_logits(model, scope, signal):
     with torch.no_grad():
         dense = model(windows).logits
         rot = larosa.calibrate(model, windows, signal=signal, device="cpu", progress=False)
-        larosa.sparsify(model, rot, 0.0, scope=scope)
+        larosa.sparsify(model, LaRoSaConfig(rot, sparsity=0.0, scope=scope))
         sparse = model(windows).logits
     assert (sparse - dense).abs().max() / dense.abs().max() < 1e-5
     assert not torch.equal(sparse, dense)  # the rotations really ran (in fp32 they round differently)
@@ -47,7 +49,7 @@ def test_unsparsify_restores_dense_exactly():
     model, windows = tiny_model("llama"), random_windows(2)
     with torch.no_grad():
         dense = model(windows).logits
-        larosa.sparsify(model, larosa.calibrate(model, windows, device="cpu", progress=False), 0.5)
+        larosa.sparsify(model, LaRoSaConfig(larosa.calibrate(model, windows, device="cpu", progress=False), sparsity=0.5))
         assert not torch.allclose(model(windows).logits, dense)
         larosa.unsparsify(model)
         assert torch.equal(model(windows).logits, dense)
@@ -58,11 +60,9 @@ def test_each_site_keeps_k_per_token_and_measures_what_was_configured(model):
     windows = random_windows(2, seq_len=24)
     rot = larosa.calibrate(model, random_windows(4, seed=7), device="cpu", progress=False)  # 128 tokens: full rank
     config = SparsityConfig(attn_in=0.3, o_in=0.55, mlp_in=0.2, down_in=0.7)
-    larosa.sparsify(model, rot, config)
+    larosa.sparsify(model, LaRoSaConfig(rot, sparsity=config))
     adapter = adapter_for(model)
-    dims = adapter.dims
-    sizes = {"attn_in": dims.hidden, "o_in": dims.n_heads * dims.head_dim, "mlp_in": dims.hidden,
-             "down_in": dims.intermediate}
+    sizes = site_sizes(adapter.dims)
     # Every token at every site: exactly k non-zeros in the (rotated) basis the weights see.
     seen = {s: [] for s in SITES}
     for layer in adapter.layers():
@@ -114,7 +114,7 @@ def test_unsupported_architecture_names_the_supported_ones():
 
     gpt2 = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(larosa.LarosaError, match="unsupported architecture 'gpt2'.*llama, qwen2"):
-        larosa.sparsify(gpt2, None, 0.4)
+        larosa.sparsify(gpt2, LaRoSaConfig(sparsity=0.4))
     with pytest.raises(larosa.LarosaError, match="unsupported architecture"):
         larosa.calibrate(gpt2, random_windows(), progress=False)
 
@@ -123,7 +123,7 @@ def test_unknown_scope_is_refused():
     model = tiny_model("llama")
     rot = larosa.calibrate(model, random_windows(), progress=False)
     with pytest.raises(larosa.LarosaError, match="scope must be one of"):
-        larosa.sparsify(model, rot, 0.4, scope="head")
+        larosa.sparsify(model, LaRoSaConfig(rot, sparsity=0.4, scope="head"))
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.4])
@@ -131,7 +131,8 @@ def test_batched_perplexity_equals_one_window_at_a_time(sparsity):
     model = tiny_model("llama")
     windows = random_windows(5)
     if sparsity:
-        larosa.sparsify(model, larosa.calibrate(model, random_windows(4, seed=3), progress=False), sparsity)
+        rot = larosa.calibrate(model, random_windows(4, seed=3), progress=False)
+        larosa.sparsify(model, LaRoSaConfig(rot, sparsity=sparsity))
     one = larosa.perplexity(model, windows, progress=False)
     for batch in (2, 5, 8):  # uneven last batch; more than there are windows
         got = larosa.perplexity(model, windows, batch_size=batch, progress=False)

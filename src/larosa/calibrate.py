@@ -8,78 +8,17 @@ Each layer reads the dense output of the layer before, as the paper does.
 
 from __future__ import annotations
 
-import contextlib
 import time
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from . import __version__
-from .adapters import Adapter, adapter_for
+from .arch import adapter_for
 from .data import token_windows
 from .errors import LarosaError
-from .models import default_device, resident
-from .rotations import (
-    SIGNALS,
-    Rotations,
-    config_hash,
-    pca_rotation,
-    weights_fingerprint,
-)
-
-
-def _first_layer_inputs(adapter: Adapter, windows: torch.Tensor, device: torch.device):
-    """Hidden states entering layer 0 for every window, and the other arguments each layer is called with.
-
-    Runs the model's own forward with every layer replaced by a recorder that passes its input through, so
-    masks and rotary tables are exactly what the model builds for itself, for any architecture.
-    """
-    layers = adapter.layers()
-    body = adapter.body()
-    hidden: list[torch.Tensor] = []
-    calls: list[tuple | None] = [None for _ in layers]
-
-    def recorder(i: int):
-        def forward(hidden_states, *args, **kwargs):
-            if i == 0:
-                hidden.append(hidden_states)
-            if calls[i] is None:
-                calls[i] = (args, kwargs)
-            return hidden_states
-
-        return forward
-
-    others = [m for m in body.children() if m is not layers]
-    with contextlib.ExitStack() as stack:
-        for m in others:
-            stack.enter_context(resident(adapter.model, m, device))
-        try:
-            for i, layer in enumerate(layers):
-                layer.forward = recorder(i)
-            for w in windows:
-                body(input_ids=w[None].to(device), use_cache=False)
-        finally:
-            for layer in layers:
-                layer.__dict__.pop("forward", None)
-    return torch.cat(hidden), calls
-
-
-def run_layer(layer: nn.Module, call: tuple, x: torch.Tensor) -> torch.Tensor:
-    args, kwargs = call
-    out = layer(x, *args, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
-
-
-def advance(layer: nn.Module, call: tuple, hidden: torch.Tensor, handles=()) -> None:
-    """Every window's hidden state through ``layer``, in place, one window at a time; the hooks in ``handles``
-    are removed afterwards, also on error."""
-    try:
-        for j in range(hidden.shape[0]):
-            hidden[j] = run_layer(layer, call, hidden[j : j + 1])[0]
-    finally:
-        for h in handles:
-            h.remove()
+from .rotations import SIGNALS, Rotations, config_hash, pca_rotation, weights_fingerprint
+from .streaming import advance, passes
+from .version import __version__
 
 
 class SecondMoment:
@@ -140,26 +79,21 @@ def calibrate(
         windows, spec = token_windows(tokenizer, data, n_windows, seq_len), data
     else:
         windows, spec = data, f"tensor[{data.shape[0]}x{data.shape[1]}]"
-    device = torch.device(device or default_device())
     start = time.perf_counter()
-
-    hidden, layer_calls = _first_layer_inputs(adapter, windows, device)
     fingerprint = weights_fingerprint(model)
     tensors: dict[str, torch.Tensor] = {}
     pooled = torch.zeros(dims.hidden, dims.hidden, dtype=torch.float64)
-    layers = adapter.layers()
-    for i, layer in enumerate(tqdm(layers, desc="calibrating", unit="layer", disable=not progress)):
+    for i, layer, call, hidden in passes(model, windows, "calibrating", device, progress):
         moments = {"attn": SecondMoment(), "mlp": SecondMoment(),
                    "heads": SecondMoment(dims.n_kv_heads, dims.n_heads // dims.n_kv_heads)}
-        with resident(model, layer, device):
-            handles = [
-                adapter.attn_norm(layer).register_forward_hook(lambda m, a, out: moments["attn"].add(out)),
-                adapter.mlp_norm(layer).register_forward_hook(lambda m, a, out: moments["mlp"].add(out)),
-                adapter.o_proj(layer).register_forward_pre_hook(lambda m, a: moments["heads"].add(a[0])),
-            ]
-            advance(layer, layer_calls[i], hidden, handles)
-            gains = {"attn": adapter.attn_norm(layer).weight.detach().cpu(),
-                     "mlp": adapter.mlp_norm(layer).weight.detach().cpu()}
+        handles = [
+            adapter.attn_norm(layer).register_forward_hook(lambda m, a, out: moments["attn"].add(out)),
+            adapter.mlp_norm(layer).register_forward_hook(lambda m, a, out: moments["mlp"].add(out)),
+            adapter.o_proj(layer).register_forward_pre_hook(lambda m, a: moments["heads"].add(a[0])),
+        ]
+        advance(layer, call, hidden, [h.remove for h in handles])
+        gains = {"attn": adapter.attn_norm(layer).weight.detach().cpu(),
+                 "mlp": adapter.mlp_norm(layer).weight.detach().cpu()}
         for block in ("attn", "mlp"):
             xtx = moments[block].xtx.cpu()
             if signal == "gainfree":

@@ -3,102 +3,194 @@
 Nominal levels mean different things per method (TEAL's s is every projection's, LaRoSa's is split 0.8 / 1.2,
 CATS touches the MLP only), so every method is asked for the same share of decoder weight reads skipped, and the
 share each one actually skipped on the evaluation windows is measured and reported beside its perplexity.
+
+A comparison written to a directory resumes there: finished runs, the rotations and the searched plans are kept,
+so a run cut short by a time limit loses at most the run in flight.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import peers
-from .adapters import adapter_for
+from .api import sparsify, unsparsify
+from .arch import adapter_for
 from .calibrate import calibrate
+from .data import token_windows
 from .errors import LarosaError
-from .evaluate import perplexity
+from .eval import perplexity
+from .io import atomic_file, write_report
+from .models import DTYPES, load_model
 from .rotations import Rotations
-from .search import add_plan, default_config, find_plan, plan_configs, search
-from .sparsify import sparsify, unsparsify
+from .search import search
+from .sparsity import LABELS, sites
+from .sparsity.levels import default_config
+from .sparsity.peers import CatsConfig, TealConfig
+from .sparsity.plan import Plan, load_plans, merge, save_plans
+from .sparsity.topk import LaRoSaConfig
 
-METHODS = ("dense", "teal", "teal-greedy", "cats", "larosa", "larosa-searched", "larosa-searched-wa")
-LABELS = {
-    "dense": "dense", "teal": "TEAL uniform", "teal-greedy": "TEAL greedy", "cats": "CATS",
-    "larosa": "LaRoSa, 0.8 / 1.2 split", "larosa-searched": "LaRoSa, searched",
-    "larosa-searched-wa": "LaRoSa, searched + weight-aware",
-}
+# The rows a comparison can have: the methods, and LaRoSa with its split searched (and weight-aware scores).
+ROWS = {**{m: LABELS[m] for m in ("dense", "teal", "teal-greedy", "cats")}, "larosa": "LaRoSa, 0.8 / 1.2 split",
+        "larosa-searched": "LaRoSa, searched", "larosa-searched-wa": "LaRoSa, searched + weight-aware"}
 
 
-def check_methods(methods: list[str]) -> None:
-    unknown = [m for m in methods if m not in METHODS]
+def check_rows(rows: list[str]) -> None:
+    unknown = [m for m in rows if m not in ROWS]
     if unknown:
-        raise LarosaError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+        raise LarosaError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(ROWS)}")
 
 
 def _apply(model: nn.Module, method: str, target: float, rotations: Rotations | None, calib: torch.Tensor,
-           search_windows: torch.Tensor, scope: str, device: str | None, batch_size: int) -> dict:
-    """Make ``model`` sparse by ``method`` in place; returns what was chosen (thresholds, plan, ...)."""
+           search_windows: torch.Tensor, scope: str, device: str | None, batch_size: int, plans: list[Plan]) -> dict:
+    """Make ``model`` sparse by ``method`` in place; returns what was chosen (thresholds, plan, ...). Plans it
+    searches are added to ``plans``."""
     if method in ("teal", "teal-greedy"):
-        return peers.teal(model, calib, target, greedy=method == "teal-greedy", device=device, progress=False)
+        sparsify(model, TealConfig(target, calib, greedy=method == "teal-greedy"), device=device, progress=False)
+        return sites.settings(model)
     if method == "cats":
-        return peers.cats(model, calib, target, device=device, progress=False)
+        sparsify(model, CatsConfig(target, calib), device=device, progress=False)
+        return sites.settings(model)
     if method == "larosa":
         config = default_config(adapter_for(model).dims, target)
-        sparsify(model, rotations, config, scope=scope)
+        sparsify(model, LaRoSaConfig(rotations, sparsity=config, scope=scope))
         return {"sites": config.sites(), "nominal": config.nominal}
     score = "weight" if method == "larosa-searched-wa" else "magnitude"
-    plan = find_plan(rotations, target, scope, score)
-    if plan is None:
-        plan = search(model, rotations, search_windows, target, scope=scope, score=score, batch_size=batch_size,
-                      device=device, progress=False)
-        add_plan(rotations, plan)
-    sparsify(model, rotations, plan_configs(plan), scope=scope, score=score)
-    return {k: plan[k] for k in ("rotated_multiple", "chosen", "nll", "seconds")}
+    found = [p for p in plans if round(p.target, 6) == round(target, 6) and p.scope == scope and p.score == score]
+    plan = found[0] if found else search(model, rotations, search_windows, target, scope=scope, score=score,
+                                         batch_size=batch_size, device=device, progress=False)
+    if not found:
+        plans[:] = merge(plans, [plan])
+    sparsify(model, LaRoSaConfig(rotations, plan=plan))
+    return {"rotated_multiple": plan.rotated_multiple, "chosen": plan.chosen, "nll": plan.nll,
+            "seconds": plan.seconds}
 
 
 def compare(model: nn.Module, methods: list[str], targets: list[float], *, calib: torch.Tensor,
             search_windows: torch.Tensor, windows: torch.Tensor, rotations: Rotations | None = None,
-            scope: str = "block", device: str | None = None, batch_size: int = 1, done: list[dict] = (),
-            on_row: Callable[[dict], None] | None = None, progress: bool = True) -> dict:
-    """One perplexity per (method, target); ``rotations`` gains the search plans it did not have.
+            plans: list[Plan] | None = None, scope: str = "block", device: str | None = None, batch_size: int = 1,
+            done: list[dict] = (), on_row: Callable[[dict], None] | None = None, progress: bool = True) -> dict:
+    """One perplexity per (method, target); ``plans`` gains the plans searched on the way.
 
     Rows in ``done`` (from an interrupted run with the same settings) are kept instead of run again;
     ``on_row(result so far)`` is called after each new row, so a caller can save partial results.
     """
-    check_methods(methods)
+    check_rows(methods)
     start = time.perf_counter()
     if rotations is None and any(m.startswith("larosa") for m in methods):
         rotations = calibrate(model, calib, device=device, progress=progress)
+    plans = [] if plans is None else plans
     runs = [(m, t) for m in methods for t in ([0.0] if m == "dense" else targets)]
     finished = {(r["method"], r["target"]): r for r in done}
     rows = []
     result = {"methods": methods, "targets": targets, "scope": scope, "rows": rows, "rotations": rotations,
-              "seconds": 0.0}
+              "plans": plans, "seconds": 0.0}
     for method, target in tqdm(runs, desc="compare", unit="run", disable=not progress):
         if (method, target) in finished:
             rows.append(finished[(method, target)])
             continue
-        row = {"method": method, "label": LABELS[method], "target": target}
+        row = {"method": method, "label": ROWS[method], "target": target}
         try:
             setup = time.perf_counter()
             row["settings"] = {} if method == "dense" else _apply(
-                model, method, target, rotations, calib, search_windows, scope, device, batch_size)
+                model, method, target, rotations, calib, search_windows, scope, device, batch_size, plans)
             row["setup_seconds"] = round(time.perf_counter() - setup, 1)
             row.update(perplexity(model, windows, batch_size=batch_size, progress=False))
         except LarosaError as e:  # an unreachable target (CATS past the MLP's share): reported, not fatal
             row["error"] = str(e)
         finally:
-            if getattr(model, "larosa", None) is not None:
-                unsparsify(model)
+            unsparsify(model)
         rows.append(row)
         result["seconds"] = round(time.perf_counter() - start, 1)
         if on_row is not None:
             on_row(result)
     result["seconds"] = round(time.perf_counter() - start, 1)
     return result
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """What a comparison is run on; a directory holding one with other settings is not resumed into."""
+
+    model: str
+    data: str
+    calib_data: str
+    dtype: str | None = None  # a key of larosa.models.DTYPES; None: the device's default
+    windows: int = 40
+    seq_len: int = 2048
+    calib_windows: int = 16
+    search_windows: int = 4
+    scope: str = "block"
+    rotations: str | None = None  # a rotations file; None: calibrate on calib_data
+    methods: list[str] = field(default_factory=lambda: list(ROWS))
+    targets: list[float] = field(default_factory=lambda: [0.25, 0.4, 0.5])
+
+    def settings(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k not in ("methods", "targets")}
+
+
+def _resume(spec: Comparison, out: Path | None) -> tuple[list[dict], list[str], list[float], str | None, list[Plan]]:
+    """(finished rows, methods, targets, rotations file, plans) to continue a comparison in ``out`` with: the
+    methods and targets it had are kept, never dropped."""
+    methods, targets = list(spec.methods), list(spec.targets)
+    if out is None or not (out / "compare.json").exists():
+        return [], methods, targets, spec.rotations, []
+    try:
+        previous = json.loads((out / "compare.json").read_text())
+        done = previous["rows"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise LarosaError(f"{out / 'compare.json'} is not a larosa comparison ({e}); delete it or pick another "
+                          "--out") from e
+    changed = [k for k, v in spec.settings().items() if previous.get(k) != v]
+    if changed:
+        raise LarosaError(f"{out} holds a comparison with other settings ({', '.join(changed)}); delete it or pick "
+                          "another --out")
+    methods += [m for m in previous.get("methods", []) if m not in methods]
+    targets = sorted(set(targets) | set(previous.get("targets", [])))
+    rotations = str(out / "rotations.safetensors") if (out / "rotations.safetensors").exists() else spec.rotations
+    plans = load_plans(out / "plans.json") if (out / "plans.json").exists() else []
+    return done, methods, targets, rotations, plans
+
+
+def run(spec: Comparison, out: str | Path | None = None, *, device: str | None = None, batch_size: int = 1,
+        progress: bool = True) -> dict:
+    """Load the model, compare, and (with ``out``) write compare.json / .md / .png, the rotations and the searched
+    plans there after every run, resuming a comparison ``out`` already holds."""
+    check_rows(spec.methods)
+    out = Path(out) if out is not None else None
+    done, methods, targets, rotations_path, plans = _resume(spec, out)
+    if done and progress:
+        tqdm.write(f"resuming {out}: {len(done)} finished run(s) kept")
+    rotations = Rotations.load(rotations_path) if rotations_path else None
+    model, tok = load_model(spec.model, device=device, dtype=DTYPES[spec.dtype] if spec.dtype else None)
+    calib = token_windows(tok, spec.calib_data, spec.calib_windows, spec.seq_len)
+
+    def save(result: dict) -> dict:
+        report = {k: v for k, v in result.items() if k not in ("rotations", "plans")} | spec.settings()
+        report["table"] = table(report)
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            if result["rotations"] is not None:
+                result["rotations"].save(out / "rotations.safetensors")
+            if result["plans"]:
+                save_plans(result["plans"], out / "plans.json")
+            write_report(out, "compare", report, report["table"])
+        return report
+
+    result = compare(model, methods, targets, calib=calib, search_windows=calib[: spec.search_windows],
+                     windows=token_windows(tok, spec.data, spec.windows, spec.seq_len), rotations=rotations,
+                     plans=plans, scope=spec.scope, device=device, batch_size=batch_size, done=done, on_row=save,
+                     progress=progress)
+    report = save(result)
+    if out is not None:
+        plot(report, out / "compare.png")
+    return report
 
 
 def table(result: dict) -> str:
@@ -113,7 +205,7 @@ def table(result: dict) -> str:
                          f"{row['ppl']:.3f} ({row['measured_param_weighted']:.3f})")
         if method == "dense":
             cells = cells * len(targets)
-        lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
+        lines.append(f"| {ROWS[method]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -135,7 +227,7 @@ def plot(result: dict, path: str | Path, cap: float = 2.0) -> None:
             ax.axhline(rows[0]["ppl"], color="gray", linestyle="--", label="dense")
         elif rows:
             x = [r["measured_param_weighted"] for r in rows]
-            line, = ax.plot(x, [min(r["ppl"], top) for r in rows], marker="o", label=LABELS[method])
+            line, = ax.plot(x, [min(r["ppl"], top) for r in rows], marker="o", label=ROWS[method])
             for xi, r in zip(x, rows):
                 if r["ppl"] > top:
                     ax.annotate(f"{r['ppl']:.0f}", (xi, top), textcoords="offset points", xytext=(0, -12),
@@ -145,7 +237,6 @@ def plot(result: dict, path: str | Path, cap: float = 2.0) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    tmp.replace(path)

@@ -15,10 +15,11 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from . import assets
-from .adapters import adapter_class
+from .arch import adapter_class
 from .errors import LarosaError
 
 BUILTIN_MODELS = {"builtin:smollm2": assets.smollm2_dir}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def default_device() -> str:

@@ -21,8 +21,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .adapters import adapter_for
+from .arch import adapter_for
 from .errors import LarosaError
+from .io import atomic_file
+from .models import is_lazy, resident
 
 FORMAT = "larosa-rotations/1"
 SCOPES = ("block", "layer", "global")
@@ -56,9 +58,7 @@ def config_hash(config) -> str:
 def weights_fingerprint(model) -> str:
     """A few embedding values in bf16: tells a fine-tune from its base, whatever dtype it was loaded in."""
     embedding = model.get_input_embeddings()
-    if embedding.weight.device.type == "meta":  # a model from load_lazy: read it from the checkpoint
-        from .models import resident
-
+    if is_lazy(model) and embedding.weight.device.type == "meta":  # read it from the checkpoint
         with resident(model, embedding, "cpu"):
             return weights_fingerprint(model)
     sample = embedding.weight[:8, :8].detach().to("cpu", torch.bfloat16)
@@ -98,15 +98,16 @@ class Rotations:
         return out
 
     def save(self, path: str | os.PathLike) -> None:
-        """Written to a temporary file and renamed, so an interrupted save never leaves a broken file."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.contiguous() for k, v in self.tensors.items()}, tmp, metadata={"format": FORMAT, **self.meta})
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            save_file({k: v.contiguous() for k, v in self.tensors.items()}, tmp,
+                      metadata={"format": FORMAT, **self.meta})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Rotations":
         path = Path(path)
+        if path.is_dir():
+            raise LarosaError(f"{path} is a directory, not a rotations file; give the .safetensors file that "
+                              "larosa calibrate wrote")
         if not path.is_file():
             raise LarosaError(f"rotations file not found: {path}")
         try:
@@ -119,6 +120,9 @@ class Rotations:
             raise LarosaError(f"{path} is not a larosa rotations file (expected format {FORMAT})")
         rot = cls(tensors, meta)
         rot.validate(path)
+        if "plans" in meta:
+            warnings.warn(f"{path} carries searched plans (larosa 0.1 stored them in the rotations file); they are "
+                          "used only when given as a plan: --plan FILE, or larosa.load_plans(FILE)", stacklevel=2)
         return rot
 
     def validate(self, where: object = "rotations", tol: float = 1e-3) -> None:

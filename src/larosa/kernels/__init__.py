@@ -8,12 +8,15 @@ from .topk_gemv import (
     gemv_config,
     pack_input_major,
     pdl_supported,
+    reset_workspaces,
     select_topk,
     sparse_gemv,
     sparse_gemv_reference,
     split_output,
     topk_gemv,
     topk_gemv_reference,
+    topk_threshold,
+    workspaces_clean,
 )
 
 __all__ = [
@@ -23,10 +26,13 @@ __all__ = [
     "gemv_config",
     "pack_input_major",
     "pdl_supported",
+    "reset_workspaces",
     "select_topk",
     "sparse_gemv",
     "sparse_gemv_reference",
     "split_output",
     "topk_gemv",
     "topk_gemv_reference",
+    "topk_threshold",
+    "workspaces_clean",
 ]

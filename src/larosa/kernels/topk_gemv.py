@@ -424,13 +424,37 @@ SLICE = 1024  # values a threshold program counts, and a compaction program writ
 
 
 def _threshold(x: Tensor, k: int, trigger: bool = False) -> Tensor:
-    """int32 [4] on x's device: (t, need, eq) for the 16-bit vector x (see _threshold_kernel)."""
+    """int32 [4] on x's device: (t, need, eq) for the 16-bit vector x (see _threshold_kernel). Its consumer (the
+    fused GEMV or the compaction) leaves the workspace clean."""
     ws = _workspace(x.device)
     state = torch.empty(4, dtype=torch.int32, device=x.device)
     _threshold_kernel[(_cdiv(x.shape[0], SLICE),)](
         x, ws, state, x.shape[0], k, SLICE=SLICE, TRIGGER=trigger, num_warps=4
     )
     return state
+
+
+def topk_threshold(x: Tensor, k: int) -> Tensor:
+    """The fused path's first launch alone, for timing it: int32 [4] (t, need, eq) with t the k-th largest
+    magnitude pattern of the 16-bit vector x. It leaves the histogram to its usual consumer, the GEMV: call
+    :func:`reset_workspaces` after using it alone."""
+    x = _flat_vector(x, "x")
+    k = _check_k(k, x.shape[0])
+    _need_triton(x)
+    return _threshold(x, k)
+
+
+def reset_workspaces(device: torch.device) -> None:
+    """Zero the kernels' workspaces on ``device`` (after :func:`topk_threshold` was used alone)."""
+    _workspace(device).zero_()
+    for t in _GEMV_WORKSPACES.get((device.type, device.index), ()):
+        t.zero_()
+
+
+def workspaces_clean(device: torch.device) -> bool:
+    """Whether the kernels left their workspaces zero, as every call must (a check for tests and benchmarks)."""
+    tensors = [_WORKSPACES.get((device.type, device.index)), *_GEMV_WORKSPACES.get((device.type, device.index), ())]
+    return all(t is None or not bool(t.abs().sum()) for t in tensors)
 
 
 def select_topk(

@@ -15,9 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters import adapter_for
-from ..fold import folded_sparsity
-from ..sparsify import Sparsity, keep_count, per_layer, topk
+from ..arch import adapter_for
+from ..fold import FoldedSettings
+from ..kernels import pdl_supported, topk_gemv
+from ..sparsity import sites
+from ..sparsity.levels import Sparsity, keep_count, per_layer, site_sizes
+from ..sparsity.topk import topk
 
 
 @torch.compiler.disable
@@ -26,8 +29,6 @@ def _sparse_decode(x: torch.Tensor, wt: torch.Tensor, k: int) -> torch.Tensor:
     the first call, zeroed by the kernels themselves) would become graph tensors. Where the GPU allows, the GEMV
     is a programmatic dependent launch of the threshold search: Llama-2-7B at 50 % decoded 1.7 % (global scope)
     and 2.4 % (layer scope) faster on the H200."""
-    from ..kernels import pdl_supported, topk_gemv
-
     return topk_gemv(x, wt, k, pdl=pdl_supported(x.device))
 
 
@@ -103,9 +104,9 @@ class Shape:
 
 class Layer(nn.Module):
     def __init__(self, shape: Shape, attn_norm, qkv: Proj, o: Proj, mlp_norm, gate_up: Proj, down: Proj,
-                 mid_adapter: torch.Tensor | None, out_adapter: torch.Tensor | None):
+                 mid_adapter: torch.Tensor | None, out_adapter: torch.Tensor | None, act):
         super().__init__()
-        self.shape = shape
+        self.shape, self.act = shape, act
         self.attn_norm, self.qkv, self.o, self.mlp_norm, self.gate_up, self.down = (
             attn_norm, qkv, o, mlp_norm, gate_up, down)
         self.mid_adapter = None if mid_adapter is None else Proj(mid_adapter)
@@ -128,7 +129,7 @@ class Layer(nn.Module):
         if self.mid_adapter is not None:
             h = self.mid_adapter(h)
         gate, up = self.gate_up(self.mlp_norm(h)).chunk(2, dim=-1)
-        h = h + self.down(F.silu(gate) * up)
+        h = h + self.down(self.act(gate) * up)
         if self.out_adapter is not None:
             h = self.out_adapter(h)
         return h
@@ -164,19 +165,17 @@ class Transformer(nn.Module):
         """From a dense or folded Hugging Face model; a folded one brings its own sparsity and adapters."""
         adapter = adapter_for(model)
         dims = adapter.dims
-        settings = getattr(model.config, "larosa", None)
+        folded = FoldedSettings.of(model.config)
         configs = [None] * dims.n_layers if sparsity is None else per_layer(sparsity, dims.n_layers)
-        if settings is not None:
-            configs = folded_sparsity(settings, dims.n_layers)
-        sizes = {"attn_in": dims.hidden, "o_in": dims.n_heads * dims.head_dim, "mlp_in": dims.hidden,
-                 "down_in": dims.intermediate}
+        if folded is not None:
+            configs = list(folded.levels)
+        sizes = site_sizes(dims)
         shape = Shape(dims.hidden, dims.n_heads, dims.n_kv_heads, dims.head_dim, dims.intermediate)
-        eps = model.config.rms_norm_eps
+        eps, act = adapter.norm_eps(), adapter.activation()
         layers = []
         for layer, config in zip(adapter.layers(), configs):
             kept = {} if config is None else {site: keep_count(s, sizes[site]) for site, s in config.sites().items()}
-            sites = getattr(layer, "larosa_sites", {})
-            scale = {name: site.scale for name, site in sites.items() if site.scale is not None}
+            scale = {name: site.scale for name, site in (sites.of(layer) or {}).items() if site.scale is not None}
             q, k, v = adapter.qkv(layer)
             biases = [p.bias for p in (q, k, v)]
             qkv_bias = None if biases[0] is None else torch.cat(biases)
@@ -193,15 +192,13 @@ class Transformer(nn.Module):
                 Proj(adapter.down_proj(layer).weight.clone(), adapter.down_proj(layer).bias, kept.get("down_in"),
                      scale.get("down_in")),
                 *[None if a is None else a.weight.clone() for a in adapters],
+                act,
             ))
-        device = model.get_input_embeddings().weight.device
-        positions = torch.arange(max_seq, device=device)[None]
-        probe = torch.zeros(1, dtype=model.get_input_embeddings().weight.dtype, device=device)
-        cos, sin = adapter.body().rotary_emb(probe, positions)
+        embedding = model.get_input_embeddings().weight
+        cos, sin = adapter.rotary(torch.arange(max_seq, device=embedding.device), embedding.dtype)
         head = model.get_output_embeddings()
-        return cls(model.get_input_embeddings().weight.clone(), layers,
-                   RMSNorm(adapter.final_norm().weight.clone(), eps), Proj(head.weight.clone(), head.bias),
-                   cos[0], sin[0], max_seq)
+        return cls(embedding.clone(), layers, RMSNorm(adapter.final_norm().weight.clone(), eps),
+                   Proj(head.weight.clone(), head.bias), cos, sin, max_seq)
 
 
 class Engine:

@@ -10,13 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import adapter_for
-from .calibrate import _first_layer_inputs, advance
-from .errors import LarosaError
-from .models import default_device, resident
-from .rotations import Rotations
-from .sparsify import (Sparsity, layer_sites, measured_param_weighted, param_weighted_share, site_sparsity,
-                       sparsity_by_site)
+from ..arch import adapter_for
+from ..errors import LarosaError
+from ..models import resident
+from ..sparsity import sites
+from ..sparsity.topk import LaRoSaConfig, prepare
+from ..streaming import advance, passes
 
 
 @torch.no_grad()
@@ -29,7 +28,7 @@ def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 1, 
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise LarosaError(f"batch size must be a positive integer, got {batch_size!r}")
     device = next(model.parameters()).device
-    site_sparsity(model, reset=True)
+    sites.site_sparsity(model, reset=True)
     nll, tokens = 0.0, 0
     start = time.perf_counter()
     bar = tqdm(total=len(windows), desc="perplexity", unit="window", disable=not progress)
@@ -46,35 +45,33 @@ def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 1, 
         "tokens": tokens,
         "windows": len(windows),
         "seconds": time.perf_counter() - start,
-        "measured_param_weighted": measured_param_weighted(model),
-        "site_sparsity": site_sparsity(model),
+        "measured_param_weighted": sites.measured_param_weighted(model),
+        "site_sparsity": sites.site_sparsity(model),
     }
 
 
 @torch.no_grad()
-def perplexity_streamed(model: nn.Module, windows: torch.Tensor, *, rotations: Rotations | None = None,
-                        sparsity: Sparsity | None = None, scope: str = "block", score: str = "magnitude",
+def perplexity_streamed(model: nn.Module, windows: torch.Tensor, config: LaRoSaConfig | None = None, *,
                         device: str | None = None, progress: bool = True) -> dict:
-    """:func:`perplexity` of the dense model, or of LaRoSa simulated with ``sparsity`` (as :func:`sparsify` would
-    make it), with one decoder layer's weights resident at a time.
+    """:func:`perplexity` of the dense model, or of LaRoSa simulated by ``config``, with one decoder layer's
+    weights resident at a time.
 
     Every window passes through a layer before the next layer is read, so the device holds one layer and the
     hidden states of all windows: a model larger than the GPU, or than RAM with :func:`larosa.models.load_lazy`,
     is scored with each weight read once.
     """
+    if config is not None and not isinstance(config, LaRoSaConfig):
+        raise LarosaError("streamed perplexity scores the dense model or LaRoSa in simulate mode, not a peer")
     adapter = adapter_for(model)
-    device = torch.device(device or default_device())
     start = time.perf_counter()
-    attach = layer_sites(model, rotations, sparsity, scope=scope, score=score)[1] if sparsity is not None else None
-    hidden, calls = _first_layer_inputs(adapter, windows, device)
+    attach = prepare(model, config)[1] if config is not None else None
     measured = []  # each layer's sites, kept for their counters once the layer is gone
-    for i, layer in enumerate(tqdm(adapter.layers(), desc="perplexity", unit="layer", disable=not progress)):
-        with resident(model, layer, device):
-            try:
-                advance(layer, calls[i], hidden, attach(i, layer) if attach else ())
-            finally:
-                if "larosa_sites" in layer._modules:
-                    measured.append(layer._modules.pop("larosa_sites"))
+    hidden = None
+    for i, layer, call, hidden in passes(model, windows, "perplexity", device, progress):
+        if attach is not None:
+            attach(i, layer)
+        advance(layer, call, hidden, [lambda: measured.append(sites.detach(layer))] if attach else ())
+    device = hidden.device
     # The output head: the embedding itself where the model ties them (a lazy model's lm_head is never loaded).
     head = model.get_input_embeddings() if model.config.tie_word_embeddings else model.get_output_embeddings()
     nll, tokens = 0.0, 0
@@ -88,6 +85,6 @@ def perplexity_streamed(model: nn.Module, windows: torch.Tensor, *, rotations: R
         "tokens": tokens,
         "windows": len(windows),
         "seconds": time.perf_counter() - start,
-        "measured_param_weighted": param_weighted_share(measured, adapter.dims),
-        "site_sparsity": sparsity_by_site(measured),
+        "measured_param_weighted": sites.param_weighted_share(measured, adapter.dims),
+        "site_sparsity": sites.by_site(measured),
     }

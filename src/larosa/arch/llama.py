@@ -2,19 +2,10 @@
 
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ..fold import FoldedCausalLM
 from . import Adapter, register
-
-
-class LarosaLlamaConfig(LlamaConfig):
-    model_type = "larosa_llama"
-
-
-class LarosaLlamaForCausalLM(FoldedCausalLM, LlamaForCausalLM):
-    config_class = LarosaLlamaConfig
 
 
 @register
 class LlamaAdapter(Adapter):
     model_types = ("llama",)
-    folded = LarosaLlamaForCausalLM
+    hf_config, hf_causal_lm = LlamaConfig, LlamaForCausalLM

@@ -9,18 +9,16 @@ them as what a user would pick instead.
 from __future__ import annotations
 
 import gc
-import json
-import os
 import platform
 import time
-from pathlib import Path
 
 import torch
 
-from .adapters import Dims, adapter_for
-from .files import write_text_atomic
-from .runtime import Engine, Transformer
-from .sparsify import SparsityConfig
+from ..arch import Dims, adapter_class, adapter_for
+from ..fold import FoldedSettings, folded_class
+from ..runtime import Engine, Transformer
+from ..sparsity.levels import SparsityConfig, adapter_overhead, per_layer, site_weights
+from ..sparsity.topk import DEFAULT_SCOPE
 
 # Shapes of the models the targets name (weights are random; only the shapes matter).
 CONFIGS = {
@@ -38,27 +36,25 @@ def byte_ideal_speedup(dims: Dims, sparsity: SparsityConfig | None, scope: str |
     adapters dense, lm_head dense, the KV cache at ``context`` positions (docs/method.md, sparsity accounting)."""
 
     def per_token(cfg: SparsityConfig | None, adapter_scope: str | None) -> float:
-        sites = dims.site_weights()
+        sites = site_weights(dims)
         linear = sum(w * (1 - (cfg.sites()[s] if cfg else 0.0)) for s, w in sites.items())
-        adapters = dims.adapter_overhead(adapter_scope) * sum(sites.values()) if adapter_scope else 0.0
+        adapters = adapter_overhead(dims, adapter_scope) * sum(sites.values())
         kv = 2 * dims.kv * context
         return dims.n_layers * (linear + adapters + kv) + dims.vocab * dims.hidden
 
     return per_token(None, None) / per_token(sparsity, scope)
 
 
-def _random_model(name: str, sparsity: SparsityConfig | None, scope: str):
+def random_model(name: str, sparsity: SparsityConfig | None, scope: str):
     """A dense HF model, or a folded one (random orthogonal adapters), of the named shapes, bf16 on CUDA."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     config = LlamaConfig(**CONFIGS[name])
     if sparsity is not None:
-        from .adapters.llama import LarosaLlamaConfig
-
-        settings = {"sparsity": sparsity.to_dict(), "scope": scope, "head_rotation": False, "signal": "gainfree",
-                    "rotations": {}, "larosa_version": "bench"}
-        config = LarosaLlamaConfig(**{k: v for k, v in config.to_dict().items() if k != "model_type"},
-                                   larosa=settings)
+        settings = FoldedSettings(levels=tuple(per_layer(sparsity, config.num_hidden_layers)), scope=scope)
+        config_class = folded_class(adapter_class(config)).config_class
+        config = config_class(**{k: v for k, v in config.to_dict().items() if k != "model_type"},
+                              larosa=settings.to_dict())
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
     with torch.no_grad():
@@ -106,7 +102,7 @@ def _hf_tokens_per_s(model, prompt: torch.Tensor, tokens: int) -> float:
     return tokens / (time.perf_counter() - start)
 
 
-def bench_decode(name: str, sparsities: list[float], scope: str = "layer", tokens: int = 128, prompt_len: int = 16,
+def bench_decode(name: str, sparsities: list[float], scope: str = DEFAULT_SCOPE["folded"], tokens: int = 128, prompt_len: int = 16,
                  repeats: int = 3, hf: bool = True, compile: bool = True) -> dict:
     if not torch.cuda.is_available():
         raise RuntimeError("bench decode needs a CUDA device")
@@ -116,10 +112,10 @@ def bench_decode(name: str, sparsities: list[float], scope: str = "layer", token
     rows = []
     for s in [0.0, *sparsities]:
         cfg = SparsityConfig.from_nominal(s) if s else None
-        model = _random_model(name, cfg, scope)
+        model = random_model(name, cfg, scope)
         dims = adapter_for(model).dims
         rate = _engine_tokens_per_s(model, max_seq, prompt, tokens, repeats, compile)
-        weight_bytes = 2 * (dims.n_layers * sum(dims.site_weights().values()) + dims.vocab * dims.hidden)
+        weight_bytes = 2 * (dims.n_layers * sum(site_weights(dims).values()) + dims.vocab * dims.hidden)
         row = {"sparsity": s, "scope": scope if s else None, "tokens_per_s": rate,
                "param_weighted_sparsity": cfg.param_weighted(dims) if cfg else 0.0,
                "byte_ideal_speedup": byte_ideal_speedup(dims, cfg, scope if cfg else None, max_seq),
@@ -158,10 +154,3 @@ def decode_table(result: dict) -> str:
                  f"{dense['weight_floor_tokens_per_s']:.1f} tokens/s "
                  f"({dense['weight_floor_tokens_per_s'] / dense['tokens_per_s']:.2f}x slower than the floor)")
     return "\n".join(lines)
-
-
-def write(out: str | os.PathLike, stem: str, result: dict, table: str) -> None:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / f"{stem}.json", json.dumps(result, indent=2))
-    write_text_atomic(out / f"{stem}.md", table + "\n")

@@ -7,7 +7,6 @@ all) that each call finds its weight out of L2; the median per-call time over se
 
 from __future__ import annotations
 
-import importlib
 import math
 import platform
 import statistics
@@ -17,7 +16,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-kern = importlib.import_module(".topk_gemv", __package__)  # the module: the package exports a function of that name
+from .. import kernels as kern
+from .decode import copy_bandwidth
 
 # (model, weight, d_in, d_out): q/k/v and gate/up are the packed input-major weights
 SHAPES = [
@@ -112,15 +112,10 @@ def check_fused(x: torch.Tensor, wt: torch.Tensor, k: int, **cfg) -> float:
     kern.topk_gemv(x, wt, k, out=out, **cfg)
     ref = kern.sparse_gemv_reference(*kern.select_topk(x, k, method="single"), wt)
     err = float((out.float() - ref).norm() / ref.norm())
-    if not (bool(torch.isfinite(out).all()) and err < 1e-2 and workspaces_clean(wt.device)):
+    if not (bool(torch.isfinite(out).all()) and err < 1e-2 and kern.workspaces_clean(wt.device)):
         _fail(f"topk_gemv {tuple(wt.shape)} k={k} {cfg}: relative error {err:.3g} (or unwritten outputs, or "
               "workspaces not zero)")
     return err
-
-
-def workspaces_clean(device: torch.device) -> bool:
-    acc, cnt = kern._GEMV_WORKSPACES.get((device.type, device.index), (torch.zeros(1), torch.zeros(1)))
-    return int(kern._workspace(device).abs().sum()) == 0 and int(cnt.abs().sum()) == 0 and float(acc.abs().sum()) == 0
 
 
 # ------------------------------------------------------------------------------------------------- run
@@ -130,8 +125,6 @@ def bench_kernels(sparsities: Sequence[float] = SPARSITIES, only: Sequence[str] 
     if not torch.cuda.is_available():
         raise RuntimeError("bench kernels needs a CUDA device")
     import triton
-
-    from ..bench import copy_bandwidth
 
     shapes = [s for s in SHAPES if not only or any(o in f"{s[0]}/{s[1]}" for o in only)]
     timer = Timer()
@@ -163,12 +156,12 @@ def bench_kernels(sparsities: Sequence[float] = SPARSITIES, only: Sequence[str] 
             if (d_in, k) not in per_input:  # selection timings depend on (d_in, k) only
                 sel = dict(
                     # the threshold launch alone leaves its fine histogram dirty: zeroed after timing
-                    threshold_us=timer([lambda x=x, k=k: kern._threshold(x, k) for x in xs]),
+                    threshold_us=timer([lambda x=x, k=k: kern.topk_threshold(x, k) for x in xs]),
                     select_us=timer([lambda x=x, k=k: kern.select_topk(x, k) for x in xs]),
                     select_v1_us=timer([lambda x=x, k=k: kern.select_topk(x, k, method="single") for x in xs]),
                     torch_topk_us=timer([lambda x=x, k=k: torch.topk(x.abs(), k, sorted=False) for x in xs], False),
                 )
-                kern._workspace(xs[0].device).zero_()
+                kern.reset_workspaces(xs[0].device)
                 check_selection(xs[2 % copies], k)
                 per_input[(d_in, k)] = sel
             sel = per_input[(d_in, k)]
@@ -178,12 +171,12 @@ def bench_kernels(sparsities: Sequence[float] = SPARSITIES, only: Sequence[str] 
             unfused_us = timer([lambda wt=wt, x=x, k=k: kern.topk_gemv(x, wt, k, fused=False)
                                 for wt, x in zip(wts, xs)])
             pdl_us = None
-            if kern.HAVE_GDC:
+            if kern.pdl_supported(xs[0].device):
                 check_fused(xs[0], wts[0], k, fused=True, pdl=True)
                 pdl_us = timer([lambda wt=wt, x=x, k=k: kern.topk_gemv(x, wt, k, fused=True, pdl=True)
                                 for wt, x in zip(wts, xs)])
             for bn, bk, m in FUSED_SWEEP if tune and s in (0.4, 0.5) else ():
-                cfg = dict(block_n=bn, block_k=bk, split_k=kern._cdiv(m * n_sm, kern._cdiv(d_out, bn)))
+                cfg = dict(block_n=bn, block_k=bk, split_k=math.ceil(m * n_sm / math.ceil(d_out / bn)))
                 check_fused(xs[0], wts[0], k, fused=True, **cfg)
                 us = timer([lambda wt=wt, x=x, k=k, c=cfg: kern.topk_gemv(x, wt, k, fused=True, **c)
                             for wt, x in zip(wts, xs)])

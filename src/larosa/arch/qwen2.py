@@ -2,19 +2,10 @@
 
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from ..fold import FoldedCausalLM
 from . import Adapter, register
-
-
-class LarosaQwen2Config(Qwen2Config):
-    model_type = "larosa_qwen2"
-
-
-class LarosaQwen2ForCausalLM(FoldedCausalLM, Qwen2ForCausalLM):
-    config_class = LarosaQwen2Config
 
 
 @register
 class Qwen2Adapter(Adapter):
     model_types = ("qwen2",)
-    folded = LarosaQwen2ForCausalLM
+    hf_config, hf_causal_lm = Qwen2Config, Qwen2ForCausalLM

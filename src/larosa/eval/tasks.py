@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import LarosaError
+from ..errors import LarosaError
 
 TASK_DATA_ENV = "LAROSA_TASK_DATA"
 

@@ -6,33 +6,71 @@ threshold, which makes the matching up_proj rows and down_proj columns unnecessa
 the dense model's activations on calibration tokens, so, unlike Top-K, a site's sparsity varies from token to
 token and only averages what was asked: compare methods on measured parameter-weighted sparsity.
 
-The sites follow :mod:`larosa.sparsify`'s contract (``layer.larosa_sites``, ``model.larosa["handles"]``, long
-``zeros``/``seen`` counters and the ``weights`` each site gates), so ``unsparsify``, ``site_sparsity``,
-``measured_param_weighted`` and ``perplexity`` work on them unchanged.
+Their sites follow the site protocol (:mod:`larosa.sparsity.sites`), so removing them, measuring their sparsity
+and perplexity work on them as on LaRoSa's.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.activations import ACT2FN
 
-from .adapters import Adapter, Dims, adapter_for
-from .errors import LarosaError
-from .layerwise import MAX_SITE, Chooser, greedy_levels, layerwise, output_error
-from .sparsify import _refuse_folded, unsparsify
+from ..arch import Adapter, Dims, adapter_for
+from ..errors import LarosaError
+from ..streaming import Chooser, layerwise, output_error
+from . import sites as site_protocol
+from .levels import MAX_SITE, check_target, greedy_levels, site_weights
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 # The signal each projection reads: q/k/v share the attention norm's output, gate/up the MLP norm's.
 INPUT_OF = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "o_in", "gate": "mlp_in", "up": "mlp_in",
             "down": "down_in"}
-METHODS = ("teal-uniform", "teal-greedy", "cats")
+METHODS = ("teal", "teal-greedy", "cats")
+LEGACY_NAMES = {"teal-uniform": "teal"}  # settings saved by larosa 0.1
 
 
-class ThresholdSite(nn.Module):
+@dataclass(frozen=True)
+class TealConfig:
+    """TEAL: magnitude thresholds per layer and projection, calibrated on ``calib`` ([n, seq_len] token ids) for
+    the parameter-weighted ``target``; ``greedy`` allocates it per projection by layer output error."""
+
+    target: float
+    calib: torch.Tensor
+    greedy: bool = False
+    step: float = 0.05
+
+    def __post_init__(self) -> None:
+        check_target(self.target)
+        if self.greedy and self.target > MAX_SITE:
+            raise LarosaError(f"greedy TEAL leaves every projection at most {MAX_SITE} sparse; target {self.target} "
+                              "is too high")
+        if not 0.0 < self.step <= 1.0:
+            raise LarosaError(f"greedy step must be in (0, 1], got {self.step!r}")
+
+    @property
+    def method(self) -> str:
+        return "teal-greedy" if self.greedy else "teal"
+
+
+@dataclass(frozen=True)
+class CatsConfig:
+    """CATS: one threshold per layer on the MLP's gate activation, calibrated on ``calib`` for the
+    parameter-weighted ``target``."""
+
+    target: float
+    calib: torch.Tensor
+
+    def __post_init__(self) -> None:
+        check_target(self.target)
+
+    method = "cats"
+
+
+class ThresholdSite(site_protocol.Site):
     """Zeroes the entries whose score is under ``threshold`` and counts the zeros it feeds the weights.
 
     The score is |x| (TEAL), or |act(x)| with x the gate projection's output (CATS): a zeroed pre-activation
@@ -40,24 +78,13 @@ class ThresholdSite(nn.Module):
     """
 
     def __init__(self, threshold: float, weights: int, act: Callable | None = None):
-        super().__init__()
+        super().__init__(weights)
         self.threshold = threshold
-        self.weights = weights  # weight elements this site gates: what a zero saves in reads
         self.act = act
-        self.register_buffer("zeros", torch.zeros((), dtype=torch.long), persistent=False)
-        self.register_buffer("seen", torch.zeros((), dtype=torch.long), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         score = x if self.act is None else self.act(x)
-        x = x.masked_fill(score.abs() < self.threshold, 0)
-        self.zeros += (x == 0).sum()
-        self.seen += x.numel()
-        return x
-
-
-def _check_target(target: float) -> None:
-    if isinstance(target, bool) or not (isinstance(target, (int, float)) and 0.0 <= target < 1.0):
-        raise LarosaError(f"target sparsity must be in [0, 1), got {target!r}")
+        return self.count(x.masked_fill(score.abs() < self.threshold, 0))
 
 
 def _projections(adapter: Adapter, layer: nn.Module) -> dict[str, nn.Linear]:
@@ -67,54 +94,47 @@ def _projections(adapter: Adapter, layer: nn.Module) -> dict[str, nn.Linear]:
             "down": adapter.down_proj(layer)}
 
 
-def _activation(model: nn.Module) -> Callable:
+def _activation(adapter: Adapter) -> Callable:
     """The MLP's gate activation; CATS needs act(0) = 0 so that a zeroed pre-activation is a skipped entry."""
-    act = ACT2FN[model.config.hidden_act]
+    act = adapter.activation()
     if act(torch.zeros(1)).item() != 0.0:
-        raise LarosaError(f"CATS needs a gate activation with act(0) = 0; {model.config.hidden_act!r} is not")
+        raise LarosaError(f"CATS needs a gate activation with act(0) = 0; {act.__class__.__name__} is not")
     return act
 
 
 # -- attaching sites ----------------------------------------------------------------------------------------
-def _attach_teal(adapter: Adapter, layer: nn.Module, thresholds: dict[str, float]) -> list:
+def _teal_sites(adapter: Adapter, layer: nn.Module, thresholds: dict[str, float]):
     """One site per projection, on its input: q, k and v (gate and up) may have different thresholds."""
     projections = _projections(adapter, layer)
-    sites = {p: ThresholdSite(thresholds[p], projections[p].weight.numel()) for p in PROJECTIONS}
-    layer.larosa_sites = nn.ModuleDict(sites).to(projections["o"].weight.device)
-    return [projections[p].register_forward_pre_hook(_pre_hook(sites[p])) for p in PROJECTIONS]
+    made = {p: ThresholdSite(thresholds[p], projections[p].weight.numel()) for p in PROJECTIONS}
+    return made, [(projections[p], "input", made[p]) for p in PROJECTIONS]
 
 
-def _pre_hook(site: ThresholdSite):
-    return lambda module, args: (site(args[0]), *args[1:])
-
-
-def _attach_cats(adapter: Adapter, layer: nn.Module, threshold: float, act: Callable) -> list:
+def _attach_cats(adapter: Adapter, layer: nn.Module, threshold: float, act: Callable) -> nn.ModuleDict:
     """One site on the gate projection's output; it gates the up_proj rows and down_proj columns."""
     gate, up = adapter.gate_up(layer)
     site = ThresholdSite(threshold, up.weight.numel() + adapter.down_proj(layer).weight.numel(), act)
-    layer.larosa_sites = nn.ModuleDict({"cats": site}).to(gate.weight.device)
-    return [gate.register_forward_hook(lambda module, args, out: site(out))]
+    return site_protocol.attach(layer, {"cats": site}, [(gate, "output", site)])
 
 
-def apply(model: nn.Module, settings: dict) -> nn.Module:
+def restore(model: nn.Module, settings: dict) -> nn.Module:
     """Make ``model`` sparse in place with saved :func:`teal` or :func:`cats` settings, without recalibrating."""
     adapter = adapter_for(model)
-    _refuse_folded(model)
-    method = settings.get("method")
+    site_protocol.refuse_folded(model)
+    method = LEGACY_NAMES.get(settings.get("method"), settings.get("method"))
     if method not in METHODS:
         raise LarosaError(f"settings method must be one of {', '.join(METHODS)}, got {method!r}")
     layers = adapter.layers()
     if len(settings["layers"]) != len(layers):
         raise LarosaError(f"settings are for {len(settings['layers'])} layers, the model has {len(layers)}")
-    act = _activation(model) if method == "cats" else None
-    unsparsify(model)
-    handles = []
+    act = _activation(adapter) if method == "cats" else None
+    site_protocol.remove(model)
     for layer, plan in zip(layers, settings["layers"]):
         if method == "cats":
-            handles += _attach_cats(adapter, layer, plan["cats"]["threshold"], act)
+            _attach_cats(adapter, layer, plan["cats"]["threshold"], act)
         else:
-            handles += _attach_teal(adapter, layer, {p: plan[p]["threshold"] for p in PROJECTIONS})
-    model.larosa = {"handles": handles, "method": method, "target": settings["target"]}
+            site_protocol.attach(layer, *_teal_sites(adapter, layer, {p: plan[p]["threshold"] for p in PROJECTIONS}))
+    site_protocol.install(model, {**settings, "method": method, "mode": "simulate"})
     return model
 
 
@@ -124,8 +144,6 @@ def _threshold(values: torch.Tensor, sparsity: float) -> float:
     if sparsity <= 0.0:
         return 0.0
     return values[min(round(sparsity * len(values)), len(values) - 1)].item()
-
-
 
 
 def _teal_plan(values: dict[str, torch.Tensor], sparsity: dict[str, float]) -> dict:
@@ -140,20 +158,14 @@ def _greedy(adapter: Adapter, target: float, step: float) -> Chooser:
     def choose(i, layer, call, values, inputs) -> dict:
         weights = {p: m.weight.numel() for p, m in _projections(adapter, layer).items()}
         error = output_error(layer, call, inputs)
-        handles = _attach_teal(adapter, layer, dict.fromkeys(PROJECTIONS, 0.0))
-        sites = layer.larosa_sites
+        with site_protocol.attached(layer, *_teal_sites(adapter, layer, dict.fromkeys(PROJECTIONS, 0.0))) as sites:
 
-        def trial_error(levels: dict[str, float]) -> float:
-            for p in PROJECTIONS:
-                sites[p].threshold = _threshold(values[INPUT_OF[p]], levels[p])
-            return error()
+            def trial_error(levels: dict[str, float]) -> float:
+                for p in PROJECTIONS:
+                    sites[p].threshold = _threshold(values[INPUT_OF[p]], levels[p])
+                return error()
 
-        try:
             sparsity = greedy_levels(weights, target, step, trial_error)
-        finally:
-            for h in handles:
-                h.remove()
-            del layer._modules["larosa_sites"]
         return _teal_plan(values, sparsity)
 
     return choose
@@ -166,35 +178,29 @@ def _input_tap(projection: str) -> Callable:
     return tap
 
 
-def teal(model: nn.Module, windows: torch.Tensor, target: float, *, greedy: bool = False, step: float = 0.05,
-         device: str | None = None, progress: bool = True) -> dict:
-    """Calibrate TEAL thresholds on ``windows`` ([n, seq_len] token ids) and make ``model`` sparse in place.
+def teal(model: nn.Module, config: TealConfig, *, device: str | None = None, progress: bool = True) -> dict:
+    """Calibrate TEAL thresholds on ``config.calib`` and make ``model`` sparse in place.
 
-    ``target`` is the parameter-weighted sparsity. Uniform mode puts every projection at ``target``; greedy mode
-    allocates it per layer and projection by layer output error (:func:`_greedy`). Returns the JSON-serialisable
-    settings that :func:`apply` re-applies.
+    Uniform mode puts every projection at the target; greedy mode allocates it per layer and projection by
+    layer output error (:func:`_greedy`). Returns the JSON-serialisable settings that :func:`restore` re-applies.
     """
     adapter = adapter_for(model)
-    _refuse_folded(model)
-    _check_target(target)
-    if greedy and target > MAX_SITE:
-        raise LarosaError(f"greedy TEAL leaves every projection at most {MAX_SITE} sparse; target {target} is too high")
-    if not 0.0 < step <= 1.0:
-        raise LarosaError(f"greedy step must be in (0, 1], got {step!r}")
-    unsparsify(model)
+    site_protocol.refuse_folded(model)
+    site_protocol.remove(model)
     start = time.perf_counter()
     taps = {"attn_in": _input_tap("q"), "o_in": _input_tap("o"), "mlp_in": _input_tap("gate"),
             "down_in": _input_tap("down")}
 
     def uniform(i, layer, call, values, inputs) -> dict:
-        return _teal_plan(values, dict.fromkeys(PROJECTIONS, target))
+        return _teal_plan(values, dict.fromkeys(PROJECTIONS, config.target))
 
-    choose = _greedy(adapter, target, step) if greedy else uniform
-    layers = layerwise(model, windows, taps, choose, "teal", device, progress)
-    settings = {"method": "teal-greedy" if greedy else "teal-uniform", "target": target,
-                **({"step": step} if greedy else {}), "windows": windows.shape[0], "seq_len": windows.shape[1],
+    choose = _greedy(adapter, config.target, config.step) if config.greedy else uniform
+    windows = config.calib
+    layers = layerwise(model, windows, taps, choose, config.method, device, progress)
+    settings = {"method": config.method, "target": config.target, **({"step": config.step} if config.greedy else {}),
+                "windows": windows.shape[0], "seq_len": windows.shape[1],
                 "seconds": round(time.perf_counter() - start, 3), "layers": layers}
-    apply(model, settings)
+    restore(model, settings)
     return settings
 
 
@@ -204,34 +210,33 @@ def cats_level(dims: Dims, target: float) -> float:
     CATS skips only up_proj rows and down_proj columns (2 d i weights per layer), so the gate level is the target
     scaled by the layer's linear weights over 2 d i; a target above that share is out of reach.
     """
-    _check_target(target)
-    share = 2 * dims.hidden * dims.intermediate / sum(dims.site_weights().values())
+    check_target(target)
+    share = 2 * dims.hidden * dims.intermediate / sum(site_weights(dims).values())
     if target >= share:
         raise LarosaError(f"CATS skips at most {share:.1%} of the weight reads (up_proj and down_proj); "
                           f"target {target} is out of reach")
     return target / share
 
 
-def cats(model: nn.Module, windows: torch.Tensor, target: float, *, device: str | None = None,
-         progress: bool = True) -> dict:
-    """Calibrate CATS gate thresholds on ``windows`` and make ``model`` sparse in place (MLP only).
+def cats(model: nn.Module, config: CatsConfig, *, device: str | None = None, progress: bool = True) -> dict:
+    """Calibrate CATS gate thresholds on ``config.calib`` and make ``model`` sparse in place (MLP only).
 
-    ``target`` is the parameter-weighted sparsity (see :func:`cats_level`). Returns the JSON-serialisable
-    settings that :func:`apply` re-applies.
+    Returns the JSON-serialisable settings that :func:`restore` re-applies.
     """
     adapter = adapter_for(model)
-    _refuse_folded(model)
-    level = cats_level(adapter.dims, target)
-    act = _activation(model)
-    unsparsify(model)
+    site_protocol.refuse_folded(model)
+    level = cats_level(adapter.dims, config.target)
+    act = _activation(adapter)
+    site_protocol.remove(model)
     start = time.perf_counter()
     taps = {"gate": lambda adapter, layer: (adapter.gate_up(layer)[0], lambda x, out: act(out))}
 
     def choose(i, layer, call, values, inputs) -> dict:
         return {"cats": {"sparsity": level, "threshold": _threshold(values["gate"], level)}}
 
+    windows = config.calib
     layers = layerwise(model, windows, taps, choose, "cats", device, progress)
-    settings = {"method": "cats", "target": target, "level": level, "windows": windows.shape[0],
+    settings = {"method": "cats", "target": config.target, "level": level, "windows": windows.shape[0],
                 "seq_len": windows.shape[1], "seconds": round(time.perf_counter() - start, 3), "layers": layers}
-    apply(model, settings)
+    restore(model, settings)
     return settings

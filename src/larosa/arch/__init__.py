@@ -1,14 +1,18 @@
-"""Where each architecture keeps its norms, projections and dimensions.
+"""Where each architecture keeps its norms, projections, dimensions, activation and rotary tables.
 
-Everything else in larosa reaches into a model only through an adapter, so a new family (Mistral, Qwen3)
-is one short file that names its module paths and registers its ``model_type``.
+The rest of larosa reaches into a model only through an adapter, so a new family is one short file that names
+what differs from Hugging Face's standard decoder layout and registers its ``model_type``. Adapters know no
+algorithm: no sites, no sparsity, no rotations.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
+from transformers.activations import ACT2FN
 
 from ..errors import LarosaError
 
@@ -24,30 +28,21 @@ class Dims:
     vocab: int
 
     @property
+    def q(self) -> int:
+        """Width of the query projection's output, and of the o_proj input."""
+        return self.n_heads * self.head_dim
+
+    @property
     def kv(self) -> int:
         return self.n_kv_heads * self.head_dim
-
-    def site_weights(self) -> dict[str, int]:
-        """Weights each sparsity site feeds in one layer (see docs: sparsity accounting)."""
-        d, i = self.hidden, self.intermediate
-        return {
-            "attn_in": d * (self.n_heads * self.head_dim + 2 * self.kv),
-            "o_in": self.n_heads * self.head_dim * d,
-            "mlp_in": 2 * d * i,
-            "down_in": i * d,
-        }
-
-    def adapter_overhead(self, scope: str) -> float:
-        """Residual-adapter weights of a folded layer (d x d each, read densely) over the layer's linear weights."""
-        adapters = {"global": 0, "layer": 1, "block": 2}[scope]
-        return adapters * self.hidden**2 / sum(self.site_weights().values())
 
 
 class Adapter:
     """Hugging Face's standard decoder layout; families that differ override the accessors."""
 
     model_types: tuple[str, ...] = ()
-    folded: type | None = None  # the family's registered folded *ForCausalLM, if it has one
+    hf_config: type | None = None  # the family's config and *ForCausalLM classes (the folded types derive from them)
+    hf_causal_lm: type | None = None
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -67,6 +62,13 @@ class Adapter:
             vocab=c.vocab_size,
         )
 
+    def norm_eps(self) -> float:
+        return self.config.rms_norm_eps
+
+    def activation(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The MLP's gate activation: act(gate) * up feeds down_proj."""
+        return ACT2FN[self.config.hidden_act]
+
     # -- whole-model modules ----------------------------------------------------------------------------
     def body(self) -> nn.Module:
         """The decoder stack without the LM head: embeddings, layers, final norm (and rotary tables)."""
@@ -78,6 +80,12 @@ class Adapter:
     def final_norm(self) -> nn.Module:
         return self.body().norm
 
+    def rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of the rotary embedding at ``positions`` ([n] -> [n, head_dim] each)."""
+        probe = torch.zeros(1, dtype=dtype, device=positions.device)
+        cos, sin = self.body().rotary_emb(probe, positions[None])
+        return cos[0], sin[0]
+
     # -- per-layer modules ------------------------------------------------------------------------------
     def attn_norm(self, layer: nn.Module) -> nn.Module:
         return layer.input_layernorm
@@ -85,39 +93,52 @@ class Adapter:
     def mlp_norm(self, layer: nn.Module) -> nn.Module:
         return layer.post_attention_layernorm
 
+    def attention(self, layer: nn.Module) -> nn.Module:
+        return layer.self_attn
+
+    def attend(self, layer: nn.Module, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        """The attention block's output for its normed input ``x`` (``kwargs``: what the model passes a layer)."""
+        return self.attention(layer)(hidden_states=x, **kwargs)[0]
+
+    def mlp(self, layer: nn.Module) -> nn.Module:
+        return layer.mlp
+
     def qkv(self, layer: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
-        a = layer.self_attn
+        a = self.attention(layer)
         return a.q_proj, a.k_proj, a.v_proj
 
     def o_proj(self, layer: nn.Module) -> nn.Linear:
-        return layer.self_attn.o_proj
+        return self.attention(layer).o_proj
 
     def gate_up(self, layer: nn.Module) -> tuple[nn.Linear, nn.Linear]:
-        return layer.mlp.gate_proj, layer.mlp.up_proj
+        return self.mlp(layer).gate_proj, self.mlp(layer).up_proj
 
     def down_proj(self, layer: nn.Module) -> nn.Linear:
-        return layer.mlp.down_proj
+        return self.mlp(layer).down_proj
 
 
 _REGISTRY: dict[str, type[Adapter]] = {}
+_ALIASES: set[str] = set()  # model types registered by other layers for their own derived models (folded ones)
 
 
 def register(cls: type[Adapter]) -> type[Adapter]:
-    """Register a family; its folded model type, if any, is registered with transformers' Auto classes too."""
     for t in cls.model_types:
         _REGISTRY[t] = cls
-    if cls.folded is not None:
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        config_class = cls.folded.config_class
-        _REGISTRY[config_class.model_type] = cls
-        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
-        AutoModelForCausalLM.register(config_class, cls.folded, exist_ok=True)
     return cls
 
 
+def register_alias(model_type: str, cls: type[Adapter]) -> None:
+    """A derived model type (such as a folded model's) read through an existing family's adapter."""
+    _REGISTRY[model_type] = cls
+    _ALIASES.add(model_type)
+
+
+def families() -> list[type[Adapter]]:
+    return list(dict.fromkeys(cls for t, cls in _REGISTRY.items() if t not in _ALIASES))
+
+
 def supported() -> list[str]:
-    return sorted(t for t in _REGISTRY if not t.startswith("larosa_"))
+    return sorted(t for t in _REGISTRY if t not in _ALIASES)
 
 
 def adapter_class(config) -> type[Adapter]:

@@ -1,0 +1,65 @@
+"""The one call: ``sparsify(model, config)`` applies a method to a model, with one config dataclass per method
+(:class:`LaRoSaConfig`, :class:`TealConfig`, :class:`CatsConfig`); :func:`describe` says what a model carries."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .arch import adapter_for
+from .errors import LarosaError
+from .fold import fold
+from .sparsity import LABELS, sites
+from .sparsity.levels import adapter_overhead, report
+from .sparsity.peers import CatsConfig, TealConfig, cats, teal
+from .sparsity.topk import LaRoSaConfig, settings, simulate
+
+Config = LaRoSaConfig | TealConfig | CatsConfig
+
+
+def sparsify(model: nn.Module, config: Config, *, device: str | None = None, progress: bool = True) -> nn.Module:
+    """Apply ``config``'s method to ``model`` and return the sparse model.
+
+    LaRoSa in simulate mode, TEAL and CATS change ``model`` in place (a method applied before is replaced);
+    :func:`unsparsify` undoes them. LaRoSa in folded mode returns a new, deployable model made from ``model``'s
+    weights, which are consumed. TEAL and CATS calibrate their thresholds layer by layer on ``device``.
+    """
+    if isinstance(config, LaRoSaConfig):
+        if config.mode == "folded":
+            folded = fold(model, config)
+            sites.settings(folded)["source"] = config.source
+            return folded
+        return simulate(model, config)
+    if isinstance(config, TealConfig):
+        teal(model, config, device=device, progress=progress)
+        return model
+    if isinstance(config, CatsConfig):
+        cats(model, config, device=device, progress=progress)
+        return model
+    raise LarosaError(f"unknown method config {type(config).__name__}; give a LaRoSaConfig, TealConfig or CatsConfig")
+
+
+def unsparsify(model: nn.Module) -> nn.Module:
+    """Remove what :func:`sparsify` added in place; the model is dense again."""
+    return sites.remove(model)
+
+
+def describe(model: nn.Module, config: LaRoSaConfig | None = None) -> dict:
+    """The method ``model`` carries and the sparsity it was configured for (measured sparsity comes from
+    evaluation); with ``config``, what that LaRoSa config would give ``model`` (a model scored layer by layer,
+    which carries nothing itself)."""
+    dims = adapter_for(model).dims
+    state = settings(config, config.levels(dims)) if config is not None else sites.settings(model)
+    if state is None:
+        return {"method": "dense", "label": LABELS["dense"], "mode": "dense", **report(None, dims),
+                "sparsity_source": None, "scope": None, "signal": None, "score": None, "head_rotation": False,
+                "adapter_overhead": 0.0}
+    if state["method"] != "larosa":  # a peer: thresholds calibrated for a parameter-weighted target
+        return {"method": state["method"], "label": LABELS[state["method"]], "mode": "simulate",
+                "nominal_sparsity": None, "param_weighted_sparsity": state["target"], "configured_site_sparsity": {},
+                "sparsity_source": state["method"], "scope": None, "signal": None, "score": None,
+                "head_rotation": False, "adapter_overhead": 0.0}
+    scope = state["scope"]
+    return {"method": "larosa", "label": f"{LABELS['larosa']} {state['mode']}, {scope} scope", "mode": state["mode"],
+            **report(state["levels"], dims), "sparsity_source": state["source"], "scope": scope,
+            "signal": state["signal"], "score": state["score"], "head_rotation": state["head_rotation"],
+            "adapter_overhead": adapter_overhead(dims, scope) if state["mode"] == "folded" else 0.0}

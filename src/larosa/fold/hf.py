@@ -1,0 +1,110 @@
+"""The folded model as Hugging Face model types: for every architecture family, ``larosa_<family>`` (config and
+``*ForCausalLM`` derived from the family's own), registered with the Auto classes, so that after ``import larosa``
+``AutoModelForCausalLM.from_pretrained(dir)`` loads a folded directory and ``generate()`` works.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from ..arch import Adapter, adapter_for, families, register_alias
+from ..errors import LarosaError
+from ..io import verify_checksums
+from ..sparsity import sites
+from ..sparsity.levels import site_sizes
+from ..sparsity.topk import attach
+from .schema import FoldedSettings
+
+
+class FoldedDecoderLayer(nn.Module):
+    """A decoder layer of the family (same children, same weight names) plus the residual adapters of its scope;
+    its blocks are run through the family's adapter."""
+
+    def __init__(self, layer: nn.Module, adapter: Adapter, hidden: int, mid_adapter: bool, out_adapter: bool):
+        super().__init__()
+        for name, child in layer.named_children():
+            self.add_module(name, child)
+        if hasattr(layer, "attention_type"):  # read by the model's mask building (sliding-window layers)
+            self.attention_type = layer.attention_type
+        self.family = adapter
+        self.mid_adapter = nn.Linear(hidden, hidden, bias=False) if mid_adapter else None
+        self.out_adapter = nn.Linear(hidden, hidden, bias=False) if out_adapter else None
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        a, h = self.family, hidden_states
+        h = h + a.attend(self, a.attn_norm(self)(h), **kwargs)
+        if self.mid_adapter is not None:
+            h = self.mid_adapter(h)
+        h = h + a.mlp(self)(a.mlp_norm(self)(h))
+        if self.out_adapter is not None:
+            h = self.out_adapter(h)
+        return h
+
+
+class FoldedCausalLM:
+    """Mixin for a family's ``*ForCausalLM``: builds the folded structure from ``config.larosa``.
+
+    Loading is strict: a weight the config does not expect, or one it expects and the files lack, is an error
+    (transformers would otherwise initialise it at random and go on), and weight files are checked against the
+    checksums written with them.
+    """
+
+    def __init__(self, config):
+        super().__init__(config)
+        settings = FoldedSettings.of(config)
+        adapter = adapter_for(self)
+        layers = adapter.layers()
+        sizes = site_sizes(adapter.dims)
+        for i, layer in enumerate(layers):
+            layers[i] = FoldedDecoderLayer(
+                layer, adapter, config.hidden_size, mid_adapter=settings.scope == "block",
+                out_adapter=settings.scope != "global" and i < len(layers) - 1,
+            )
+            # Weight-aware scores are saved with the weights (loaded over these placeholders).
+            scales = {s: torch.ones(n) for s, n in sizes.items()} if settings.score == "weight" else None
+            attach(adapter, layers[i], settings.levels[i], scales=scales)
+        sites.install(self, {"method": "larosa", "mode": "folded", "levels": list(settings.levels),
+                             "source": "folded", "scope": settings.scope, "score": settings.score,
+                             "signal": settings.signal, "head_rotation": settings.head_rotation})
+
+    @classmethod
+    def from_pretrained(cls, path, *args, **kwargs):
+        if Path(path).is_dir():
+            verify_checksums(Path(path))
+        asked = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
+        bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+        if bad:
+            raise LarosaError(f"{path}: weights do not match the folded config: {bad}")
+        return (model, info) if asked else model
+
+
+_FOLDED: dict[type[Adapter], type] = {}
+
+
+def folded_class(family: type[Adapter]) -> type:
+    """The folded ``*ForCausalLM`` of an architecture family, made and registered on first use."""
+    cls = _FOLDED.get(family)
+    if cls is not None:
+        return cls
+    if family.hf_config is None or family.hf_causal_lm is None:
+        raise LarosaError(f"folding is not implemented for {', '.join(family.model_types)}")
+    model_type = f"larosa_{family.model_types[0]}"
+    config_class = type(f"Larosa{family.hf_config.__name__}", (family.hf_config,),
+                        {"model_type": model_type, "__module__": __name__})
+    cls = type(f"Larosa{family.hf_causal_lm.__name__}", (FoldedCausalLM, family.hf_causal_lm),
+               {"config_class": config_class, "__module__": __name__})
+    globals().update({config_class.__name__: config_class, cls.__name__: cls})  # importable (picklable) by name
+    register_alias(model_type, family)
+    AutoConfig.register(model_type, config_class, exist_ok=True)
+    AutoModelForCausalLM.register(config_class, cls, exist_ok=True)
+    _FOLDED[family] = cls
+    return cls
+
+
+for _family in families():  # at import: saved folded directories of every family load with the Auto classes
+    folded_class(_family)

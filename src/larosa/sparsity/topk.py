@@ -1,0 +1,246 @@
+"""LaRoSa's Top-K sites, and the method's one config.
+
+Four sites per layer feed the seven projections. At the attention and MLP inputs the norm's output is rotated by
+Q, only its k largest-magnitude entries per token are kept, and it is rotated back; the o_proj and down_proj
+inputs get plain Top-K. :func:`simulate` hooks this into the dense model (the paper-faithful ``simulate`` mode:
+quality, not speed); the folded model (:mod:`larosa.fold`) runs the same sites on weights that absorbed Q.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..arch import Adapter, adapter_for
+from ..errors import LarosaError
+from ..rotations import SCOPES, Rotations
+from . import sites as site_protocol
+from .levels import (DEFAULT_SPLIT, SCORES, Sparsity, SparsityConfig, check_target, default_config, keep_count,
+                     per_layer, site_sizes, site_weights)
+from .plan import Plan
+
+MODES = ("simulate", "folded")
+# The scope each mode uses unless told otherwise: the best quality measured in each (README, results).
+DEFAULT_SCOPE = {"simulate": "block", "folded": "global"}
+
+
+@dataclass(frozen=True)
+class LaRoSaConfig:
+    """How to apply LaRoSa: give exactly one of ``sparsity`` (a nominal level s, split ``split`` between rotated
+    and plain sites, or per-site levels), ``target`` (parameter-weighted, reached with ``split``) or ``plan``
+    (searched per-layer levels, see :func:`larosa.search.search`).
+
+    ``rotations`` None means plain, unrotated Top-K (simulate only). ``scope`` picks which Q rotates each block
+    input (:meth:`Rotations.for_scope`); left None it is the plan's, else ``DEFAULT_SCOPE[mode]``. ``score``
+    likewise: the plan's, else ``"magnitude"`` (``"weight"`` ranks |x_i| by the norm of the weight row it
+    multiplies). ``mode="folded"`` builds the deployable model; ``head_rotation`` rotates its o_proj input per
+    KV head.
+    """
+
+    rotations: Rotations | None = None
+    sparsity: Sparsity | None = None
+    target: float | None = None
+    plan: Plan | None = None
+    split: tuple[float, float] = DEFAULT_SPLIT
+    scope: str | None = None
+    score: str | None = None
+    mode: str = "simulate"
+    head_rotation: bool = False
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("sparsity", "target", "plan") if getattr(self, name) is not None]
+        if not given:
+            raise LarosaError("LaRoSa needs a sparsity (--sparsity / --site), a parameter-weighted target (--target) "
+                              "or a searched plan (--plan)")
+        if len(given) > 1:
+            raise LarosaError(f"{' and '.join(given)} given: LaRoSa takes one of sparsity, target and plan, not both")
+        if self.mode not in MODES:
+            raise LarosaError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.scope is not None and self.scope not in SCOPES:
+            raise LarosaError(f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
+        if self.score is not None and self.score not in SCORES:
+            raise LarosaError(f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
+        if self.mode == "folded" and self.rotations is None:
+            raise LarosaError("folded mode needs rotations (--rotations)")
+        if self.head_rotation and self.mode != "folded":
+            raise LarosaError("head rotation applies to folded mode only (--mode folded)")
+        if self.target is not None:
+            check_target(self.target)
+        if self.plan is not None:
+            for name in ("scope", "score"):
+                mine, planned = getattr(self, name), getattr(self.plan, name)
+                if mine is not None and mine != planned:
+                    raise LarosaError(f"the plan was searched for {name} {planned!r}, not {mine!r}; search for "
+                                      f"{mine!r} or leave {name} to the plan")
+            if self.rotations is not None and self.plan.signal != self.rotations.signal:
+                warnings.warn(f"the plan was searched on {self.plan.signal}-signal rotations, these are "
+                              f"{self.rotations.signal}-signal", stacklevel=3)
+
+    @property
+    def resolved_scope(self) -> str:
+        return self.scope or (self.plan.scope if self.plan else DEFAULT_SCOPE[self.mode])
+
+    @property
+    def resolved_score(self) -> str:
+        return self.score or (self.plan.score if self.plan else "magnitude")
+
+    @property
+    def source(self) -> str:
+        """Where the levels come from: a nominal level or per-site levels, a target's split, a searched plan."""
+        return "searched" if self.plan else "split" if self.target is not None else "nominal"
+
+    def levels(self, dims) -> list[SparsityConfig]:
+        """One SparsityConfig per layer."""
+        if self.plan is not None:
+            return per_layer(list(self.plan.levels), dims.n_layers)
+        if self.target is not None:
+            return per_layer(default_config(dims, self.target, self.split), dims.n_layers)
+        sparsity = self.sparsity
+        if isinstance(sparsity, (int, float)):
+            sparsity = SparsityConfig.from_nominal(sparsity, self.split)
+        return per_layer(sparsity, dims.n_layers)
+
+    def check_model(self, model: nn.Module) -> None:
+        if self.rotations is not None:
+            self.rotations.check_model(model)
+        if self.plan is not None:
+            self.plan.check_model(model)
+
+
+def topk(x: torch.Tensor, k: int, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x with all but its k top-scoring entries per row zeroed; exactly k survive even among ties.
+
+    The score is |x|, or |x| * scale with ``scale`` the norms of the weight rows each entry multiplies: the
+    entries dropped then cost the least output, not the least input.
+    """
+    if k >= x.shape[-1]:
+        return x
+    score = x.abs() if scale is None else x.abs() * scale
+    idx = score.topk(k, dim=-1, sorted=False).indices
+    return torch.zeros_like(x).scatter_(-1, idx, x.gather(-1, idx))
+
+
+class TopKSite(site_protocol.Site):
+    """One site: optional rotation in, Top-K, rotation back.
+
+    With ``gain``, Top-K runs on the gain-free signal: the input is divided by the norm gain before the rotation
+    and multiplied back after, which is what the folded model computes.
+    """
+
+    def __init__(self, size: int, sparsity: float, rotation: torch.Tensor | None = None,
+                 gain: torch.Tensor | None = None, weights: int = 0, scale: torch.Tensor | None = None):
+        super().__init__(weights)
+        self.size = size
+        self.k = keep_count(sparsity, size)
+        self.register_buffer("rotation", rotation, persistent=False)
+        self.register_buffer("gain", gain, persistent=False)
+        self.register_buffer("scale", scale)  # weight-aware scores; saved with a folded model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gain is not None:
+            x = x / self.gain
+        if self.rotation is not None:
+            x = x @ self.rotation
+        x = self.count(topk(x, self.k, self.scale))
+        if self.rotation is not None:
+            x = x @ self.rotation.T
+        if self.gain is not None:
+            x = x * self.gain
+        return x
+
+
+def weight_norms(adapter: Adapter, layer: nn.Module) -> dict[str, torch.Tensor]:
+    """Per input entry of each site, the norm of the weight row it multiplies (q|k|v and gate|up concatenated)."""
+    def norms(linears) -> torch.Tensor:
+        return torch.cat([lin.weight.detach().double() for lin in linears]).norm(dim=0)
+
+    return {"attn_in": norms(adapter.qkv(layer)), "o_in": norms([adapter.o_proj(layer)]),
+            "mlp_in": norms(adapter.gate_up(layer)), "down_in": norms([adapter.down_proj(layer)])}
+
+
+def _rotated_norms(adapter: Adapter, layer: nn.Module, site: str, q: torch.Tensor | None, gain: torch.Tensor | None):
+    """Weight-row norms in the basis Top-K sees: y = z (W diag(gain) Q)ᵀ for z = (x / gain) Q."""
+    linears = {"attn_in": adapter.qkv(layer), "mlp_in": adapter.gate_up(layer)}[site]
+    w = torch.cat([lin.weight.detach().double() for lin in linears])
+    if gain is not None:
+        w = w * gain.double()
+    return (w @ q.double()).norm(dim=0) if q is not None else w.norm(dim=0)
+
+
+def attach(adapter: Adapter, layer: nn.Module, levels: SparsityConfig, rotations=(None, None), gains=(None, None),
+           scales: dict[str, torch.Tensor] | None = None) -> nn.ModuleDict:
+    """The four Top-K sites on one decoder layer, where the layer's own modules read each site's input."""
+    dims = adapter.dims
+    size, w, scales = site_sizes(dims), site_weights(dims), scales or {}
+    made = {
+        "attn_in": TopKSite(size["attn_in"], levels.attn_in, rotations[0], gains[0], w["attn_in"],
+                            scales.get("attn_in")),
+        "o_in": TopKSite(size["o_in"], levels.o_in, weights=w["o_in"], scale=scales.get("o_in")),
+        "mlp_in": TopKSite(size["mlp_in"], levels.mlp_in, rotations[1], gains[1], w["mlp_in"], scales.get("mlp_in")),
+        "down_in": TopKSite(size["down_in"], levels.down_in, weights=w["down_in"], scale=scales.get("down_in")),
+    }
+    return site_protocol.attach(layer, made, [
+        (adapter.attn_norm(layer), "output", made["attn_in"]),
+        (adapter.o_proj(layer), "input", made["o_in"]),
+        (adapter.mlp_norm(layer), "output", made["mlp_in"]),
+        (adapter.down_proj(layer), "input", made["down_in"]),
+    ])
+
+
+def _site_inputs(adapter: Adapter, layer: nn.Module, rotations: Rotations | None, qs: tuple | None, score: str):
+    """(rotations, gains, weight-aware scales) of one layer's sites, on the layer's device and dtype."""
+    w = adapter.o_proj(layer).weight
+    rot, gains = (None, None), (None, None)
+    if rotations is not None:
+        rot = tuple(q.to(w.device, w.dtype) for q in qs)
+        if rotations.signal == "gainfree":
+            gains = (adapter.attn_norm(layer).weight.detach(), adapter.mlp_norm(layer).weight.detach())
+    if score != "weight":
+        return rot, gains, None
+    scales = weight_norms(adapter, layer)
+    for site, q, gain in (("attn_in", rot[0], gains[0]), ("mlp_in", rot[1], gains[1])):
+        scales[site] = _rotated_norms(adapter, layer, site, q, gain)
+    return rot, gains, {k: v.to(w.device, w.dtype) for k, v in scales.items()}
+
+
+def prepare(model: nn.Module, config: LaRoSaConfig) -> tuple[list[SparsityConfig], Callable[[int, nn.Module], object]]:
+    """(per-layer levels, ``attach(i, layer)``): what :func:`simulate` does to every layer, usable one layer at a
+    time while its weights are resident (streamed perplexity, the search)."""
+    if config.mode != "simulate":
+        raise LarosaError("this path simulates LaRoSa on the dense model; folded mode builds a new model "
+                          "(larosa.sparsify)")
+    site_protocol.refuse_folded(model)
+    config.check_model(model)
+    adapter = adapter_for(model)
+    levels = config.levels(adapter.dims)
+    qs = config.rotations.for_scope(config.resolved_scope) if config.rotations is not None else None
+
+    def attach_layer(i: int, layer: nn.Module) -> nn.ModuleDict:
+        q = qs[i] if qs is not None else None
+        return attach(adapter, layer, levels[i], *_site_inputs(adapter, layer, config.rotations, q,
+                                                               config.resolved_score))
+
+    return levels, attach_layer
+
+
+def settings(config: LaRoSaConfig, levels: list[SparsityConfig]) -> dict:
+    """What a LaRoSa model records of how it was made (``model.larosa``)."""
+    rotations = config.rotations
+    return {"method": "larosa", "mode": config.mode, "levels": levels, "source": config.source,
+            "scope": config.resolved_scope if rotations is not None else None,
+            "score": config.resolved_score, "signal": rotations.signal if rotations is not None else None,
+            "head_rotation": config.head_rotation}
+
+
+def simulate(model: nn.Module, config: LaRoSaConfig) -> nn.Module:
+    """Make ``model`` sparse in place (simulate form) and return it; any method applied before is removed."""
+    levels, attach_layer = prepare(model, config)
+    site_protocol.remove(model)
+    for i, layer in enumerate(adapter_for(model).layers()):
+        attach_layer(i, layer)
+    site_protocol.install(model, settings(config, levels))
+    return model

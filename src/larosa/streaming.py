@@ -1,0 +1,142 @@
+"""Layer-by-layer passes: the model's decoder layers visit the compute device one at a time, each reading what the
+layer before it wrote for every window.
+
+Calibration, streamed perplexity, the peers' thresholds and the per-layer search all run this way, so a model
+larger than the GPU (or, from :func:`larosa.models.load_lazy`, than RAM) is processed with each weight read once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .arch import Adapter, adapter_for
+from .models import default_device, resident
+
+SAMPLE = 1 << 20  # |x| values kept per tap and layer: quantiles to ~1e-3, and cheap to sort
+GREEDY_TOKENS = 4096  # calibration tokens a chooser measures layer output error on
+
+# (layer index, layer, its call arguments, sorted samples per tap, dense inputs of GREEDY_TOKENS tokens) -> result
+Chooser = Callable[[int, nn.Module, tuple, dict[str, torch.Tensor], torch.Tensor], object]
+# (adapter, layer) -> (module to hook, how to read the signal from its (input, output))
+Tap = Callable[[Adapter, nn.Module], tuple[nn.Module, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]]
+
+
+def first_layer_inputs(adapter: Adapter, windows: torch.Tensor, device: torch.device):
+    """Hidden states entering layer 0 for every window, and the other arguments each layer is called with.
+
+    Runs the model's own forward with every layer replaced by a recorder that passes its input through, so
+    masks and rotary tables are exactly what the model builds for itself, for any architecture.
+    """
+    layers = adapter.layers()
+    body = adapter.body()
+    hidden: list[torch.Tensor] = []
+    calls: list[tuple | None] = [None for _ in layers]
+
+    def recorder(i: int):
+        def forward(hidden_states, *args, **kwargs):
+            if i == 0:
+                hidden.append(hidden_states)
+            if calls[i] is None:
+                calls[i] = (args, kwargs)
+            return hidden_states
+
+        return forward
+
+    others = [m for m in body.children() if m is not layers]
+    with contextlib.ExitStack() as stack:
+        for m in others:
+            stack.enter_context(resident(adapter.model, m, device))
+        try:
+            for i, layer in enumerate(layers):
+                layer.forward = recorder(i)
+            for w in windows:
+                body(input_ids=w[None].to(device), use_cache=False)
+        finally:
+            for layer in layers:
+                layer.__dict__.pop("forward", None)
+    return torch.cat(hidden), calls
+
+
+def run_layer(layer: nn.Module, call: tuple, x: torch.Tensor) -> torch.Tensor:
+    args, kwargs = call
+    out = layer(x, *args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def advance(layer: nn.Module, call: tuple, hidden: torch.Tensor, cleanup: Iterable[Callable[[], object]] = ()) -> None:
+    """Every window's hidden state through ``layer``, in place, one window at a time; the ``cleanup`` calls
+    (removing hooks) run afterwards, also on error."""
+    try:
+        for j in range(hidden.shape[0]):
+            hidden[j] = run_layer(layer, call, hidden[j : j + 1])[0]
+    finally:
+        for undo in cleanup:
+            undo()
+
+
+def passes(model: nn.Module, windows: torch.Tensor, desc: str, device: str | torch.device | None, progress: bool):
+    """Yield (i, layer, call, hidden) for each decoder layer with its weights resident on ``device``; ``hidden``
+    holds every window's input to the layer, and the caller advances it (:func:`advance`) before the next."""
+    adapter = adapter_for(model)
+    device = torch.device(device or default_device())
+    hidden, calls = first_layer_inputs(adapter, windows, device)
+    for i, layer in enumerate(tqdm(adapter.layers(), desc=desc, unit="layer", disable=not progress)):
+        with resident(model, layer, device):
+            yield i, layer, calls[i], hidden
+
+
+class QuantileSample:
+    """A random subsample of one tap's |signal| over the calibration tokens, for quantiles.
+
+    torch.quantile refuses large inputs and a full sort of every token would not fit on the device for big
+    models, so each window contributes a fixed number of random tokens (all of them when few).
+    """
+
+    def __init__(self, n_windows: int, generator: torch.Generator):
+        self.n_windows, self.generator = n_windows, generator
+        self.parts: list[torch.Tensor] = []
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1])
+        rows = min(x.shape[0], math.ceil(SAMPLE / (x.shape[1] * self.n_windows)))
+        idx = torch.randperm(x.shape[0], generator=self.generator)[:rows].to(x.device)
+        self.parts.append(x[idx].abs().float().flatten())
+
+    def sorted(self) -> torch.Tensor:
+        return torch.cat(self.parts).sort().values.cpu()
+
+
+@torch.no_grad()
+def layerwise(model: nn.Module, windows: torch.Tensor, taps: dict[str, Tap], choose: Chooser, desc: str,
+              device: str | None, progress: bool) -> list:
+    """Run the dense model layer by layer on ``windows``, sampling what ``taps`` read at each layer, and return
+    ``choose``'s result for every layer."""
+    adapter = adapter_for(model)
+    kept = max(1, min(len(windows), GREEDY_TOKENS // windows.shape[1]))
+    generator = torch.Generator().manual_seed(0)
+    results = []
+    for i, layer, call, hidden in passes(model, windows, desc, device, progress):
+        samples = {name: QuantileSample(len(windows), generator) for name in taps}
+        handles = []
+        for name, tap in taps.items():
+            module, read = tap(adapter, layer)
+            handles.append(module.register_forward_hook(
+                lambda m, a, out, s=samples[name], read=read: s.add(read(a[0], out))))
+        inputs = hidden[:kept].clone()
+        advance(layer, call, hidden, [h.remove for h in handles])
+        results.append(choose(i, layer, call, {name: s.sorted() for name, s in samples.items()}, inputs))
+    return results
+
+
+def output_error(layer: nn.Module, call: tuple, inputs: torch.Tensor) -> Callable[[], float]:
+    """A function giving ||y - y_dense||² / ||y_dense||² of the layer's output on ``inputs`` as it is now
+    (sparse), against its dense output taken when this is called (before any site is attached)."""
+    dense = run_layer(layer, call, inputs).float()  # all kept windows in one call: the masks broadcast
+    norm = dense.pow(2).sum()
+    return lambda: ((run_layer(layer, call, inputs).float() - dense).pow(2).sum() / norm).item()
