@@ -107,12 +107,7 @@ def _evaluated(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-windows", type=int, default=16, help="peers: calibration windows (default 16)")
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="larosa", description="Training-free rotated Top-K activation sparsity "
-                                "(LaRoSa) for faster LLM decoding.")
-    p.add_argument("--version", action="version", version=f"larosa {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
-
+def _calibrate(sub) -> None:
     c = sub.add_parser("calibrate", help="PCA rotations per layer, layer by layer, to a safetensors file")
     _model(c)
     c.add_argument("--data", required=True, help=DATA_HELP)
@@ -124,6 +119,8 @@ def parser() -> argparse.ArgumentParser:
                         "without it, the signal Top-K sees in the folded model")
     _lazy(c, "calibrate")
 
+
+def _eval(sub) -> None:
     e = sub.add_parser("eval", help="evaluate a dense or sparse model")
     esub = e.add_subparsers(dest="metric", required=True)
     ppl = esub.add_parser("ppl", help="perplexity on the first N windows of a text")
@@ -146,6 +143,8 @@ def parser() -> argparse.ArgumentParser:
     tk.add_argument("--batch-size", type=int, default=1)
     _evaluated(tk)
 
+
+def _sparsify(sub) -> None:
     f = sub.add_parser("sparsify", help="fold rotations and norm gains into the weights; save a loadable directory")
     _model(f)
     _larosa(f, folded_only=True)
@@ -154,6 +153,8 @@ def parser() -> argparse.ArgumentParser:
                    help="replace --out if it is a model directory larosa wrote (anything else is refused)")
     _lazy(f, "fold and write")
 
+
+def _search(sub) -> None:
     s = sub.add_parser("search", help="search the split and per-layer site levels for parameter-weighted targets; "
                                       "write them to a plan file")
     _model(s)
@@ -172,6 +173,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True,
                    help="plan file to write (JSON); an existing plan file keeps its other targets' plans")
 
+
+def _compare(sub) -> None:
     cmp = sub.add_parser("compare", help="dense, TEAL, CATS and LaRoSa variants on the same windows at equal "
                                          "parameter-weighted sparsity")
     _model(cmp)
@@ -192,6 +195,8 @@ def parser() -> argparse.ArgumentParser:
     cmp.add_argument("--out", help="directory for compare.json, compare.md, compare.png, the rotations and the "
                                    "searched plans; a comparison there with the same settings is resumed")
 
+
+def _bench(sub) -> None:
     b = sub.add_parser("bench", help="GPU speed benchmarks on random weights with real shapes")
     bsub = b.add_subparsers(dest="what", required=True)
     bd = bsub.add_parser("decode", help="end-to-end batch-1 decode tokens/s: dense vs folded LaRoSa vs HF generate")
@@ -216,10 +221,21 @@ def parser() -> argparse.ArgumentParser:
     bk.add_argument("--out", help="directory for kernels.json and kernels.md")
     bk.add_argument("--json", action="store_true")
 
+
+def _demo(sub) -> None:
     d = sub.add_parser("demo", help="offline: calibrate SmolLM2-135M, then PPL at dense/25/40/50%%")
     d.add_argument("--calib-windows", type=int, default=4, help="calibration windows of builtin:wiki (default 4)")
     d.add_argument("--windows", type=int, default=6, help="scored windows of builtin:c4 (default 6)")
     d.add_argument("--seq-len", type=int, default=2048)
     d.add_argument("--json", action="store_true")
     d.add_argument("--quiet", action="store_true")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="larosa", description="Training-free rotated Top-K activation sparsity "
+                                "(LaRoSa) for faster LLM decoding.")
+    p.add_argument("--version", action="version", version=f"larosa {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in (_calibrate, _eval, _sparsify, _search, _compare, _bench, _demo):
+        add(sub)
     return p

@@ -19,7 +19,7 @@ from ..arch import adapter_for
 from ..fold import FoldedSettings
 from ..kernels import pdl_supported, topk_gemv
 from ..sparsity import sites
-from ..sparsity.levels import Sparsity, keep_count, per_layer, site_sizes
+from ..sparsity.levels import keep_count, site_sizes
 from ..sparsity.topk import topk
 
 
@@ -161,14 +161,12 @@ class Transformer(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_hf(cls, model: nn.Module, max_seq: int, sparsity: Sparsity | None = None) -> "Transformer":
+    def from_hf(cls, model: nn.Module, max_seq: int) -> "Transformer":
         """From a dense or folded Hugging Face model; a folded one brings its own sparsity and adapters."""
         adapter = adapter_for(model)
         dims = adapter.dims
         folded = FoldedSettings.of(model.config)
-        configs = [None] * dims.n_layers if sparsity is None else per_layer(sparsity, dims.n_layers)
-        if folded is not None:
-            configs = list(folded.levels)
+        configs = [None] * dims.n_layers if folded is None else list(folded.levels)
         sizes = site_sizes(dims)
         shape = Shape(dims.hidden, dims.n_heads, dims.n_kv_heads, dims.head_dim, dims.intermediate)
         eps, act = adapter.norm_eps(), adapter.activation()
