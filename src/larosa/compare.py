@@ -26,7 +26,7 @@ from .calibrate import calibrate
 from .data import token_windows
 from .errors import LarosaError
 from .eval import perplexity
-from .io import atomic_file, write_report
+from .io import atomic_file, deliver, write_report
 from .models import DTYPES, load_model
 from .rotations import Rotations
 from .search import search
@@ -100,10 +100,11 @@ def compare(model: nn.Module, methods: list[str], targets: list[float], *, calib
             setup = time.perf_counter()
             row["settings"] = {} if method == "dense" else _apply(
                 model, method, target, rotations, calib, search_windows, scope, device, batch_size, plans)
-            row["setup_seconds"] = round(time.perf_counter() - setup, 1)
-            row.update(perplexity(model, windows, batch_size=batch_size, progress=False))
         except LarosaError as e:  # an unreachable target (CATS past the MLP's share): reported, not fatal
             row["error"] = str(e)
+        else:  # a failing evaluation (a model giving NaN) is fatal
+            row["setup_seconds"] = round(time.perf_counter() - setup, 1)
+            row.update(perplexity(model, windows, batch_size=batch_size, progress=False))
         finally:
             unsparsify(model)
         rows.append(row)
@@ -174,13 +175,17 @@ def run(spec: Comparison, out: str | Path | None = None, *, device: str | None =
     def save(result: dict) -> dict:
         report = {k: v for k, v in result.items() if k not in ("rotations", "plans")} | spec.settings()
         report["table"] = table(report)
-        if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
+
+        def write(where: Path) -> None:  # a directory the comparison resumes from
+            where.mkdir(parents=True, exist_ok=True)
             if result["rotations"] is not None:
-                result["rotations"].save(out / "rotations.safetensors")
+                result["rotations"].save(where / "rotations.safetensors")
             if result["plans"]:
-                save_plans(result["plans"], out / "plans.json")
-            write_report(out, "compare", report, report["table"])
+                save_plans(result["plans"], where / "plans.json")
+            write_report(where, "compare", report, report["table"])
+
+        if out is not None:
+            deliver(out, write)
         return report
 
     result = compare(model, methods, targets, calib=calib, search_windows=calib[: spec.search_windows],

@@ -18,23 +18,52 @@ from .errors import LarosaError
 
 
 def _wikitext2(split: str) -> str:
+    """WikiText-2 from the hub; without network, from the datasets cache at once, or a clear error at once."""
     try:
+        import datasets.config
         from datasets import load_dataset
     except ImportError as e:
         raise LarosaError("the wikitext2 spec needs the datasets package: pip install 'larosa[online]'") from e
-    rows = load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"]
+    offline = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = offline or not assets.hub_reachable()
+    try:
+        rows = load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"]
+    except OSError as e:  # no network and no cached copy, or the hub refused
+        where = ("the Hugging Face hub cannot be reached (offline?) and the datasets cache has no copy"
+                 if datasets.config.HF_HUB_OFFLINE else str(e).splitlines()[0])
+        raise LarosaError(f"cannot load wikitext2:{split}: {where}; offline, use builtin:wiki, builtin:c4 or a "
+                          ".txt file") from e
+    finally:
+        datasets.config.HF_HUB_OFFLINE = offline
     return "".join(r for r in rows if r.strip())  # blank lines dropped, as in the project's local copy
+
+
+def _read(path: Path) -> str:
+    """A UTF-8 text file; a binary or otherwise encoded file is an error that says so."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise LarosaError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); give a "
+                          "UTF-8 .txt or .jsonl file") from e
+    except OSError as e:
+        raise LarosaError(f"cannot read {path}: {e.strerror}") from e
+    if "\x00" in text:
+        raise LarosaError(f"{path} holds NUL bytes: a binary file, not text")
+    return text
 
 
 def _jsonl(path: Path) -> str:
     texts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(_read(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
-            texts.append(json.loads(line)["text"])
+            text = json.loads(line)["text"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise LarosaError(f"{path}:{n}: expected a JSON object with a 'text' field ({e})") from e
+        if not isinstance(text, str):
+            raise LarosaError(f"{path}:{n}: the 'text' field must be a string, not {type(text).__name__}")
+        texts.append(text)
     return "\n\n".join(texts)
 
 
@@ -44,13 +73,13 @@ def load_text(spec: str) -> str:
     if spec.startswith("builtin:"):
         return assets.builtin_text(spec.partition(":")[2])
     path = Path(spec)
+    if path.is_dir():
+        raise LarosaError(f"data {spec!r} is a directory; give a .txt or .jsonl file")
     if not path.is_file():
         raise LarosaError(
             f"data {spec!r} is neither a file nor a known spec (wikitext2[:split], builtin:wiki, builtin:c4)"
         )
-    if path.suffix == ".jsonl":
-        return _jsonl(path)
-    return path.read_text(encoding="utf-8")
+    return _jsonl(path) if path.suffix == ".jsonl" else _read(path)
 
 
 def token_windows(tokenizer, spec: str, n_windows: int | None, seq_len: int) -> torch.Tensor:

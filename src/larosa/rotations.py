@@ -5,7 +5,8 @@ A rotations file is one safetensors file. Per layer i it holds ``layers.{i}.attn
 one Q per KV group of the o_proj input) and, for the whole model, ``global`` (Q of all block inputs pooled).
 Each Q is float32, its columns the eigenvectors of XᵀX in descending eigenvalue order, and ``NAME.eigvals``
 holds the eigenvalues. The metadata names the model it was made for and the signal X was taken from, so that
-pairing the file with another model is an error instead of a silently wrong result.
+pairing the file with another model is an error instead of a silently wrong result, and holds the sha256 of the
+tensors and the rest of the metadata, so that a flipped bit is an error too (older files have none and still load).
 """
 
 from __future__ import annotations
@@ -65,6 +66,17 @@ def weights_fingerprint(model) -> str:
     return hashlib.sha256(sample.view(torch.int16).numpy().tobytes()).hexdigest()[:16]
 
 
+def _digest(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
+    """sha256 of every tensor (name, dtype, shape, bytes) and the metadata."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    h.update(json.dumps(meta, sort_keys=True).encode())
+    return h.hexdigest()
+
+
 @dataclass
 class Rotations:
     tensors: dict[str, torch.Tensor]  # NAME -> Q and NAME.eigvals -> eigenvalues
@@ -98,9 +110,10 @@ class Rotations:
         return out
 
     def save(self, path: str | os.PathLike) -> None:
+        meta = {k: v for k, v in self.meta.items() if k != "sha256"}
         with atomic_file(path) as tmp:
             save_file({k: v.contiguous() for k, v in self.tensors.items()}, tmp,
-                      metadata={"format": FORMAT, **self.meta})
+                      metadata={"format": FORMAT, **meta, "sha256": _digest(self.tensors, meta)})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Rotations":
@@ -118,6 +131,10 @@ class Rotations:
             raise LarosaError(f"{path} is not a readable safetensors file (truncated or corrupted?): {e}") from e
         if meta.pop("format", None) != FORMAT:
             raise LarosaError(f"{path} is not a larosa rotations file (expected format {FORMAT})")
+        want = meta.pop("sha256", None)
+        if want is not None and _digest(tensors, meta) != want:
+            raise LarosaError(f"{path} is corrupted: its contents do not match the sha256 it was saved with; "
+                              "calibrate again or restore the file from a copy")
         rot = cls(tensors, meta)
         rot.validate(path)
         if "plans" in meta:

@@ -16,7 +16,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import Adapter, adapter_for
-from .models import default_device, resident
+from .errors import LarosaError
+from .models import check_context, check_device, default_device, nonfinite, resident
 
 SAMPLE = 1 << 20  # |x| values kept per tap and layer: quantiles to ~1e-3, and cheap to sort
 GREEDY_TOKENS = 4096  # calibration tokens a chooser measures layer output error on
@@ -60,7 +61,19 @@ def first_layer_inputs(adapter: Adapter, windows: torch.Tensor, device: torch.de
         finally:
             for layer in layers:
                 layer.__dict__.pop("forward", None)
-    return torch.cat(hidden), calls
+        hidden = torch.cat(hidden)
+        check_finite(hidden, "the embedding", body)
+    return hidden, calls
+
+
+def check_finite(x: torch.Tensor, what: str, module: nn.Module) -> None:
+    """Raise when ``x``, what ``module`` gave, holds NaN or Inf, naming the weight that does if one does: going on
+    would write rotations, a perplexity or a folded model from a broken model."""
+    if bool(torch.isfinite(x).all()):
+        return
+    bad = nonfinite(module)
+    cause = f"its {bad} holds NaN or Inf" if bad else f"its activations overflow in {x.dtype}"
+    raise LarosaError(f"{what} gives NaN or Inf: {cause}; larosa cannot use this model as it is")
 
 
 def run_layer(layer: nn.Module, call: tuple, x: torch.Tensor) -> torch.Tensor:
@@ -69,22 +82,25 @@ def run_layer(layer: nn.Module, call: tuple, x: torch.Tensor) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def advance(layer: nn.Module, call: tuple, hidden: torch.Tensor, cleanup: Iterable[Callable[[], object]] = ()) -> None:
-    """Every window's hidden state through ``layer``, in place, one window at a time; the ``cleanup`` calls
-    (removing hooks) run afterwards, also on error."""
+def advance(i: int, layer: nn.Module, call: tuple, hidden: torch.Tensor,
+            cleanup: Iterable[Callable[[], object]] = ()) -> None:
+    """Every window's hidden state through ``layer`` (decoder layer ``i``), in place, one window at a time; the
+    ``cleanup`` calls (removing hooks) run afterwards, also on error. A NaN or Inf in the output is an error."""
     try:
         for j in range(hidden.shape[0]):
             hidden[j] = run_layer(layer, call, hidden[j : j + 1])[0]
     finally:
         for undo in cleanup:
             undo()
+    check_finite(hidden, f"decoder layer {i}", layer)
 
 
 def passes(model: nn.Module, windows: torch.Tensor, desc: str, device: str | torch.device | None, progress: bool):
     """Yield (i, layer, call, hidden) for each decoder layer with its weights resident on ``device``; ``hidden``
     holds every window's input to the layer, and the caller advances it (:func:`advance`) before the next."""
     adapter = adapter_for(model)
-    device = torch.device(device or default_device())
+    check_context(model.config, windows.shape[1])
+    device = torch.device(check_device(device) or default_device())
     hidden, calls = first_layer_inputs(adapter, windows, device)
     for i, layer in enumerate(tqdm(adapter.layers(), desc=desc, unit="layer", disable=not progress)):
         with resident(model, layer, device):
@@ -129,7 +145,7 @@ def layerwise(model: nn.Module, windows: torch.Tensor, taps: dict[str, Tap], cho
             handles.append(module.register_forward_hook(
                 lambda m, a, out, s=samples[name], read=read: s.add(read(a[0], out))))
         inputs = hidden[:kept].clone()
-        advance(layer, call, hidden, [h.remove for h in handles])
+        advance(i, layer, call, hidden, [h.remove for h in handles])
         results.append(choose(i, layer, call, {name: s.sorted() for name, s in samples.items()}, inputs))
     return results
 

@@ -15,14 +15,14 @@ from ..api import describe, sparsify, unsparsify
 from ..arch import adapter_for
 from ..calibrate import calibrate
 from ..compare import Comparison, run
-from ..data import token_windows
+from ..data import load_text, token_windows
 from ..errors import LarosaError
 from ..eval import perplexity, perplexity_streamed
 from ..eval.tasks import evaluate_tasks, parse_tasks, resolve_task_data
 from ..eval.tasks import table as tasks_table
 from ..fold import FoldedSettings, fold_streamed, save_folded
-from ..io import check_output_dir, check_output_file, prepare_dir, write_report
-from ..models import DTYPES, default_device, default_dtype, load_lazy, load_model
+from ..io import check_output_dir, check_output_file, deliver, prepare_dir, write_report
+from ..models import DTYPES, check_context, default_device, default_dtype, load_config, load_lazy, load_model
 from ..rotations import Rotations, config_hash
 from ..search import search
 from ..sparsity import SITES, CatsConfig, LaRoSaConfig, SparsityConfig, TealConfig
@@ -70,7 +70,7 @@ def _cmd_calibrate(a: argparse.Namespace) -> dict:
     rot = calibrate(model, a.data, tokenizer=tok, n_windows=a.windows, seq_len=a.seq_len, signal=a.signal,
                     device=a.device, progress=not a.quiet)
     rot.meta["model"] = a.model
-    rot.save(a.out)
+    deliver(a.out, rot.save)
     return {"out": a.out, **rot.meta, "peak_rss_mb": round(_peak_rss_mb(), 1)}
 
 
@@ -131,7 +131,7 @@ def _cmd_sparsify(a: argparse.Namespace) -> dict:
         settings = FoldedSettings.of(fold_streamed(model, config, a.out, tokenizer=tok, overwrite=a.overwrite))
     else:
         folded = sparsify(model, config)
-        save_folded(folded, tok, a.out, overwrite=a.overwrite)
+        deliver(a.out, lambda out: save_folded(folded, tok, out, overwrite=a.overwrite))
         settings = FoldedSettings.of(folded.config)
     return {"out": a.out, **settings.to_dict(), "sparsity_source": config.source,
             "param_weighted_sparsity": param_weighted(settings.levels, dims),
@@ -151,7 +151,8 @@ def _cmd_search(a: argparse.Namespace) -> dict:
         searched.append(search(model, rotations, windows, target, scope=a.scope, score=a.score,
                                layers=not a.no_layers, batch_size=a.batch_size, device=a.device, data=a.data,
                                progress=not a.quiet))
-        save_plans(merge(plans, searched), out)  # after every target: an interrupted search keeps what it found
+        # after every target: an interrupted search keeps what it found
+        deliver(out, lambda path: save_plans(merge(plans, searched), path))
     keys = ("target", "scope", "score", "rotated_multiple", "chosen", "nll", "seconds")
     return {"out": a.out, "data": a.data, "windows": a.windows,
             "plans": [{k: v for k, v in p.to_dict().items() if k in keys} for p in searched]}
@@ -170,6 +171,8 @@ def _cmd_bench(a: argparse.Namespace) -> dict:
         return _cmd_bench_kernels(a)
     if not torch.cuda.is_available():
         raise LarosaError("larosa bench needs a CUDA GPU")
+    if a.out:
+        prepare_dir(a.out)
     from ..bench.decode import bench_decode, decode_table
 
     result = bench_decode(a.config, a.sparsity, scope=a.scope, tokens=a.tokens, prompt_len=a.prompt,
@@ -189,6 +192,8 @@ def _cmd_bench_kernels(a: argparse.Namespace) -> dict:
         raise LarosaError(f"--only {' '.join(a.only)} matches no shape; shapes: {names}")
     if not torch.cuda.is_available() or not HAVE_TRITON:
         raise LarosaError("larosa bench kernels needs a CUDA GPU and Triton")
+    if a.out:
+        prepare_dir(a.out)
     result = bench_kernels(a.sparsity, only=a.only or (), tune=a.tune, l2_bytes=a.l2_bytes)
     result["table"] = kernels_table(result)
     if a.out:
@@ -258,15 +263,34 @@ COMMANDS = {"calibrate": _cmd_calibrate, "eval": _cmd_eval, "sparsify": _cmd_spa
             "compare": _cmd_compare, "bench": _cmd_bench, "demo": _cmd_demo}
 
 
+def _check_before_work(a: argparse.Namespace) -> None:
+    """What can be checked before a model loads: every text spec (read, decoded, parsed), and that the windows fit
+    the model's context."""
+    for spec in {getattr(a, "data", None), getattr(a, "calib_data", None)} - {None}:
+        load_text(spec)
+    if getattr(a, "seq_len", None) is not None and getattr(a, "model", None):
+        check_context(load_config(a.model), a.seq_len)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a command: its result on stdout and exit 0; a failure as one line on stderr and exit 2 (1 for a bug);
+    Ctrl-C as one line and exit 130. A result holding NaN or Inf is a failure, never printed."""
     a = parser().parse_args(argv)
     try:
+        _check_before_work(a)
         out = COMMANDS[a.command](a)
-    except LarosaError as e:
+        try:
+            text = json.dumps(out, indent=2, default=str, allow_nan=False)
+        except ValueError as e:
+            raise LarosaError("the result holds NaN or Inf (a broken model or input); nothing was printed") from e
+    except (LarosaError, OSError) as e:  # bad input, or the file system or network failing: not a larosa bug
         print(f"larosa: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("larosa: interrupted; no output was left half-written", file=sys.stderr)
+        return 130
     if a.json:
-        print(json.dumps(out, indent=2, default=str))
+        print(text)
     else:
         _print_text(a.command, out)
     return 0

@@ -8,10 +8,12 @@ allowed; ``--plan`` is a plan file from ``larosa search``. Scope defaults come f
 from __future__ import annotations
 
 import argparse
+import math
 
 from ..bench.decode import CONFIGS
 from ..compare import ROWS
-from ..models import DTYPES
+from ..errors import LarosaError
+from ..models import DTYPES, check_device
 from ..rotations import SCOPES, SIGNALS
 from ..sparsity import DEFAULT_SCOPE, DEFAULT_SPLIT, SCORES, SITES
 from ..version import __version__
@@ -35,9 +37,31 @@ def _levels(text: str) -> list[float]:
 
 def _split(text: str) -> tuple[float, float]:
     values = _floats(text)
-    if len(values) != 2:
-        raise argparse.ArgumentTypeError(f"expected two numbers like 0.8,1.2, got {text!r}")
+    if len(values) != 2 or not all(math.isfinite(v) and v >= 0 for v in values) or not any(values):
+        raise argparse.ArgumentTypeError(f"expected two numbers >= 0, not both 0, like 0.8,1.2; got {text!r}")
     return values[0], values[1]
+
+
+def _count(text: str, least: int = 1) -> int:
+    """A whole number of windows, tokens, examples... at least ``least``."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < least:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= {least}, got {text!r}")
+    return value
+
+
+def _seq_len(text: str) -> int:
+    return _count(text, least=2)  # one token to predict from, one to predict
+
+
+def _device(text: str) -> str:
+    try:
+        return check_device(text)
+    except LarosaError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
 
 
 def _site_override(text: str) -> tuple[str, float]:
@@ -52,14 +76,14 @@ def _site_override(text: str) -> tuple[str, float]:
 
 def _model(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="Hugging Face name or local directory, or builtin:smollm2 (offline)")
-    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--device", type=_device, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=DTYPES, help="default: float32 on CPU, bfloat16 on GPU")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _batch(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch-size", type=int, default=1,
+    p.add_argument("--batch-size", type=_count, default=1,
                    help="windows per forward pass: same result, faster on a GPU (default 1)")
 
 
@@ -104,7 +128,7 @@ def _evaluated(p: argparse.ArgumentParser) -> None:
                    help="larosa (default), or a peer in the same harness: TEAL thresholds (uniform or greedy per "
                         "projection) or CATS (MLP gate); peers need --target and --calib-data")
     p.add_argument("--calib-data", help=f"peers: text their thresholds are calibrated on ({DATA_HELP})")
-    p.add_argument("--calib-windows", type=int, default=16, help="peers: calibration windows (default 16)")
+    p.add_argument("--calib-windows", type=_count, default=16, help="peers: calibration windows (default 16)")
 
 
 def _calibrate(sub) -> None:
@@ -112,8 +136,8 @@ def _calibrate(sub) -> None:
     _model(c)
     c.add_argument("--data", required=True, help=DATA_HELP)
     c.add_argument("--out", required=True, help="rotations file to write (.safetensors)")
-    c.add_argument("--windows", type=int, default=16, help="calibration windows (default 16)")
-    c.add_argument("--seq-len", type=int, default=2048, help="tokens per window (default 2048)")
+    c.add_argument("--windows", type=_count, default=16, help="calibration windows (default 16)")
+    c.add_argument("--seq-len", type=_seq_len, default=2048, help="tokens per window (default 2048)")
     c.add_argument("--signal", choices=SIGNALS, default="gain",
                    help="gain: PCA of the norm output with its gain (the reference code, default); gainfree: "
                         "without it, the signal Top-K sees in the folded model")
@@ -127,8 +151,8 @@ def _eval(sub) -> None:
     _model(ppl)
     ppl.add_argument("--data", required=True, help=DATA_HELP)
     _evaluated(ppl)
-    ppl.add_argument("--windows", type=int, help="score the first N windows (default: all)")
-    ppl.add_argument("--seq-len", type=int, default=2048, help="tokens per window (default 2048)")
+    ppl.add_argument("--windows", type=_count, help="score the first N windows (default: all)")
+    ppl.add_argument("--seq-len", type=_seq_len, default=2048, help="tokens per window (default 2048)")
     _batch(ppl)
     _lazy(ppl, "run every window through")
 
@@ -139,8 +163,8 @@ def _eval(sub) -> None:
                     help="comma-separated: arc_easy,arc_challenge,boolq,hellaswag,openbookqa,piqa,winogrande,sciq")
     tk.add_argument("--task-data", help="directory of local task files, <task>/<split>.jsonl (default: "
                                         "$LAROSA_TASK_DATA, else the Hugging Face hub)")
-    tk.add_argument("--limit", type=int, help="score the first N examples of each task (default: all)")
-    tk.add_argument("--batch-size", type=int, default=1)
+    tk.add_argument("--limit", type=_count, help="score the first N examples of each task (default: all)")
+    tk.add_argument("--batch-size", type=_count, default=1)
     _evaluated(tk)
 
 
@@ -161,9 +185,9 @@ def _search(sub) -> None:
     s.add_argument("--rotations", required=True, help="rotations file from `larosa calibrate`")
     s.add_argument("--data", required=True, help=f"calibration text ({DATA_HELP})")
     s.add_argument("--target", type=_levels, required=True, help="parameter-weighted targets, e.g. 0.25,0.4,0.5")
-    s.add_argument("--windows", type=int, default=4, help="calibration windows scored per trial (default 4)")
+    s.add_argument("--windows", type=_count, default=4, help="calibration windows scored per trial (default 4)")
     _batch(s)
-    s.add_argument("--seq-len", type=int, default=2048)
+    s.add_argument("--seq-len", type=_seq_len, default=2048)
     s.add_argument("--scope", choices=SCOPES, default=DEFAULT_SCOPE["simulate"],
                    help=f"rotation scope the plans are for (default {DEFAULT_SCOPE['simulate']}, the simulate "
                         f"default; {DEFAULT_SCOPE['folded']} for a plan to fold with the default scope)")
@@ -183,12 +207,12 @@ def _compare(sub) -> None:
     cmp.add_argument("--target", type=_levels, default=[0.25, 0.4, 0.5],
                      help="parameter-weighted targets (default 0.25,0.4,0.5)")
     cmp.add_argument("--data", required=True, help=f"evaluation text ({DATA_HELP})")
-    cmp.add_argument("--windows", type=int, default=40)
+    cmp.add_argument("--windows", type=_count, default=40)
     _batch(cmp)
     cmp.add_argument("--calib-data", required=True, help="calibration text (thresholds, rotations, search)")
-    cmp.add_argument("--calib-windows", type=int, default=16)
-    cmp.add_argument("--search-windows", type=int, default=4, help="calibration windows the searches score")
-    cmp.add_argument("--seq-len", type=int, default=2048)
+    cmp.add_argument("--calib-windows", type=_count, default=16)
+    cmp.add_argument("--search-windows", type=_count, default=4, help="calibration windows the searches score")
+    cmp.add_argument("--seq-len", type=_seq_len, default=2048)
     cmp.add_argument("--rotations", help="rotations file (default: calibrate on --calib-data)")
     cmp.add_argument("--scope", choices=SCOPES, default=DEFAULT_SCOPE["simulate"],
                      help=f"LaRoSa's scope (simulated; default {DEFAULT_SCOPE['simulate']})")
@@ -205,9 +229,9 @@ def _bench(sub) -> None:
                     help="nominal sparsities, comma-separated (default 0.25,0.4,0.5)")
     bd.add_argument("--scope", choices=SCOPES, default=DEFAULT_SCOPE["folded"],
                     help=f"the folded model's scope (default {DEFAULT_SCOPE['folded']})")
-    bd.add_argument("--tokens", type=int, default=128, help="new tokens per generation (default 128)")
-    bd.add_argument("--prompt", type=int, default=16, help="prompt tokens (default 16)")
-    bd.add_argument("--repeats", type=int, default=3, help="generations per engine; the median counts")
+    bd.add_argument("--tokens", type=_count, default=128, help="new tokens per generation (default 128)")
+    bd.add_argument("--prompt", type=_count, default=16, help="prompt tokens (default 16)")
+    bd.add_argument("--repeats", type=_count, default=3, help="generations per engine; the median counts")
     bd.add_argument("--no-hf", action="store_true", help="skip timing transformers' generate")
     bd.add_argument("--no-compile", action="store_true", help="run the engine's decode step without torch.compile")
     bd.add_argument("--out", help="directory for JSON and a markdown table")
@@ -224,9 +248,9 @@ def _bench(sub) -> None:
 
 def _demo(sub) -> None:
     d = sub.add_parser("demo", help="offline: calibrate SmolLM2-135M, then PPL at dense/25/40/50%%")
-    d.add_argument("--calib-windows", type=int, default=4, help="calibration windows of builtin:wiki (default 4)")
-    d.add_argument("--windows", type=int, default=6, help="scored windows of builtin:c4 (default 6)")
-    d.add_argument("--seq-len", type=int, default=2048)
+    d.add_argument("--calib-windows", type=_count, default=4, help="calibration windows of builtin:wiki (default 4)")
+    d.add_argument("--windows", type=_count, default=6, help="scored windows of builtin:c4 (default 6)")
+    d.add_argument("--seq-len", type=_seq_len, default=2048)
     d.add_argument("--json", action="store_true")
     d.add_argument("--quiet", action="store_true")
 

@@ -12,10 +12,10 @@ from tqdm.auto import tqdm
 
 from ..arch import adapter_for
 from ..errors import LarosaError
-from ..models import resident
+from ..models import check_context, resident
 from ..sparsity import sites
 from ..sparsity.topk import LaRoSaConfig, prepare
-from ..streaming import advance, passes
+from ..streaming import advance, check_finite, passes
 
 
 @torch.no_grad()
@@ -27,6 +27,7 @@ def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 1, 
     """
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise LarosaError(f"batch size must be a positive integer, got {batch_size!r}")
+    check_context(model.config, windows.shape[1])
     device = next(model.parameters()).device
     sites.site_sparsity(model, reset=True)
     nll, tokens = 0.0, 0
@@ -35,6 +36,7 @@ def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 1, 
     for batch in windows.split(batch_size):
         ids = batch.to(device)
         logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        check_finite(logits, "the model", model)
         nll += F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
         tokens += ids[:, 1:].numel()
         bar.update(len(batch))
@@ -65,12 +67,16 @@ def perplexity_streamed(model: nn.Module, windows: torch.Tensor, config: LaRoSaC
     adapter = adapter_for(model)
     start = time.perf_counter()
     attach = prepare(model, config)[1] if config is not None else None
+    sites.site_sparsity(model, reset=True)  # a folded model's own sites count from here
     measured = []  # each layer's sites, kept for their counters once the layer is gone
     hidden = None
     for i, layer, call, hidden in passes(model, windows, "perplexity", device, progress):
         if attach is not None:
             attach(i, layer)
-        advance(layer, call, hidden, [lambda: measured.append(sites.detach(layer))] if attach else ())
+            advance(i, layer, call, hidden, [lambda: measured.append(sites.detach(layer))])
+        else:  # the dense model, or a folded one, which carries its sites
+            advance(i, layer, call, hidden)
+            measured += [own] if (own := sites.of(layer)) is not None else []
     device = hidden.device
     # The output head: the embedding itself where the model ties them (a lazy model's lm_head is never loaded).
     head = model.get_input_embeddings() if model.config.tie_word_embeddings else model.get_output_embeddings()
@@ -78,6 +84,7 @@ def perplexity_streamed(model: nn.Module, windows: torch.Tensor, config: LaRoSaC
     with resident(model, adapter.final_norm(), device), resident(model, head, device):
         for j in range(hidden.shape[0]):
             logits = F.linear(adapter.final_norm()(hidden[j : j + 1]), head.weight)[0, :-1].float()
+            check_finite(logits, "the output head", model)
             nll += F.cross_entropy(logits, windows[j, 1:].to(device), reduction="sum").item()
             tokens += windows.shape[1] - 1
     return {

@@ -24,7 +24,7 @@ from transformers.initialization import no_init_weights
 from ..arch import Adapter, adapter_for
 from ..errors import LarosaError
 from ..io import staged_dir
-from ..models import resident
+from ..models import nonfinite, resident
 from ..sparsity import sites
 from ..sparsity.levels import SparsityConfig
 from ..sparsity.topk import LaRoSaConfig, weight_norms
@@ -158,7 +158,14 @@ def fold(model: nn.Module, config: LaRoSaConfig) -> nn.Module:
     with no_init_weights(), torch.device(device):
         folded = folded_class(type(folding.adapter))(folding.folded_config(model)).to(dtype)
     folded.load_state_dict({k: v.to(dtype) for k, v in {**model.state_dict(), **extra}.items()}, strict=True)
+    _check_finite(nonfinite(folded))
     return folded.eval()
+
+
+def _check_finite(bad: str | None) -> None:
+    if bad is not None:
+        raise LarosaError(f"the folded {bad} holds NaN or Inf: the model's weights are not finite, or overflow in "
+                          "its dtype; nothing was written")
 
 
 @torch.no_grad()
@@ -182,6 +189,7 @@ def fold_streamed(model: nn.Module, config: LaRoSaConfig, out: str | os.PathLike
     shards: list[str] = []
 
     def write(staged: Path, tensors: dict[str, torch.Tensor]) -> None:
+        _check_finite(next((k for k, v in tensors.items() if not torch.isfinite(v.to(dtype)).all()), None))
         shards.append(f"model-{len(shards) + 1:05d}-of-{n_shards:05d}.safetensors")
         save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, staged / shards[-1],
                   metadata={"format": "pt"})

@@ -136,7 +136,14 @@ def config_for_target(dims: Dims, target: float, rotated_multiple: float) -> Spa
 def default_config(dims: Dims, target: float, split: tuple[float, float] = DEFAULT_SPLIT) -> SparsityConfig:
     """The fixed split at the nominal level whose parameter-weighted sparsity is ``target``."""
     check_target(target)
-    per_unit = SparsityConfig.from_nominal(0.5, split).param_weighted(dims) / 0.5
+    w = site_weights(dims)
+    per_unit = (split[0] * sum(w[s] for s in ROTATED) + split[1] * sum(w[s] for s in PLAIN)) / sum(w.values())
+    if not (all(math.isfinite(m) and m >= 0 for m in split) and per_unit > 0):
+        raise LarosaError(f"a split is two multipliers >= 0, not both 0; got {split[0]},{split[1]}")
+    if target / per_unit * max(split) >= 1.0:
+        raise LarosaError(f"target {target} is out of reach of split {split[0]},{split[1]}: a site would need "
+                          f"sparsity {target / per_unit * max(split):.3f}; this split reaches targets below "
+                          f"{per_unit / max(split):.3f} (use another --split, or a plan from larosa search)")
     return SparsityConfig.from_nominal(target / per_unit, split)
 
 
