@@ -86,7 +86,9 @@ def _eval_model(a: argparse.Namespace):
         if a.rotations or a.sparsity is not None or a.site or a.plan or a.mode != "simulate":
             raise LarosaError(f"--method {a.method} takes no --rotations, --sparsity, --site, --plan or --mode folded")
         model, tok = _load(a, False)
-        calib = token_windows(tok, a.calib_data, a.calib_windows, getattr(a, "seq_len", 2048))
+        # eval tasks has no --seq-len: windows of 2048 tokens, or of the model's context where it is shorter
+        seq_len = getattr(a, "seq_len", None) or min(2048, getattr(model.config, "max_position_embeddings", 2048))
+        calib = token_windows(tok, a.calib_data, a.calib_windows, seq_len)
         config = (CatsConfig(a.target, calib) if a.method == "cats"
                   else TealConfig(a.target, calib, greedy=a.method == "teal-greedy"))
         sparsify(model, config, device=a.device, progress=not a.quiet)
