@@ -54,7 +54,7 @@ def _read(path: Path) -> str:
 
 def _jsonl(path: Path) -> str:
     texts = []
-    for n, line in enumerate(_read(path).splitlines(), 1):
+    for n, line in enumerate(_read(path).split("\n"), 1):  # not splitlines: U+2028 may sit in a string
         if not line.strip():
             continue
         try:

@@ -35,9 +35,9 @@ def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 1, 
     bar = tqdm(total=len(windows), desc="perplexity", unit="window", disable=not progress)
     for batch in windows.split(batch_size):
         ids = batch.to(device)
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
         check_finite(logits, "the model", model)
-        nll += F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
+        nll += F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
         tokens += ids[:, 1:].numel()
         bar.update(len(batch))
         bar.set_postfix(ppl=f"{math.exp(nll / tokens):.3f}")
@@ -83,9 +83,9 @@ def perplexity_streamed(model: nn.Module, windows: torch.Tensor, config: LaRoSaC
     nll, tokens = 0.0, 0
     with resident(model, adapter.final_norm(), device), resident(model, head, device):
         for j in range(hidden.shape[0]):
-            logits = F.linear(adapter.final_norm()(hidden[j : j + 1]), head.weight)[0, :-1].float()
+            logits = F.linear(adapter.final_norm()(hidden[j : j + 1]), head.weight)[0, :-1]
             check_finite(logits, "the output head", model)
-            nll += F.cross_entropy(logits, windows[j, 1:].to(device), reduction="sum").item()
+            nll += F.cross_entropy(logits.float(), windows[j, 1:].to(device), reduction="sum").item()
             tokens += windows.shape[1] - 1
     return {
         "ppl": math.exp(nll / tokens),

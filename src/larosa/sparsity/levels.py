@@ -140,11 +140,13 @@ def default_config(dims: Dims, target: float, split: tuple[float, float] = DEFAU
     per_unit = (split[0] * sum(w[s] for s in ROTATED) + split[1] * sum(w[s] for s in PLAIN)) / sum(w.values())
     if not (all(math.isfinite(m) and m >= 0 for m in split) and per_unit > 0):
         raise LarosaError(f"a split is two multipliers >= 0, not both 0; got {split[0]},{split[1]}")
-    if target / per_unit * max(split) >= 1.0:
-        raise LarosaError(f"target {target} is out of reach of split {split[0]},{split[1]}: a site would need "
-                          f"sparsity {target / per_unit * max(split):.3f}; this split reaches targets below "
-                          f"{per_unit / max(split):.3f} (use another --split, or a plan from larosa search)")
-    return SparsityConfig.from_nominal(target / per_unit, split)
+    nominal = target / per_unit
+    if nominal >= 1.0 or max(split) * nominal >= 1.0:
+        raise LarosaError(f"target {target} is out of reach of split {split[0]},{split[1]}: it needs nominal "
+                          f"sparsity {nominal:.3f}, {max(split) * nominal:.3f} at a site; this split reaches targets "
+                          f"below {per_unit / max(1.0, *split):.3f} (use another --split, or a plan from larosa "
+                          "search)")
+    return SparsityConfig.from_nominal(nominal, split)
 
 
 def greedy_levels(weights: dict[str, int], target: float, step: float, error: Callable[[dict[str, float]], float],
