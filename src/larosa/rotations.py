@@ -77,6 +77,15 @@ def _digest(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
     return h.hexdigest()
 
 
+def is_rotations_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a rotations file larosa wrote (its header says so): the only file calibrate replaces."""
+    try:
+        with safe_open(path, "pt") as f:
+            return (f.metadata() or {}).get("format") == FORMAT
+    except (SafetensorError, OSError):
+        return False
+
+
 @dataclass
 class Rotations:
     tensors: dict[str, torch.Tensor]  # NAME -> Q and NAME.eigvals -> eigenvalues

@@ -23,7 +23,7 @@ from ..eval.tasks import table as tasks_table
 from ..fold import FoldedSettings, fold_streamed, save_folded
 from ..io import check_output_dir, check_output_file, deliver, prepare_dir, write_report
 from ..models import DTYPES, check_context, default_device, default_dtype, load_config, load_lazy, load_model
-from ..rotations import Rotations, config_hash
+from ..rotations import Rotations, config_hash, is_rotations_file
 from ..search import search
 from ..sparsity import SITES, CatsConfig, LaRoSaConfig, SparsityConfig, TealConfig
 from ..sparsity.levels import adapter_overhead, param_weighted
@@ -63,7 +63,9 @@ def _larosa_config(a: argparse.Namespace, mode: str) -> LaRoSaConfig | None:
 
 
 def _cmd_calibrate(a: argparse.Namespace) -> dict:
-    check_output_file(a.out)
+    if check_output_file(a.out).exists() and not is_rotations_file(a.out):
+        raise LarosaError(f"{a.out} exists and is not a rotations file, which is all calibrate replaces; choose "
+                          "another --out")
     # Weights stay in CPU RAM (or on disk with --lazy); one layer at a time visits the compute device, in that
     # device's dtype.
     model, tok = _load(a, a.lazy, device="cpu")
