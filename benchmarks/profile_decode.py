@@ -84,7 +84,7 @@ def profile_config(name: str, sparsity: float, scope: str, compile: bool, max_se
     engine = Engine(Transformer.from_hf(model, max_seq=max_seq), compile=compile)
     del model
     prompt = torch.randint(0, 1000, (16,))
-    tokens_per_s = sorted(engine.generate(prompt, 128)[1] for _ in range(3))[1]
+    tokens_per_s = sorted(engine.generate(prompt, 128).tokens_per_s for _ in range(3))[1]
     result = {"sparsity": sparsity, "scope": scope if sparsity else None, "compile": compile,
               "generate_tokens_per_s": tokens_per_s, "graph_ms_per_token": gpu_ms_per_token(engine),
               **kernel_profile(engine)}

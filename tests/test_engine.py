@@ -1,6 +1,7 @@
 """The decode engine computes what the Hugging Face model computes, dense and folded, prefill and decode."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -68,9 +69,9 @@ def test_folded_engine_is_sparse_where_the_config_says(pair):
 def test_generate_is_greedy_and_matches_hf_generate(pair):
     hf = pair[1]
     prompt = random_windows(1, seq_len=6)[0]
-    out, tokens_per_s = Engine(Transformer.from_hf(hf, max_seq=32)).generate(prompt, 10)
+    got = Engine(Transformer.from_hf(hf, max_seq=32)).generate(prompt, 10)
     ref = hf.generate(prompt[None], max_new_tokens=10, do_sample=False, pad_token_id=0)[0]
-    assert torch.equal(out, ref) and tokens_per_s > 0
+    assert torch.equal(got.tokens, ref) and got.tokens_per_s > 0 and got.new_tokens == 10
     with pytest.raises(ValueError, match="exceed the cache"):
         Engine(Transformer.from_hf(hf, max_seq=8)).generate(prompt, 10)
 
@@ -92,3 +93,90 @@ def test_cuda_graph_decode_with_the_kernels_matches_the_hf_model(pair, dtype, co
     engine.model(tokens[:12], torch.arange(12, device="cuda"))
     for pos in range(12, 20):
         assert _rel(engine.step(tokens[pos : pos + 1], pos), ref[pos : pos + 1]) < tol
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("which", ["dense", "folded"])
+def test_generate_streams_the_greedy_text_of_hf_generate(arch, which, tmp_path, capsys):
+    """`larosa generate` and its API on a dense or folded model: the tokens of transformers' greedy generate, the
+    text streamed in pieces that add up to the final text, an early stop at an end-of-sequence token."""
+    from conftest import TEXT, train_tokenizer
+    from test_cli import run
+
+    from larosa.runtime import generate
+
+    tok = train_tokenizer(TEXT)
+    model = tiny_model(arch, tie=arch == "qwen2", vocab=len(tok))
+    if which == "folded":
+        rot = larosa.calibrate(model, random_windows(4, seed=3, vocab=len(tok)), signal="gainfree", progress=False)
+        model = larosa.sparsify(model, larosa.LaRoSaConfig(rot, sparsity=0.4, mode="folded"))
+    prompt = "The rotation concentrates the signal"
+    ids = torch.tensor(tok(prompt)["input_ids"])
+    ref = model.generate(ids[None], max_new_tokens=12, do_sample=False, pad_token_id=0)[0, ids.numel():].tolist()
+    pieces = []
+    got = generate(model, tok, prompt, max_new_tokens=12, on_text=pieces.append)
+    assert got["tokens"] == ref and got["new_tokens"] == 12 and got["stopped"] == "length"
+    assert "".join(pieces) == got["text"] == tok.decode(ref, skip_special_tokens=True)
+    stop = ref[5]  # as an end-of-sequence token, the generation ends at its first occurrence
+    model.generation_config.eos_token_id = stop
+    early = generate(model, tok, prompt, max_new_tokens=12)
+    assert early["tokens"] == ref[: ref.index(stop) + 1] and early["stopped"] == "stop"
+    model.generation_config.eos_token_id = None
+
+    if which == "folded":
+        larosa.save_folded(model, tok, tmp_path / "m")
+    else:
+        model.save_pretrained(tmp_path / "m")
+        tok.save_pretrained(tmp_path / "m")
+    code, out, _ = run(capsys, "generate", tmp_path / "m", "--prompt", prompt, "--max-new-tokens", 12, "--json",
+                       "--quiet", "--dtype", "float32")
+    report = json.loads(out)
+    assert code == 0 and report["tokens"] == ref and report["mode"] == ("folded" if which == "folded" else "dense")
+    code, out, _ = run(capsys, "generate", tmp_path / "m", "--prompt", prompt, "--max-new-tokens", 12, "--quiet",
+                       "--dtype", "float32")
+    # the saved tokenizer may decode otherwise than the one trained here (a family's own class): compare with the
+    # text the command itself reported
+    assert code == 0 and out.startswith(report["text"]) and "12 tokens" in out and "tokens/s" in out
+
+
+def test_sampling_follows_the_seed_and_top_p():
+    from larosa.runtime.engine import sample
+
+    logits = torch.tensor([[0.0, 3.0, 2.9, -5.0]])
+    assert sample(logits).item() == 1  # greedy
+    draws = {sample(logits, 1.0, 1.0, torch.Generator().manual_seed(s)).item() for s in range(200)}
+    assert draws == {0, 1, 2, 3} or draws >= {0, 1, 2}  # everything with mass can be drawn
+    # top-p 0.5: token 1 alone holds 0.51 of the mass, so it is the whole nucleus
+    assert {sample(logits, 1.0, 0.5, torch.Generator().manual_seed(s)).item() for s in range(50)} == {1}
+    a, b = (sample(logits, 1.0, 1.0, torch.Generator().manual_seed(7)) for _ in range(2))
+    assert torch.equal(a, b)
+
+
+def test_generate_refuses_what_it_cannot_do():
+    from conftest import TEXT, train_tokenizer
+
+    from larosa.runtime import generate
+
+    tok = train_tokenizer(TEXT)
+    model = tiny_model("llama", vocab=len(tok))
+    with pytest.raises(larosa.LarosaError, match="no chat template"):
+        generate(model, tok, "hello", chat=True)
+    with pytest.raises(larosa.LarosaError, match="exceed the model's context of 256"):
+        generate(model, tok, "hello", max_new_tokens=300)
+    with pytest.raises(larosa.LarosaError, match="top-p"):
+        generate(model, tok, "hello", temperature=1.0, top_p=0.0)
+
+
+def test_engine_runs_calibrated_thresholds_like_the_hf_model():
+    model = tiny_model("qwen2", tie=True)
+    rot = larosa.calibrate(model, random_windows(4, seed=3), signal="gainfree", progress=False)
+    folded = larosa.sparsify(copy.deepcopy(model), larosa.LaRoSaConfig(
+        rot, sparsity=0.5, mode="folded", select="threshold", calib=random_windows(4, seed=5)), progress=False)
+    tokens = random_windows(1, seq_len=20)[0]
+    with torch.no_grad():
+        ref = folded(tokens[None]).logits[0]
+    engine = Engine(Transformer.from_hf(folded, max_seq=32))
+    assert engine.model.layers[0].qkv.threshold == folded.config.larosa["thresholds"][0]["attn_in"]
+    assert _rel(engine.model(tokens[:12], torch.arange(12)), ref[:12]) < 1e-4
+    for pos in range(12, 20):
+        assert _rel(engine.step(tokens[pos : pos + 1], pos), ref[pos : pos + 1]) < 1e-4

@@ -112,6 +112,14 @@ class QuantileSample:
         return torch.cat(self.parts).sort().values.cpu()
 
 
+def quantile(values: torch.Tensor, level: float) -> float:
+    """The threshold under which a share ``level`` of the sorted sample ``values`` lies: zeroing |x| below it
+    drops that share; level 0 keeps everything."""
+    if level <= 0.0:
+        return 0.0
+    return values[min(round(level * len(values)), len(values) - 1)].item()
+
+
 @torch.no_grad()
 def layerwise(model: nn.Module, windows: torch.Tensor, taps: dict[str, Tap], choose: Chooser, desc: str,
               device: str | None, progress: bool) -> list:

@@ -85,7 +85,7 @@ def copy_bandwidth(gigabytes: float = 4.0) -> float:
 def _engine_tokens_per_s(model, max_seq: int, prompt: torch.Tensor, tokens: int, repeats: int,
                          compile: bool) -> float:
     engine = Engine(Transformer.from_hf(model, max_seq=max_seq), compile=compile)
-    rates = sorted(engine.generate(prompt, tokens)[1] for _ in range(repeats))
+    rates = sorted(engine.generate(prompt, tokens).tokens_per_s for _ in range(repeats))
     del engine
     return rates[len(rates) // 2]
 

@@ -10,6 +10,7 @@ import sys
 import time
 
 import torch
+import transformers
 
 from ..api import describe, sparsify, unsparsify
 from ..arch import adapter_for
@@ -24,6 +25,7 @@ from ..fold import FoldedSettings, fold_streamed, save_folded
 from ..io import check_output_dir, check_output_file, prepare_dir, write_report
 from ..models import DTYPES, default_device, default_dtype, load_lazy, load_model
 from ..rotations import Rotations, config_hash
+from ..runtime import generate
 from ..search import search
 from ..sparsity import SITES, CatsConfig, LaRoSaConfig, SparsityConfig, TealConfig
 from ..sparsity.levels import adapter_overhead, param_weighted
@@ -46,7 +48,11 @@ def _load(a: argparse.Namespace, lazy: bool, device: str | None = None):
     return load_lazy(a.model, dtype=dtype) if lazy else load_model(a.model, device=device or a.device, dtype=dtype)
 
 
-def _larosa_config(a: argparse.Namespace, mode: str) -> LaRoSaConfig | None:
+def _calib_windows(a: argparse.Namespace, tok) -> torch.Tensor:
+    return token_windows(tok, a.calib_data, a.calib_windows, a.calib_seq_len or getattr(a, "seq_len", 2048))
+
+
+def _larosa_config(a: argparse.Namespace, mode: str, tok) -> LaRoSaConfig | None:
     """The LaRoSa config the options describe; None when they describe none (the dense model)."""
     sparsity = None
     if a.sparsity is not None or a.site:
@@ -57,9 +63,18 @@ def _larosa_config(a: argparse.Namespace, mode: str) -> LaRoSaConfig | None:
             raise LarosaError("--rotations needs --sparsity, --target, --plan or --site")
         return None
     plan = select(load_plans(a.plan), a.target, a.scope, a.score, where=a.plan) if a.plan else None
+    calib = _calib_windows(a, tok) if a.select == "threshold" and a.calib_data else None
     return LaRoSaConfig(Rotations.load(a.rotations) if a.rotations else None, sparsity=sparsity,
                         target=None if plan else a.target, plan=plan, split=a.split, scope=a.scope, score=a.score,
-                        mode=mode, head_rotation=a.head_rotation)
+                        mode=mode, head_rotation=a.head_rotation, select=a.select, calib=calib)
+
+
+def _check_select(a: argparse.Namespace) -> None:
+    """What the options to threshold selection lack, before the model loads."""
+    if a.select == "threshold" and not a.calib_data:
+        raise LarosaError("--select threshold calibrates its thresholds on --calib-data; give it")
+    if a.select == "threshold" and getattr(a, "lazy", False):
+        raise LarosaError("--select threshold is calibrated on a model in memory; leave out --lazy")
 
 
 def _cmd_calibrate(a: argparse.Namespace) -> dict:
@@ -86,18 +101,19 @@ def _eval_model(a: argparse.Namespace):
         if a.rotations or a.sparsity is not None or a.site or a.plan or a.mode != "simulate":
             raise LarosaError(f"--method {a.method} takes no --rotations, --sparsity, --site, --plan or --mode folded")
         model, tok = _load(a, False)
-        calib = token_windows(tok, a.calib_data, a.calib_windows, getattr(a, "seq_len", 2048))
+        calib = _calib_windows(a, tok)
         config = (CatsConfig(a.target, calib) if a.method == "cats"
                   else TealConfig(a.target, calib, greedy=a.method == "teal-greedy"))
         sparsify(model, config, device=a.device, progress=not a.quiet)
         return model, tok, {**describe(model), "calib_data": a.calib_data, "calib_windows": a.calib_windows,
                             "model": a.model}, None
-    config = _larosa_config(a, a.mode)
+    _check_select(a)
     model, tok = _load(a, lazy)
+    config = _larosa_config(a, a.mode, tok)
     if lazy:
         return model, tok, {**describe(model, config), "model": a.model}, config
     if config is not None:
-        model = sparsify(model, config)
+        model = sparsify(model, config, device=a.device, progress=not a.quiet)
     return model, tok, {**describe(model), "model": a.model}, None
 
 
@@ -121,16 +137,17 @@ def _cmd_eval(a: argparse.Namespace) -> dict:
 
 def _cmd_sparsify(a: argparse.Namespace) -> dict:
     check_output_dir(a.out, a.overwrite)
-    config = _larosa_config(a, "folded")
-    if config is None:
+    if a.sparsity is None and not a.site and a.target is None and a.plan is None:
         raise LarosaError("give --sparsity, --target, --plan or --site")
+    _check_select(a)
     dtype = _dtype(a, "cpu")  # folding runs on the CPU, whatever --device
     model, tok = load_lazy(a.model, dtype=dtype) if a.lazy else load_model(a.model, device="cpu", dtype=dtype)
+    config = _larosa_config(a, "folded", tok)
     dims = adapter_for(model).dims
     if a.lazy:
         settings = FoldedSettings.of(fold_streamed(model, config, a.out, tokenizer=tok, overwrite=a.overwrite))
     else:
-        folded = sparsify(model, config)
+        folded = sparsify(model, config, device=a.device, progress=not a.quiet)
         save_folded(folded, tok, a.out, overwrite=a.overwrite)
         settings = FoldedSettings.of(folded.config)
     return {"out": a.out, **settings.to_dict(), "sparsity_source": config.source,
@@ -163,6 +180,15 @@ def _cmd_compare(a: argparse.Namespace) -> dict:
                       scope=a.scope, rotations=a.rotations, methods=a.methods, targets=a.target)
     return run(spec, prepare_dir(a.out) if a.out else None, device=a.device, batch_size=a.batch_size,
                progress=not a.quiet)
+
+
+def _cmd_generate(a: argparse.Namespace) -> dict:
+    model, tok = _load(a, False)
+    report = describe(model)
+    stream = None if a.json else (lambda text: print(text, end="", flush=True))
+    result = generate(model, tok, a.prompt, max_new_tokens=a.max_new_tokens, chat=a.chat, temperature=a.temperature,
+                      top_p=a.top_p, seed=a.seed, compile=False if a.no_compile else None, on_text=stream)
+    return {**result, **report, "model": a.model}
 
 
 def _cmd_bench(a: argparse.Namespace) -> dict:
@@ -240,6 +266,12 @@ def _print_text(command: str, out: dict) -> None:
         print(f"wrote {out['out']}: {out['scope']} scope, head rotation {out['head_rotation']}, "
               f"parameter-weighted sparsity {out['param_weighted_sparsity']:.4f}, "
               f"residual adapters {out['adapter_overhead']:.1%} of a layer's weight bytes")
+    elif command == "generate":
+        select = "thresholds" if out["select"] == "threshold" else "exact Top-K"
+        sparsity = "dense" if out["mode"] == "dense" else (
+            f"{out['label']}, parameter-weighted sparsity {out['param_weighted_sparsity']:.3f}, {select}")
+        print(f"\n\n[{out['new_tokens']} tokens, {out['tokens_per_s']:.1f} tokens/s; {sparsity}; {out['device']} "
+              f"{out['dtype']}]")
     elif command == "calibrate":
         print(f"wrote {out['out']}: {out['num_layers']} layers, {out['tokens']} tokens from {out['data']}, "
               f"{out['seconds']} s, peak RSS {out['peak_rss_mb']:.0f} MB")
@@ -255,11 +287,13 @@ def _print_text(command: str, out: dict) -> None:
 
 
 COMMANDS = {"calibrate": _cmd_calibrate, "eval": _cmd_eval, "sparsify": _cmd_sparsify, "search": _cmd_search,
-            "compare": _cmd_compare, "bench": _cmd_bench, "demo": _cmd_demo}
+            "compare": _cmd_compare, "generate": _cmd_generate, "bench": _cmd_bench, "demo": _cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
+    if getattr(a, "quiet", False) or getattr(a, "json", False):
+        transformers.utils.logging.disable_progress_bar()  # its weight-loading bars
     try:
         out = COMMANDS[a.command](a)
     except LarosaError as e:

@@ -66,10 +66,12 @@ class FoldedCausalLM:
             )
             # Weight-aware scores are saved with the weights (loaded over these placeholders).
             scales = {s: torch.ones(n) for s, n in sizes.items()} if settings.score == "weight" else None
-            attach(adapter, layers[i], settings.levels[i], scales=scales)
+            thresholds = settings.thresholds[i] if settings.thresholds is not None else None
+            attach(adapter, layers[i], settings.levels[i], scales=scales, thresholds=thresholds)
         sites.install(self, {"method": "larosa", "mode": "folded", "levels": list(settings.levels),
                              "source": "folded", "scope": settings.scope, "score": settings.score,
-                             "signal": settings.signal, "head_rotation": settings.head_rotation})
+                             "signal": settings.signal, "head_rotation": settings.head_rotation,
+                             "select": settings.select, "thresholds": settings.thresholds})
 
     @classmethod
     def from_pretrained(cls, path, *args, **kwargs):
