@@ -95,6 +95,26 @@ def test_cuda_graph_decode_with_the_kernels_matches_the_hf_model(pair, dtype, co
         assert _rel(engine.step(tokens[pos : pos + 1], pos), ref[pos : pos + 1]) < tol
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_cuda_graph_decode_with_calibrated_thresholds_matches_the_hf_model(compile):
+    """Threshold selection on the GPU: the fused GEMV alone (one launch a projection) inside the CUDA graph,
+    compiled or not, against the HF folded model's masked dense products, in bf16."""
+    model = tiny_model("llama")
+    rot = larosa.calibrate(model, random_windows(4, seed=3), signal="gainfree", progress=False)
+    folded = larosa.sparsify(model, larosa.LaRoSaConfig(rot, sparsity=0.5, mode="folded", select="threshold",
+                                                        calib=random_windows(4, seed=5)), progress=False)
+    hf = folded.cuda().to(torch.bfloat16)
+    tokens = random_windows(1, seq_len=20)[0].cuda()
+    with torch.no_grad():
+        ref = hf(tokens[None]).logits[0].float()
+    engine = Engine(Transformer.from_hf(hf, max_seq=32), compile=compile)
+    assert engine.model.layers[0].qkv.state is not None  # the kernel path, not the torch one
+    engine.model(tokens[:12], torch.arange(12, device="cuda"))
+    for pos in range(12, 20):
+        assert _rel(engine.step(tokens[pos : pos + 1], pos), ref[pos : pos + 1]) < 0.15
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("which", ["dense", "folded"])
 def test_generate_streams_the_greedy_text_of_hf_generate(arch, which, tmp_path, capsys):

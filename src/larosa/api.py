@@ -30,11 +30,7 @@ def sparsify(model: nn.Module, config: Config, *, device: str | None = None, pro
         sparse = fold(model, config) if config.mode == "folded" else simulate(model, config)
         sites.settings(sparse)["source"] = config.source
         if config.select == "threshold" and config.thresholds is None:
-            thresholds = calibrate_thresholds(sparse, config.calib, device=device, progress=progress)
-            use_thresholds(sparse, thresholds)
-            folded = FoldedSettings.of(sparse.config)
-            if folded is not None:  # saved with the model
-                sparse.config.larosa = replace(folded, select="threshold", thresholds=tuple(thresholds)).to_dict()
+            select_by_thresholds(sparse, config.calib, device=device, progress=progress)
         return sparse
     if isinstance(config, TealConfig):
         teal(model, config, device=device, progress=progress)
@@ -43,6 +39,16 @@ def sparsify(model: nn.Module, config: Config, *, device: str | None = None, pro
         cats(model, config, device=device, progress=progress)
         return model
     raise LarosaError(f"unknown method config {type(config).__name__}; give a LaRoSaConfig, TealConfig or CatsConfig")
+
+
+def select_by_thresholds(model: nn.Module, calib, *, device: str | None = None, progress: bool = True) -> None:
+    """Switch a LaRoSa model (simulated or folded; a folded one saves them) from exact Top-K to thresholds
+    calibrated on ``calib`` ([n, seq_len] token ids)."""
+    thresholds = calibrate_thresholds(model, calib, device=device, progress=progress)
+    use_thresholds(model, thresholds)
+    folded = FoldedSettings.of(model.config)
+    if folded is not None:
+        model.config.larosa = replace(folded, select="threshold", thresholds=tuple(thresholds)).to_dict()
 
 
 def unsparsify(model: nn.Module) -> nn.Module:

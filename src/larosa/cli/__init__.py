@@ -8,6 +8,7 @@ import json
 import resource
 import sys
 import time
+from pathlib import Path
 
 import torch
 import transformers
@@ -27,7 +28,7 @@ from ..models import DTYPES, default_device, default_dtype, load_lazy, load_mode
 from ..rotations import Rotations, config_hash
 from ..runtime import generate
 from ..search import search
-from ..sparsity import SITES, CatsConfig, LaRoSaConfig, SparsityConfig, TealConfig
+from ..sparsity import SELECTS, SITES, CatsConfig, LaRoSaConfig, SparsityConfig, TealConfig
 from ..sparsity.levels import adapter_overhead, param_weighted
 from ..sparsity.plan import load_plans, merge, save_plans, select
 from .args import parser
@@ -198,11 +199,16 @@ def _cmd_bench(a: argparse.Namespace) -> dict:
         raise LarosaError("larosa bench needs a CUDA GPU")
     from ..bench.decode import bench_decode, decode_table
 
-    result = bench_decode(a.config, a.sparsity, scope=a.scope, tokens=a.tokens, prompt_len=a.prompt,
-                          repeats=a.repeats, hf=not a.no_hf, compile=not a.no_compile)
+    unknown = [s for s in a.select if s not in SELECTS]
+    if unknown:
+        raise LarosaError(f"unknown selection(s) {', '.join(unknown)}; choose from {', '.join(SELECTS)}")
+    result = bench_decode(None if a.model else a.config, a.sparsity, model_dir=a.model, scope=a.scope,
+                          selects=a.select, tokens=a.tokens, prompt_len=a.prompt, repeats=a.repeats, hf=not a.no_hf,
+                          compile=not a.no_compile)
     result["table"] = decode_table(result)
     if a.out:
-        write_report(a.out, f"decode-{a.config}-{a.scope}", result, result["table"])
+        stem = f"decode-{Path(a.model).name}" if a.model else f"decode-{a.config}-{a.scope}"
+        write_report(a.out, stem, result, result["table"])
     return result
 
 

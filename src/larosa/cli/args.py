@@ -210,7 +210,11 @@ def _bench(sub) -> None:
     b = sub.add_parser("bench", help="GPU speed benchmarks on random weights with real shapes")
     bsub = b.add_subparsers(dest="what", required=True)
     bd = bsub.add_parser("decode", help="end-to-end batch-1 decode tokens/s: dense vs folded LaRoSa vs HF generate")
-    bd.add_argument("--config", choices=CONFIGS, default="llama2-7b")
+    bd.add_argument("--config", choices=CONFIGS, default="llama2-7b", help="random weights of these shapes")
+    bd.add_argument("--model", help="a saved dense or folded model instead of random weights (its own sparsity)")
+    bd.add_argument("--select", type=lambda t: t.split(","), default=list(SELECTS),
+                    help="selections to time, comma-separated (default topk,threshold; thresholds are calibrated "
+                         "on random tokens where the model has none)")
     bd.add_argument("--sparsity", type=_levels, default=[0.25, 0.4, 0.5],
                     help="nominal sparsities, comma-separated (default 0.25,0.4,0.5)")
     bd.add_argument("--scope", choices=SCOPES, default=DEFAULT_SCOPE["folded"],

@@ -168,13 +168,19 @@ class Transformer(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_hf(cls, model: nn.Module, max_seq: int) -> "Transformer":
-        """From a dense or folded Hugging Face model; a folded one brings its own sparsity and adapters."""
+    def from_hf(cls, model: nn.Module, max_seq: int, select: str | None = None) -> "Transformer":
+        """From a dense or folded Hugging Face model; a folded one brings its own sparsity and adapters, and
+        ``select`` ("dense", "topk" or "threshold") overrides how its sites select (default: as saved)."""
         adapter = adapter_for(model)
         dims = adapter.dims
         folded = FoldedSettings.of(model.config)
-        configs = [None] * dims.n_layers if folded is None else list(folded.levels)
-        thresholds = [{}] * dims.n_layers if folded is None or folded.thresholds is None else folded.thresholds
+        select = select or (folded.select if folded else "dense")
+        if select != "dense" and folded is None:
+            raise ValueError(f"a dense model has no sparsity to select with ({select!r})")
+        if select == "threshold" and folded.thresholds is None:
+            raise ValueError("this folded model has no calibrated thresholds (fold it with select='threshold')")
+        configs = [None] * dims.n_layers if select == "dense" else list(folded.levels)
+        thresholds = folded.thresholds if select == "threshold" else [{}] * dims.n_layers
         sizes = site_sizes(dims)
         shape = Shape(dims.hidden, dims.n_heads, dims.n_kv_heads, dims.head_dim, dims.intermediate)
         eps, act = adapter.norm_eps(), adapter.activation()
