@@ -148,12 +148,13 @@ def test_generate_streams_the_greedy_text_of_hf_generate(arch, which, tmp_path, 
     else:
         model.save_pretrained(tmp_path / "m")
         tok.save_pretrained(tmp_path / "m")
+    # float32 on the CPU, as the reference: on a GPU the default device, Top-K would pick by other roundings
     code, out, _ = run(capsys, "generate", tmp_path / "m", "--prompt", prompt, "--max-new-tokens", 12, "--json",
-                       "--quiet", "--dtype", "float32")
+                       "--quiet", "--dtype", "float32", "--device", "cpu")
     report = json.loads(out)
     assert code == 0 and report["tokens"] == ref and report["mode"] == ("folded" if which == "folded" else "dense")
     code, out, _ = run(capsys, "generate", tmp_path / "m", "--prompt", prompt, "--max-new-tokens", 12, "--quiet",
-                       "--dtype", "float32")
+                       "--dtype", "float32", "--device", "cpu")
     # the saved tokenizer may decode otherwise than the one trained here (a family's own class): compare with the
     # text the command itself reported
     assert code == 0 and out.startswith(report["text"]) and "12 tokens" in out and "tokens/s" in out
