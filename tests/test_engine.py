@@ -201,3 +201,55 @@ def test_engine_runs_calibrated_thresholds_like_the_hf_model():
     assert _rel(engine.model(tokens[:12], torch.arange(12)), ref[:12]) < 1e-4
     for pos in range(12, 20):
         assert _rel(engine.step(tokens[pos : pos + 1], pos), ref[pos : pos + 1]) < 1e-4
+
+
+def test_transformers_generate_on_a_folded_model_runs_the_engine(monkeypatch):
+    """After `import larosa`, generate() on a folded model decodes through the engine (on CUDA; here the CPU is let
+    in) with transformers' own processors and stopping criteria around it: the same tokens as the hooked model,
+    greedy and sampled, an early stop at end-of-sequence, and the streamer fed token by token."""
+    from transformers import TextStreamer
+
+    import larosa.runtime.hf as hf_path
+
+    model = tiny_model("llama")
+    rot = larosa.calibrate(model, random_windows(4, seed=3), signal="gainfree", progress=False)
+    folded = larosa.sparsify(model, larosa.LaRoSaConfig(rot, sparsity=0.5, mode="folded"))
+    prompt = random_windows(1, seq_len=7)[0][None]
+    kwargs = dict(max_new_tokens=10, pad_token_id=0)
+    hooked = folded.generate(prompt, do_sample=False, **kwargs)
+    torch.manual_seed(3)
+    hooked_sampled = folded.generate(prompt, do_sample=True, temperature=0.7, top_p=0.9, **kwargs)
+    assert hf_path.ENGINE not in folded.__dict__  # on the CPU transformers' own loop ran
+
+    calls = []
+    monkeypatch.setattr(hf_path, "DEVICES", ("cpu", "cuda"))
+    monkeypatch.setattr(hf_path, "engine_for",
+                        lambda model, n, real=hf_path.engine_for: calls.append(n) or real(model, n))
+    assert torch.equal(folded.generate(prompt, do_sample=False, **kwargs), hooked)
+    torch.manual_seed(3)
+    assert torch.equal(folded.generate(prompt, do_sample=True, temperature=0.7, top_p=0.9, **kwargs), hooked_sampled)
+    assert calls == [17, 17] and folded.__dict__[hf_path.ENGINE][1].model.max_seq == 256  # built once
+    stop = int(hooked[0, 10])
+    early = folded.generate(prompt, do_sample=False, eos_token_id=stop, **kwargs)
+    assert torch.equal(early, hooked[:, :11])
+    seen = []
+    streamer = TextStreamer(tokenizer=None)
+    monkeypatch.setattr(streamer, "put", lambda value: seen.append(value.flatten().tolist()))
+    monkeypatch.setattr(streamer, "end", lambda: seen.append("end"))
+    folded.generate(prompt, do_sample=False, streamer=streamer, **kwargs)
+    assert seen[0] == prompt[0].tolist() and [t[0] for t in seen[1:-1]] == hooked[0, 7:].tolist() and seen[-1] == "end"
+    batch = torch.cat([prompt, prompt])  # a batch is not the engine's: transformers' loop runs it
+    assert torch.equal(folded.generate(batch, do_sample=False, **kwargs)[0], hooked[0]) and len(calls) == 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_transformers_generate_on_cuda_takes_the_engine():
+    import larosa.runtime.hf as hf_path
+
+    model = tiny_model("qwen2", tie=True)
+    rot = larosa.calibrate(model, random_windows(4, seed=3), signal="gainfree", progress=False)
+    folded = larosa.sparsify(model, larosa.LaRoSaConfig(rot, sparsity=0.5, mode="folded")).cuda().to(torch.bfloat16)
+    prompt = random_windows(1, seq_len=7)[0][None].cuda()
+    out = folded.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    key, engine = folded.__dict__[hf_path.ENGINE]
+    assert out.shape == (1, 17) and engine.graph is not None and engine.model.layers[0].qkv.k is not None
