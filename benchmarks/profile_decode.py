@@ -1,7 +1,7 @@
 """Where a decode token's time goes: the kernels of one CUDA-graph decode step, by name, and the idle gaps
 between them (GPU only: graph replays back to back, so the Python loop of `generate` is not in it).
 
-    python benchmarks/profile_decode.py --config llama2-7b --sparsity 0,0.5 --scope layer --out DIR
+    python benchmarks/profile_decode.py --config llama2-7b --sparsity 0,0.5 --select threshold --out DIR
 
 Writes DIR/profile-CONFIG.json and .md. Random weights with real shapes, as `larosa bench decode`.
 """
@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from larosa import SparsityConfig
+from larosa.api import select_by_thresholds
 from larosa.bench.decode import random_model
 from larosa.io import write_report
 from larosa.runtime import Engine, Transformer
@@ -78,14 +79,19 @@ def kernel_profile(engine: Engine, steps: int = 20) -> dict:
             "families": {f: {"us_per_token": t, "per_token": c} for f, (t, c) in families.items()}, "kernels": rows}
 
 
-def profile_config(name: str, sparsity: float, scope: str, compile: bool, max_seq: int = 144) -> dict:
+def profile_config(name: str, sparsity: float, scope: str, select: str, compile: bool, max_seq: int = 256) -> dict:
     cfg = SparsityConfig.from_nominal(sparsity) if sparsity else None
     model = random_model(name, cfg, scope)
-    engine = Engine(Transformer.from_hf(model, max_seq=max_seq), compile=compile)
+    if sparsity and select == "threshold":  # calibrated on random tokens, as bench decode does
+        vocab = model.config.vocab_size
+        select_by_thresholds(model, torch.randint(0, vocab, (4, 128)), device="cuda", progress=False)
+    engine = Engine(Transformer.from_hf(model, max_seq=max_seq, select=select if sparsity else "dense"),
+                    compile=compile)
     del model
     prompt = torch.randint(0, 1000, (16,))
-    tokens_per_s = sorted(engine.generate(prompt, 128)[1] for _ in range(3))[1]
-    result = {"sparsity": sparsity, "scope": scope if sparsity else None, "compile": compile,
+    tokens_per_s = sorted(engine.generate(prompt, 128).tokens_per_s for _ in range(3))[1]
+    result = {"sparsity": sparsity, "scope": scope if sparsity else None, "select": select if sparsity else None,
+              "compile": compile,
               "generate_tokens_per_s": tokens_per_s, "graph_ms_per_token": gpu_ms_per_token(engine),
               **kernel_profile(engine)}
     del engine
@@ -96,7 +102,7 @@ def profile_config(name: str, sparsity: float, scope: str, compile: bool, max_se
 def table(runs: list[dict]) -> str:
     lines = []
     for r in runs:
-        label = "dense" if not r["sparsity"] else f"{r['sparsity']:.0%} {r['scope']}"
+        label = "dense" if not r["sparsity"] else f"{r['sparsity']:.0%} {r['scope']} {r.get('select') or 'topk'}"
         summary = (f"generate {r['generate_tokens_per_s']:.1f} tokens/s ({1e3 / r['generate_tokens_per_s']:.3f} ms); "
                    f"graph replay alone {r['graph_ms_per_token']:.3f} ms/token; kernels "
                    f"{r.get('kernels_per_token', 0):.0f}/token, busy {r.get('busy_us_per_token', 0):.0f} us, "
@@ -117,16 +123,17 @@ def main() -> None:
     p.add_argument("--config", default="llama2-7b")
     p.add_argument("--sparsity", default="0,0.5")
     p.add_argument("--scope", default=DEFAULT_SCOPE["folded"])
+    p.add_argument("--select", default="topk", choices=("topk", "threshold"))
     p.add_argument("--no-compile", action="store_true", help="also profile without torch.compile")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     runs = []
     for s in [float(v) for v in a.sparsity.split(",")]:
         for compile in [True, False] if a.no_compile else [True]:
-            runs.append(profile_config(a.config, s, a.scope, compile))
+            runs.append(profile_config(a.config, s, a.scope, a.select, compile))
             print(table(runs[-1:]), flush=True)
     result = {"config": a.config, "device": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": runs}
-    write_report(a.out, f"profile-{a.config}-{a.scope}", result, table(runs))
+    write_report(a.out, f"profile-{a.config}-{a.scope}-{a.select}", result, table(runs))
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def test_calibrate_then_eval_ppl_json(model_dir, tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--sparsity", 1.2], "must be in [0, 1)"),
     (["--rotations", "missing.safetensors", "--sparsity", 0.4], "rotations file not found"),
-    (["--rotations", "text.txt"], "--rotations needs --sparsity"),
+    (["--rotations", "text.txt"], "text.txt is not a readable safetensors file"),  # found before the model loads
 ])
 def test_bad_input_exits_2_with_a_message(model_dir, tmp_path, capsys, argv, message):
     argv = [str(tmp_path / a) if str(a).endswith((".safetensors", ".txt")) else a for a in argv]
@@ -243,3 +243,28 @@ def test_eval_ppl_runs_the_peers_at_a_parameter_weighted_target(model_dir, tmp_p
     assert code == 2 and "--calib-data" in err
     code, _, err = run(capsys, *common, "--method", "cats", "--target", 0.3, "--calib-data", text, "--sparsity", 0.3)
     assert code == 2 and "takes no" in err
+
+
+def test_threshold_selection_from_the_command_line(model_dir, tmp_path, capsys):
+    text, rot, out = tmp_path / "text.txt", tmp_path / "rot.safetensors", tmp_path / "folded"
+    assert run(capsys, "calibrate", model_dir, "--data", text, "--out", rot, "--windows", 4, "--seq-len", 32,
+               "--signal", "gainfree", "--quiet")[0] == 0
+    select = ("--select", "threshold", "--calib-data", text, "--calib-windows", 4, "--calib-seq-len", 32)
+    code, printed, _ = run(capsys, "sparsify", model_dir, "--rotations", rot, "--sparsity", 0.5, *select,
+                           "--out", out, "--json", "--quiet")
+    report = json.loads(printed)
+    assert code == 0 and report["select"] == "threshold" and len(report["thresholds"]) == 3
+    common = ("--data", text, "--seq-len", 32, "--windows", 4, "--dtype", "float32", "--json", "--quiet")
+    saved = json.loads(run(capsys, "eval", "ppl", out, *common)[1])
+    assert saved["select"] == "threshold" and saved["mode"] == "folded"
+    # scored on the text the thresholds were calibrated on, each site drops about its share
+    assert saved["measured_param_weighted"] == pytest.approx(saved["param_weighted_sparsity"], abs=0.03)
+    simulated = json.loads(run(capsys, "eval", "ppl", model_dir, *common, "--rotations", rot, "--sparsity", 0.5,
+                               "--scope", "global", *select)[1])
+    assert simulated["mode"] == "simulate" and simulated["ppl"] == pytest.approx(saved["ppl"], rel=1e-3)
+    code, _, err = run(capsys, "eval", "ppl", model_dir, *common, "--rotations", rot, "--sparsity", 0.5,
+                       "--select", "threshold")
+    assert code == 2 and "--calib-data" in err
+    code, _, err = run(capsys, "eval", "ppl", model_dir, *common, "--rotations", rot, "--sparsity", 0.5, *select,
+                       "--lazy")
+    assert code == 2 and "leave out --lazy" in err

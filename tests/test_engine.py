@@ -1,6 +1,7 @@
 """The decode engine computes what the Hugging Face model computes, dense and folded, prefill and decode."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -68,9 +69,9 @@ def test_folded_engine_is_sparse_where_the_config_says(pair):
 def test_generate_is_greedy_and_matches_hf_generate(pair):
     hf = pair[1]
     prompt = random_windows(1, seq_len=6)[0]
-    out, tokens_per_s = Engine(Transformer.from_hf(hf, max_seq=32)).generate(prompt, 10)
+    got = Engine(Transformer.from_hf(hf, max_seq=32)).generate(prompt, 10)
     ref = hf.generate(prompt[None], max_new_tokens=10, do_sample=False, pad_token_id=0)[0]
-    assert torch.equal(out, ref) and tokens_per_s > 0
+    assert torch.equal(got.tokens, ref) and got.tokens_per_s > 0 and got.new_tokens == 10
     with pytest.raises(ValueError, match="exceed the cache"):
         Engine(Transformer.from_hf(hf, max_seq=8)).generate(prompt, 10)
 
@@ -92,3 +93,163 @@ def test_cuda_graph_decode_with_the_kernels_matches_the_hf_model(pair, dtype, co
     engine.model(tokens[:12], torch.arange(12, device="cuda"))
     for pos in range(12, 20):
         assert _rel(engine.step(tokens[pos : pos + 1], pos), ref[pos : pos + 1]) < tol
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_cuda_graph_decode_with_calibrated_thresholds_matches_the_hf_model(compile):
+    """Threshold selection on the GPU: the fused GEMV alone (one launch a projection) inside the CUDA graph,
+    compiled or not, against the HF folded model's masked dense products, in bf16."""
+    model = tiny_model("llama")
+    rot = larosa.calibrate(model, random_windows(4, seed=3), signal="gainfree", progress=False)
+    folded = larosa.sparsify(model, larosa.LaRoSaConfig(rot, sparsity=0.5, mode="folded", select="threshold",
+                                                        calib=random_windows(4, seed=5)), progress=False)
+    hf = folded.cuda().to(torch.bfloat16)
+    tokens = random_windows(1, seq_len=20)[0].cuda()
+    with torch.no_grad():
+        ref = hf(tokens[None]).logits[0].float()
+    engine = Engine(Transformer.from_hf(hf, max_seq=32), compile=compile)
+    assert engine.model.layers[0].qkv.state is not None  # the kernel path, not the torch one
+    engine.model(tokens[:12], torch.arange(12, device="cuda"))
+    for pos in range(12, 20):
+        assert _rel(engine.step(tokens[pos : pos + 1], pos), ref[pos : pos + 1]) < 0.15
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("which", ["dense", "folded"])
+def test_generate_streams_the_greedy_text_of_hf_generate(arch, which, tmp_path, capsys):
+    """`larosa generate` and its API on a dense or folded model: the tokens of transformers' greedy generate, the
+    text streamed in pieces that add up to the final text, an early stop at an end-of-sequence token."""
+    from conftest import TEXT, train_tokenizer
+    from test_cli import run
+
+    from larosa.runtime import generate
+
+    tok = train_tokenizer(TEXT)
+    model = tiny_model(arch, tie=arch == "qwen2", vocab=len(tok))
+    if which == "folded":
+        rot = larosa.calibrate(model, random_windows(4, seed=3, vocab=len(tok)), signal="gainfree", progress=False)
+        model = larosa.sparsify(model, larosa.LaRoSaConfig(rot, sparsity=0.4, mode="folded"))
+    prompt = "The rotation concentrates the signal"
+    ids = torch.tensor(tok(prompt)["input_ids"])
+    ref = model.generate(ids[None], max_new_tokens=12, do_sample=False, pad_token_id=0)[0, ids.numel():].tolist()
+    pieces = []
+    got = generate(model, tok, prompt, max_new_tokens=12, on_text=pieces.append)
+    assert got["tokens"] == ref and got["new_tokens"] == 12 and got["stopped"] == "length"
+    assert "".join(pieces) == got["text"] == tok.decode(ref, skip_special_tokens=True)
+    stop = ref[5]  # as an end-of-sequence token, the generation ends at its first occurrence
+    model.generation_config.eos_token_id = stop
+    early = generate(model, tok, prompt, max_new_tokens=12)
+    assert early["tokens"] == ref[: ref.index(stop) + 1] and early["stopped"] == "stop"
+    model.generation_config.eos_token_id = None
+
+    if which == "folded":
+        larosa.save_folded(model, tok, tmp_path / "m")
+    else:
+        model.save_pretrained(tmp_path / "m")
+        tok.save_pretrained(tmp_path / "m")
+    # float32 on the CPU, as the reference: on a GPU the default device, Top-K would pick by other roundings
+    code, out, _ = run(capsys, "generate", tmp_path / "m", "--prompt", prompt, "--max-new-tokens", 12, "--json",
+                       "--quiet", "--dtype", "float32", "--device", "cpu")
+    report = json.loads(out)
+    assert code == 0 and report["tokens"] == ref and report["mode"] == ("folded" if which == "folded" else "dense")
+    code, out, _ = run(capsys, "generate", tmp_path / "m", "--prompt", prompt, "--max-new-tokens", 12, "--quiet",
+                       "--dtype", "float32", "--device", "cpu")
+    # the saved tokenizer may decode otherwise than the one trained here (a family's own class): compare with the
+    # text the command itself reported
+    assert code == 0 and out.startswith(report["text"]) and "12 tokens" in out and "tokens/s" in out
+
+
+def test_sampling_follows_the_seed_and_top_p():
+    from larosa.runtime.engine import sample
+
+    logits = torch.tensor([[0.0, 3.0, 2.9, -5.0]])
+    assert sample(logits).item() == 1  # greedy
+    draws = {sample(logits, 1.0, 1.0, torch.Generator().manual_seed(s)).item() for s in range(200)}
+    assert draws == {0, 1, 2, 3} or draws >= {0, 1, 2}  # everything with mass can be drawn
+    # top-p 0.5: token 1 alone holds 0.51 of the mass, so it is the whole nucleus
+    assert {sample(logits, 1.0, 0.5, torch.Generator().manual_seed(s)).item() for s in range(50)} == {1}
+    a, b = (sample(logits, 1.0, 1.0, torch.Generator().manual_seed(7)) for _ in range(2))
+    assert torch.equal(a, b)
+
+
+def test_generate_refuses_what_it_cannot_do():
+    from conftest import TEXT, train_tokenizer
+
+    from larosa.runtime import generate
+
+    tok = train_tokenizer(TEXT)
+    model = tiny_model("llama", vocab=len(tok))
+    with pytest.raises(larosa.LarosaError, match="no chat template"):
+        generate(model, tok, "hello", chat=True)
+    with pytest.raises(larosa.LarosaError, match="exceed the model's context of 256"):
+        generate(model, tok, "hello", max_new_tokens=300)
+    with pytest.raises(larosa.LarosaError, match="top-p"):
+        generate(model, tok, "hello", temperature=1.0, top_p=0.0)
+
+
+def test_engine_runs_calibrated_thresholds_like_the_hf_model():
+    model = tiny_model("qwen2", tie=True)
+    rot = larosa.calibrate(model, random_windows(4, seed=3), signal="gainfree", progress=False)
+    folded = larosa.sparsify(copy.deepcopy(model), larosa.LaRoSaConfig(
+        rot, sparsity=0.5, mode="folded", select="threshold", calib=random_windows(4, seed=5)), progress=False)
+    tokens = random_windows(1, seq_len=20)[0]
+    with torch.no_grad():
+        ref = folded(tokens[None]).logits[0]
+    engine = Engine(Transformer.from_hf(folded, max_seq=32))
+    assert engine.model.layers[0].qkv.threshold == folded.config.larosa["thresholds"][0]["attn_in"]
+    assert _rel(engine.model(tokens[:12], torch.arange(12)), ref[:12]) < 1e-4
+    for pos in range(12, 20):
+        assert _rel(engine.step(tokens[pos : pos + 1], pos), ref[pos : pos + 1]) < 1e-4
+
+
+def test_transformers_generate_on_a_folded_model_runs_the_engine(monkeypatch):
+    """After `import larosa`, generate() on a folded model decodes through the engine (on CUDA; here the CPU is let
+    in) with transformers' own processors and stopping criteria around it: the same tokens as the hooked model,
+    greedy and sampled, an early stop at end-of-sequence, and the streamer fed token by token."""
+    from transformers import TextStreamer
+
+    import larosa.runtime.hf as hf_path
+
+    model = tiny_model("llama")
+    rot = larosa.calibrate(model, random_windows(4, seed=3), signal="gainfree", progress=False)
+    folded = larosa.sparsify(model, larosa.LaRoSaConfig(rot, sparsity=0.5, mode="folded"))
+    prompt = random_windows(1, seq_len=7)[0][None]
+    kwargs = dict(max_new_tokens=10, pad_token_id=0)
+    hooked = folded.generate(prompt, do_sample=False, **kwargs)
+    torch.manual_seed(3)
+    hooked_sampled = folded.generate(prompt, do_sample=True, temperature=0.7, top_p=0.9, **kwargs)
+    assert hf_path.ENGINE not in folded.__dict__  # on the CPU transformers' own loop ran
+
+    calls = []
+    monkeypatch.setattr(hf_path, "DEVICES", ("cpu", "cuda"))
+    monkeypatch.setattr(hf_path, "engine_for",
+                        lambda model, n, real=hf_path.engine_for: calls.append(n) or real(model, n))
+    assert torch.equal(folded.generate(prompt, do_sample=False, **kwargs), hooked)
+    torch.manual_seed(3)
+    assert torch.equal(folded.generate(prompt, do_sample=True, temperature=0.7, top_p=0.9, **kwargs), hooked_sampled)
+    assert calls == [17, 17] and folded.__dict__[hf_path.ENGINE][1].model.max_seq == 256  # built once
+    stop = int(hooked[0, 10])
+    early = folded.generate(prompt, do_sample=False, eos_token_id=stop, **kwargs)
+    assert torch.equal(early, hooked[:, :11])
+    seen = []
+    streamer = TextStreamer(tokenizer=None)
+    monkeypatch.setattr(streamer, "put", lambda value: seen.append(value.flatten().tolist()))
+    monkeypatch.setattr(streamer, "end", lambda: seen.append("end"))
+    folded.generate(prompt, do_sample=False, streamer=streamer, **kwargs)
+    assert seen[0] == prompt[0].tolist() and [t[0] for t in seen[1:-1]] == hooked[0, 7:].tolist() and seen[-1] == "end"
+    batch = torch.cat([prompt, prompt])  # a batch is not the engine's: transformers' loop runs it
+    assert torch.equal(folded.generate(batch, do_sample=False, **kwargs)[0], hooked[0]) and len(calls) == 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_transformers_generate_on_cuda_takes_the_engine():
+    import larosa.runtime.hf as hf_path
+
+    model = tiny_model("qwen2", tie=True)
+    rot = larosa.calibrate(model, random_windows(4, seed=3), signal="gainfree", progress=False)
+    folded = larosa.sparsify(model, larosa.LaRoSaConfig(rot, sparsity=0.5, mode="folded")).cuda().to(torch.bfloat16)
+    prompt = random_windows(1, seq_len=7)[0][None].cuda()
+    out = folded.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    key, engine = folded.__dict__[hf_path.ENGINE]
+    assert out.shape == (1, 17) and engine.graph is not None and engine.model.layers[0].qkv.k is not None

@@ -205,15 +205,20 @@ def test_a_result_holding_nan_is_never_printed(model_dir, monkeypatch, capsys, t
     assert not (tmp_path / "r.json").exists()
 
 
-@pytest.mark.parametrize("command", [("eval", "ppl"), ("calibrate",), ("search",), ("compare",)])
-def test_a_seq_len_beyond_the_context_is_refused_before_the_model_loads(command, model_dir, rot, tmp_path, capsys,
-                                                                        no_loading):
-    extra = {"calibrate": ("--out", tmp_path / "r.safetensors"),
-             "search": ("--rotations", rot, "--target", 0.4, "--out", tmp_path / "p.json"),
-             "compare": ("--calib-data", tmp_path / "text.txt")}.get(command[0], ())
-    message = error(capsys, *command, model_dir, "--data", tmp_path / "text.txt", "--seq-len", 257, *extra)
+@pytest.mark.parametrize("command, length", [(("eval", "ppl"), "--seq-len"), (("calibrate",), "--seq-len"),
+                                             (("search",), "--seq-len"), (("compare",), "--seq-len"),
+                                             (("eval", "ppl"), "--calib-seq-len")])  # TEAL's calibration windows
+def test_a_seq_len_beyond_the_context_is_refused_before_the_model_loads(command, length, model_dir, rot, tmp_path,
+                                                                        capsys, no_loading):
+    text = tmp_path / "text.txt"
+    extra = {("calibrate",): ("--out", tmp_path / "r.safetensors"),
+             ("search",): ("--rotations", rot, "--target", 0.4, "--out", tmp_path / "p.json"),
+             ("compare",): ("--calib-data", text),
+             ("eval", "ppl"): ("--method", "teal", "--target", 0.4, "--calib-data", text)}[command]
+    lengths = {"--seq-len": 32, **{length: 257}}
+    message = error(capsys, *command, model_dir, "--data", text, *extra, *(x for kv in lengths.items() for x in kv))
     assert message == ("larosa: error: windows of 257 tokens are longer than the model's context of 256 "
-                       "(max_position_embeddings); use a sequence length of at most 256 (--seq-len)")
+                       "(max_position_embeddings); use a sequence length of at most 256 (--seq-len, --calib-seq-len)")
 
 
 def test_a_seq_len_beyond_the_context_is_refused_by_the_library(model_dir):
@@ -429,6 +434,7 @@ def test_ctrl_c_is_one_line_and_leaves_nothing_behind(command, model_dir, rot, t
     (("eval", "ppl", "MODEL", "--rotations", "MODEL", "--sparsity", 0.4),
      "MODEL is a directory, not a rotations file; give the .safetensors file that larosa calibrate wrote"),
     (("eval", "ppl", "./models/llama-7b"), "model directory ./models/llama-7b does not exist"),
+    (("eval", "ppl", "MODEL", "--rotations", "ROT"), "--rotations needs --sparsity, --target, --plan or --site"),
     (("eval", "ppl", "MODEL", "--rotations", "ROT", "--target", 0.9),
      "target 0.9 is out of reach of split 0.8,1.2: it needs nominal sparsity 0.964, 1.157 at a site; this split "
      "reaches targets below 0.778 (use another --split, or a plan from larosa search)"),

@@ -270,3 +270,26 @@ def test_interrupted_streamed_fold_leaves_nothing_behind(tmp_path, monkeypatch):
     with pytest.raises(larosa.LarosaError, match="exists"):
         fold_streamed(lazy, folding(rot, 0.4), tmp_path / "m")
     assert len(written) == 3  # refused before any weight was read
+
+
+def test_folded_threshold_selection_equals_simulate_and_survives_save_and_load(calibrated, tmp_path):
+    model, rot = calibrated[("llama", False)]
+    calib, windows = random_windows(4, seed=9), random_windows(2)
+    simulated = larosa.sparsify(copy.deepcopy(model), LaRoSaConfig(rot, sparsity=0.5, scope="global",
+                                                                   select="threshold", calib=calib), progress=False)
+    thresholds = larosa.sparsity.sites.settings(simulated)["thresholds"]
+    folded = fold(copy.deepcopy(model), folding(rot, 0.5, select="threshold", thresholds=thresholds))
+    assert folded.config.larosa["select"] == "threshold" and folded.config.larosa["thresholds"] == thresholds
+    with torch.no_grad():
+        assert _rel(folded(windows).logits, simulated(windows).logits) < 1e-4
+    out = save_folded(folded, None, tmp_path / "f")
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        assert torch.equal(loaded(windows).logits, folded(windows).logits)
+    # calibrated on the folded model itself (the one call): the same thresholds up to float rounding
+    own = larosa.sparsify(copy.deepcopy(model), folding(rot, 0.5, select="threshold", calib=calib), progress=False)
+    for mine, theirs in zip(own.config.larosa["thresholds"], thresholds):
+        assert mine == pytest.approx(theirs, rel=1e-4)
+    lazy_model, _ = larosa.load_lazy(saved_tiny(tmp_path / "m"))
+    with pytest.raises(larosa.LarosaError, match="calibrated thresholds, not calibration windows"):
+        fold_streamed(lazy_model, folding(rot, 0.5, select="threshold", calib=calib), tmp_path / "s")

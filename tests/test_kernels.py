@@ -379,3 +379,52 @@ def test_pdl_gives_the_same_result_or_is_refused():
     assert torch.equal(topk_gemv(x, wt, k, fused=True, pdl=True), plain)
     assert rel_err(plain, topk_gemv_reference(x, wt, k)) < 1e-2
     assert workspaces_clean()
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d_in,d_out", [(1, 5), (100, 77), (1500, 1100)])
+def test_threshold_gemv_keeps_every_entry_at_or_above_the_threshold(d_in, d_out, dtype):
+    """One launch with a calibrated threshold: the product of exactly the entries with |x| >= t (t rounded to
+    x's dtype), ties and zeros included; and it leaves the workspaces as it found them."""
+    g = gen(d_in + d_out)
+    wt = torch.randn(d_in, d_out, generator=g).to(dtype).to(DEVICE)
+    for x in (torch.randn(d_in, generator=g).to(dtype).to(DEVICE),
+              torch.randint(-3, 4, (d_in,), generator=g).to(dtype).to(DEVICE)):  # ties at t, zeros
+        for threshold in (0.0, 1.0, float(x.float().abs().median()), float(x.float().abs().max()) + 1):
+            state = K.threshold_state(threshold, dtype, DEVICE)
+            out = torch.full((d_out,), float("nan"), dtype=dtype, device=DEVICE)
+            assert K.threshold_gemv(x, wt, state, out=out) is out and bool(torch.isfinite(out).all())
+            t = torch.tensor(threshold).to(dtype).float()
+            kept = x.float().abs() >= t
+            ref = torch.where(kept, x.float(), 0.0) @ wt.float()
+            if float(ref.norm()) > 0:
+                assert rel_err(out, ref) < 1e-2
+            else:
+                assert float(out.float().abs().max()) == 0  # nothing kept: nothing read
+            assert workspaces_clean()
+    with pytest.raises(TypeError, match="bf16 or fp16"):
+        K.threshold_state(0.5, torch.float32, DEVICE)
+    with pytest.raises(ValueError, match=">= 0"):
+        K.threshold_state(float("nan"), dtype, DEVICE)
+
+
+@needs_triton
+def test_the_kernels_are_custom_ops_that_compile_into_one_graph():
+    """The engine calls the kernels as torch custom ops, so torch.compile keeps the decode step one graph: a
+    graph break here would split it per projection (and recompile per input width)."""
+    from larosa.runtime import ops
+
+    g = gen(5)
+    d_in, d_out = 300, 130
+    wt = torch.randn(d_in, d_out, generator=g).to(torch.bfloat16).to(DEVICE)
+    x = torch.randn(d_in, generator=g).to(torch.bfloat16).to(DEVICE)
+    state = K.threshold_state(0.7, torch.bfloat16, DEVICE)
+
+    def step(x):
+        return ops.topk_gemv(x, wt, 150, False) + ops.threshold_gemv(x, wt, state)
+
+    compiled = torch.compile(step, fullgraph=True, backend="eager")  # fullgraph: a graph break is an error
+    want = K.topk_gemv(x, wt, 150) + K.threshold_gemv(x, wt, state)
+    assert torch.equal(compiled(x), want) and torch.equal(step(x), want)
+    assert workspaces_clean()

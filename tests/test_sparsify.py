@@ -140,3 +140,42 @@ def test_batched_perplexity_equals_one_window_at_a_time(sparsity):
         assert got["site_sparsity"] == pytest.approx(one["site_sparsity"])
     with pytest.raises(larosa.LarosaError, match="batch size"):
         larosa.perplexity(model, windows, batch_size=0)
+
+
+def test_threshold_selection_keeps_about_the_configured_share_of_the_calibration_entries():
+    """Thresholds calibrated per layer and site in the basis each site ranks: on the calibration windows every
+    site zeroes about its level (k varies per token), exactly 0 at level 0, and saved thresholds reproduce the
+    model without recalibrating."""
+    model, calib = tiny_model("llama"), random_windows(6, seed=4)
+    rot = larosa.calibrate(model, random_windows(4, seed=7), device="cpu", progress=False)
+    levels = SparsityConfig(attn_in=0.3, o_in=0.55, mlp_in=0.2, down_in=0.7)
+    with torch.no_grad():
+        dense = model(calib).logits
+    larosa.sparsify(model, LaRoSaConfig(rot, sparsity=levels, select="threshold", calib=calib), progress=False)
+    report = larosa.describe(model)
+    assert report["select"] == "threshold" and "thresholds" in report["label"]
+    thresholds = larosa.sparsity.sites.settings(model)["thresholds"]
+    assert len(thresholds) == 3 and all(t[s] > 0 for t in thresholds for s in SITES)
+    measured = larosa.perplexity(model, calib, progress=False)["site_sparsity"]
+    for site, level in levels.sites().items():
+        assert measured[site] == pytest.approx(level, abs=0.02), site
+    with torch.no_grad():
+        sparse = model(calib).logits
+        again = larosa.sparsify(model, LaRoSaConfig(rot, sparsity=levels, select="threshold", thresholds=thresholds))
+        assert torch.equal(again(calib).logits, sparse)
+        larosa.sparsify(model, LaRoSaConfig(rot, sparsity=0.0, select="threshold", calib=calib), progress=False)
+        assert larosa.sparsity.sites.settings(model)["thresholds"][0]["attn_in"] == 0.0
+        assert (model(calib).logits - dense).abs().max() / dense.abs().max() < 1e-5
+
+
+def test_threshold_selection_options_are_checked():
+    rot = larosa.calibrate(tiny_model("llama"), random_windows(), progress=False)
+    with pytest.raises(larosa.LarosaError, match="needs calibration windows"):
+        LaRoSaConfig(rot, sparsity=0.4, select="threshold")
+    with pytest.raises(larosa.LarosaError, match="are for threshold selection"):
+        LaRoSaConfig(rot, sparsity=0.4, calib=random_windows())
+    with pytest.raises(larosa.LarosaError, match="select must be one of"):
+        LaRoSaConfig(rot, sparsity=0.4, select="random")
+    with pytest.raises(larosa.LarosaError, match="1 layers of thresholds"):
+        larosa.sparsify(tiny_model("llama"), LaRoSaConfig(rot, sparsity=0.4, select="threshold",
+                                                          thresholds=[dict.fromkeys(SITES, 0.1)]))

@@ -167,6 +167,6 @@ def test_table_reports_each_runs_difference_from_dense():
 def test_eval_tasks_runs_a_peer_and_labels_it(lm_dir, task_data, tmp_path, capsys):
     code, out, err = run(capsys, "eval", "tasks", lm_dir, "--tasks", "boolq", "--limit", 2, "--task-data", task_data,
                          "--method", "teal", "--target", 0.4, "--calib-data", tmp_path / "text.txt",
-                         "--calib-windows", 1, "--quiet")  # on windows of the model's context: 256 tokens
+                         "--calib-windows", 1, "--calib-seq-len", 256, "--quiet")  # the default 2048 > its context
     assert code == 0, err
     assert "| TEAL uniform | 0.400 | acc |" in out

@@ -16,6 +16,7 @@ from .eval import perplexity, perplexity_streamed
 from .fold import fold_streamed, save_folded
 from .models import load_lazy, load_model
 from .rotations import Rotations
+from .runtime import generate
 from .sparsity import (CatsConfig, LaRoSaConfig, Plan, SparsityConfig, TealConfig, load_plans, save_plans,
                        site_sparsity)
 from .version import __version__
@@ -32,6 +33,7 @@ __all__ = [
     "calibrate",
     "describe",
     "fold_streamed",
+    "generate",
     "load_lazy",
     "load_model",
     "load_plans",

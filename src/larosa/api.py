@@ -3,15 +3,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from torch import nn
 
 from .arch import adapter_for
 from .errors import LarosaError
-from .fold import fold
+from .fold import FoldedSettings, fold
 from .sparsity import LABELS, sites
 from .sparsity.levels import adapter_overhead, report
 from .sparsity.peers import CatsConfig, TealConfig, cats, teal
-from .sparsity.topk import LaRoSaConfig, settings, simulate
+from .sparsity.topk import LaRoSaConfig, calibrate_thresholds, settings, simulate, use_thresholds
 
 Config = LaRoSaConfig | TealConfig | CatsConfig
 
@@ -21,14 +23,15 @@ def sparsify(model: nn.Module, config: Config, *, device: str | None = None, pro
 
     LaRoSa in simulate mode, TEAL and CATS change ``model`` in place (a method applied before is replaced);
     :func:`unsparsify` undoes them. LaRoSa in folded mode returns a new, deployable model made from ``model``'s
-    weights, which are consumed. TEAL and CATS calibrate their thresholds layer by layer on ``device``.
+    weights, which are consumed. TEAL, CATS and LaRoSa's threshold selection calibrate their thresholds layer by
+    layer on ``device``.
     """
     if isinstance(config, LaRoSaConfig):
-        if config.mode == "folded":
-            folded = fold(model, config)
-            sites.settings(folded)["source"] = config.source
-            return folded
-        return simulate(model, config)
+        sparse = fold(model, config) if config.mode == "folded" else simulate(model, config)
+        sites.settings(sparse)["source"] = config.source
+        if config.select == "threshold" and config.thresholds is None:
+            select_by_thresholds(sparse, config.calib, device=device, progress=progress)
+        return sparse
     if isinstance(config, TealConfig):
         teal(model, config, device=device, progress=progress)
         return model
@@ -36,6 +39,16 @@ def sparsify(model: nn.Module, config: Config, *, device: str | None = None, pro
         cats(model, config, device=device, progress=progress)
         return model
     raise LarosaError(f"unknown method config {type(config).__name__}; give a LaRoSaConfig, TealConfig or CatsConfig")
+
+
+def select_by_thresholds(model: nn.Module, calib, *, device: str | None = None, progress: bool = True) -> None:
+    """Switch a LaRoSa model (simulated or folded; a folded one saves them) from exact Top-K to thresholds
+    calibrated on ``calib`` ([n, seq_len] token ids)."""
+    thresholds = calibrate_thresholds(model, calib, device=device, progress=progress)
+    use_thresholds(model, thresholds)
+    folded = FoldedSettings.of(model.config)
+    if folded is not None:
+        model.config.larosa = replace(folded, select="threshold", thresholds=tuple(thresholds)).to_dict()
 
 
 def unsparsify(model: nn.Module) -> nn.Module:
@@ -52,14 +65,16 @@ def describe(model: nn.Module, config: LaRoSaConfig | None = None) -> dict:
     if state is None:
         return {"method": "dense", "label": LABELS["dense"], "mode": "dense", **report(None, dims),
                 "sparsity_source": None, "scope": None, "signal": None, "score": None, "head_rotation": False,
-                "adapter_overhead": 0.0}
+                "select": None, "adapter_overhead": 0.0}
     if state["method"] != "larosa":  # a peer: thresholds calibrated for a parameter-weighted target
         return {"method": state["method"], "label": LABELS[state["method"]], "mode": "simulate",
                 "nominal_sparsity": None, "param_weighted_sparsity": state["target"], "configured_site_sparsity": {},
                 "sparsity_source": state["method"], "scope": None, "signal": None, "score": None,
-                "head_rotation": False, "adapter_overhead": 0.0}
+                "head_rotation": False, "select": "threshold", "adapter_overhead": 0.0}
     scope = state["scope"]
-    return {"method": "larosa", "label": f"{LABELS['larosa']} {state['mode']}, {scope} scope", "mode": state["mode"],
-            **report(state["levels"], dims), "sparsity_source": state["source"], "scope": scope,
-            "signal": state["signal"], "score": state["score"], "head_rotation": state["head_rotation"],
+    label = f"{LABELS['larosa']} {state['mode']}, {scope} scope" + (", thresholds" if state["select"] == "threshold"
+                                                                      else "")
+    return {"method": "larosa", "label": label, "mode": state["mode"], **report(state["levels"], dims),
+            "sparsity_source": state["source"], "scope": scope, "signal": state["signal"], "score": state["score"],
+            "head_rotation": state["head_rotation"], "select": state["select"],
             "adapter_overhead": adapter_overhead(dims, scope) if state["mode"] == "folded" else 0.0}

@@ -91,7 +91,7 @@ def calibrate(
             adapter.mlp_norm(layer).register_forward_hook(lambda m, a, out: moments["mlp"].add(out)),
             adapter.o_proj(layer).register_forward_pre_hook(lambda m, a: moments["heads"].add(a[0])),
         ]
-        advance(i, layer, call, hidden, [h.remove for h in handles])
+        advance(layer, call, hidden, [h.remove for h in handles], index=i)
         gains = {"attn": adapter.attn_norm(layer).weight.detach().cpu(),
                  "mlp": adapter.mlp_norm(layer).weight.detach().cpu()}
         for block in ("attn", "mlp"):

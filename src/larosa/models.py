@@ -58,7 +58,8 @@ def check_context(config, seq_len: int) -> None:
     limit = getattr(config, "max_position_embeddings", None)
     if isinstance(limit, int) and seq_len > limit:
         raise LarosaError(f"windows of {seq_len} tokens are longer than the model's context of {limit} "
-                          f"(max_position_embeddings); use a sequence length of at most {limit} (--seq-len)")
+                          f"(max_position_embeddings); use a sequence length of at most {limit} "
+                          "(--seq-len, --calib-seq-len)")
 
 
 def resolve(name: str) -> str:

@@ -77,13 +77,32 @@ def _digest(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
     return h.hexdigest()
 
 
+def check_file(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata of a rotations file larosa wrote, read from its header alone (cheap: a check before the work;
+    :meth:`Rotations.load` reads and verifies the tensors)."""
+    path = Path(path)
+    if path.is_dir():
+        raise LarosaError(f"{path} is a directory, not a rotations file; give the .safetensors file that "
+                          "larosa calibrate wrote")
+    if not path.is_file():
+        raise LarosaError(f"rotations file not found: {path}")
+    try:
+        with safe_open(path, "pt") as f:
+            meta = dict(f.metadata() or {})
+    except (SafetensorError, OSError) as e:
+        raise LarosaError(f"{path} is not a readable safetensors file (truncated or corrupted?): {e}") from e
+    if meta.pop("format", None) != FORMAT:
+        raise LarosaError(f"{path} is not a larosa rotations file (expected format {FORMAT})")
+    return meta
+
+
 def is_rotations_file(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a rotations file larosa wrote (its header says so): the only file calibrate replaces."""
     try:
-        with safe_open(path, "pt") as f:
-            return (f.metadata() or {}).get("format") == FORMAT
-    except (SafetensorError, OSError):
+        check_file(path)
+    except LarosaError:
         return False
+    return True
 
 
 @dataclass
@@ -126,20 +145,11 @@ class Rotations:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Rotations":
-        path = Path(path)
-        if path.is_dir():
-            raise LarosaError(f"{path} is a directory, not a rotations file; give the .safetensors file that "
-                              "larosa calibrate wrote")
-        if not path.is_file():
-            raise LarosaError(f"rotations file not found: {path}")
+        meta = check_file(path)
         try:
             tensors = load_file(path)
-            with safe_open(path, "pt") as f:
-                meta = dict(f.metadata() or {})
         except (SafetensorError, OSError, ValueError) as e:
             raise LarosaError(f"{path} is not a readable safetensors file (truncated or corrupted?): {e}") from e
-        if meta.pop("format", None) != FORMAT:
-            raise LarosaError(f"{path} is not a larosa rotations file (expected format {FORMAT})")
         want = meta.pop("sha256", None)
         if want is not None and _digest(tensors, meta) != want:
             raise LarosaError(f"{path} is corrupted: its contents do not match the sha256 it was saved with; "

@@ -82,17 +82,17 @@ def run_layer(layer: nn.Module, call: tuple, x: torch.Tensor) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def advance(i: int, layer: nn.Module, call: tuple, hidden: torch.Tensor,
-            cleanup: Iterable[Callable[[], object]] = ()) -> None:
-    """Every window's hidden state through ``layer`` (decoder layer ``i``), in place, one window at a time; the
-    ``cleanup`` calls (removing hooks) run afterwards, also on error. A NaN or Inf in the output is an error."""
+def advance(layer: nn.Module, call: tuple, hidden: torch.Tensor, cleanup: Iterable[Callable[[], object]] = (), *,
+            index: int | None = None) -> None:
+    """Every window's hidden state through ``layer`` (decoder layer ``index``), in place, one window at a time;
+    the ``cleanup`` calls (removing hooks) run afterwards, also on error. A NaN or Inf in the output is an error."""
     try:
         for j in range(hidden.shape[0]):
             hidden[j] = run_layer(layer, call, hidden[j : j + 1])[0]
     finally:
         for undo in cleanup:
             undo()
-    check_finite(hidden, f"decoder layer {i}", layer)
+    check_finite(hidden, "a decoder layer" if index is None else f"decoder layer {index}", layer)
 
 
 def passes(model: nn.Module, windows: torch.Tensor, desc: str, device: str | torch.device | None, progress: bool):
@@ -128,6 +128,14 @@ class QuantileSample:
         return torch.cat(self.parts).sort().values.cpu()
 
 
+def quantile(values: torch.Tensor, level: float) -> float:
+    """The threshold under which a share ``level`` of the sorted sample ``values`` lies: zeroing |x| below it
+    drops that share; level 0 keeps everything."""
+    if level <= 0.0:
+        return 0.0
+    return values[min(round(level * len(values)), len(values) - 1)].item()
+
+
 @torch.no_grad()
 def layerwise(model: nn.Module, windows: torch.Tensor, taps: dict[str, Tap], choose: Chooser, desc: str,
               device: str | None, progress: bool) -> list:
@@ -145,7 +153,7 @@ def layerwise(model: nn.Module, windows: torch.Tensor, taps: dict[str, Tap], cho
             handles.append(module.register_forward_hook(
                 lambda m, a, out, s=samples[name], read=read: s.add(read(a[0], out))))
         inputs = hidden[:kept].clone()
-        advance(i, layer, call, hidden, [h.remove for h in handles])
+        advance(layer, call, hidden, [h.remove for h in handles], index=i)
         results.append(choose(i, layer, call, {name: s.sorted() for name, s in samples.items()}, inputs))
     return results
 

@@ -168,6 +168,11 @@ def bench_kernels(sparsities: Sequence[float] = SPARSITIES, only: Sequence[str] 
             idx = [kern.select_topk(x, k) for x in xs]
             gemv_us = timer([lambda wt=wt, i=i: kern.sparse_gemv(*i, wt) for wt, i in zip(wts, idx)])
             sparse_us = timer([lambda wt=wt, x=x, k=k: kern.topk_gemv(x, wt, k) for wt, x in zip(wts, xs)])
+            # the fused GEMV alone with a fixed threshold that keeps k (the threshold selection: one launch)
+            states = [kern.threshold_state(float(x.float().abs().sort().values[d_in - k]), dtype, x.device)
+                      for x in xs]
+            fixed_us = timer([lambda wt=wt, x=x, st=st: kern.threshold_gemv(x, wt, st)
+                              for wt, x, st in zip(wts, xs, states)])
             unfused_us = timer([lambda wt=wt, x=x, k=k: kern.topk_gemv(x, wt, k, fused=False)
                                 for wt, x in zip(wts, xs)])
             pdl_us = None
@@ -190,9 +195,11 @@ def bench_kernels(sparsities: Sequence[float] = SPARSITIES, only: Sequence[str] 
                        sparse_GBps=sparse_bytes / sparse_us / 1e3, pdl_us=pdl_us,
                        sparse_floor_us=sparse_bytes / meta["copy_GBps"] / 1e3, speedup=dense_us / sparse_us,
                        ideal_speedup=d_in / k, frac_of_ideal=dense_us / sparse_us * k / d_in,
+                       threshold_gemv_us=fixed_us, threshold_frac_of_ideal=dense_us / fixed_us * k / d_in,
                        fused_cfg=kern.fused_config(d_in, d_out, dtype, torch.device("cuda")))
             rows.append(row)
             log(f"  s={s:.2f} k={k}: dense {dense_us:.1f} | threshold {sel['threshold_us']:.1f} | gemv {gemv_us:.1f}"
+                f" | fixed t {fixed_us:.1f}"
                 f" | sparse {sparse_us:.1f} (unfused {unfused_us:.1f}) -> x{row['speedup']:.2f} of ideal "
                 f"x{d_in / k:.2f} ({row['frac_of_ideal']:.2f})"
                 + (f" | pdl {pdl_us:.1f}" if pdl_us else ""))
@@ -214,11 +221,12 @@ def kernels_table(result: dict) -> str:
         "or at s = 0.7 on wide outputs select + index GEMV); GB/s = sparse bytes (k weight rows + x + y) / "
         "sparse; x ideal = speed-up / (d_in / k), target >= 0.9 at s = 0.4, 0.5; gemv only = the index GEMV on "
         "a given selection; unfused = select (threshold + compaction) + index GEMV; pdl = sparse with the GEMV "
-        "as a programmatic dependent launch.",
+        "as a programmatic dependent launch; fixed t = the fused GEMV alone with a calibrated threshold that keeps "
+        "k (threshold selection, one launch), and its x ideal.",
         "",
         "| model | weight | d_in x d_out | s | k | dense | select | sparse | speed-up | GB/s | x ideal "
-        "| gemv only | unfused | select v1 | torch.topk | pdl |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| gemv only | unfused | select v1 | torch.topk | pdl | fixed t | x ideal, fixed t |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         lines.append(
@@ -226,7 +234,8 @@ def kernels_table(result: dict) -> str:
             f"| {f(r['threshold_us'])} | {f(r['sparse_us'])} | {f(r['speedup'], '{:.2f}')} "
             f"| {f(r['sparse_GBps'], '{:.0f}')} | {f(r['frac_of_ideal'], '{:.2f}')} | {f(r['gemv_us'])} "
             f"| {f(r['unfused_us'])} | {f(r['select_v1_us'])} | {f(r['torch_topk_us'])} "
-            f"| {f(r.get('pdl_us'))} |")
+            f"| {f(r.get('pdl_us'))} | {f(r.get('threshold_gemv_us'))} "
+            f"| {f(r.get('threshold_frac_of_ideal'), '{:.2f}')} |")
     best: dict = {}
     for t in result.get("tuning", []):
         key = (t["d_in"], t["d_out"], t["s"])

@@ -8,8 +8,10 @@ import json
 import resource
 import sys
 import time
+from pathlib import Path
 
 import torch
+import transformers
 
 from ..api import describe, sparsify, unsparsify
 from ..arch import adapter_for
@@ -24,8 +26,10 @@ from ..fold import FoldedSettings, fold_streamed, save_folded
 from ..io import check_output_dir, check_output_file, deliver, prepare_dir, write_report
 from ..models import DTYPES, check_context, default_device, default_dtype, load_config, load_lazy, load_model
 from ..rotations import Rotations, config_hash, is_rotations_file
+from ..rotations import check_file as check_rotations_file
+from ..runtime import generate
 from ..search import search
-from ..sparsity import SITES, CatsConfig, LaRoSaConfig, SparsityConfig, TealConfig
+from ..sparsity import SELECTS, SITES, CatsConfig, LaRoSaConfig, SparsityConfig, TealConfig
 from ..sparsity.levels import adapter_overhead, param_weighted
 from ..sparsity.plan import load_plans, merge, save_plans, select
 from .args import parser
@@ -46,7 +50,15 @@ def _load(a: argparse.Namespace, lazy: bool, device: str | None = None):
     return load_lazy(a.model, dtype=dtype) if lazy else load_model(a.model, device=device or a.device, dtype=dtype)
 
 
-def _larosa_config(a: argparse.Namespace, mode: str) -> LaRoSaConfig | None:
+def _calib_seq_len(a: argparse.Namespace) -> int:
+    return getattr(a, "calib_seq_len", None) or getattr(a, "seq_len", 2048)
+
+
+def _calib_windows(a: argparse.Namespace, tok) -> torch.Tensor:
+    return token_windows(tok, a.calib_data, a.calib_windows, _calib_seq_len(a))
+
+
+def _larosa_config(a: argparse.Namespace, mode: str, tok) -> LaRoSaConfig | None:
     """The LaRoSa config the options describe; None when they describe none (the dense model)."""
     sparsity = None
     if a.sparsity is not None or a.site:
@@ -57,9 +69,18 @@ def _larosa_config(a: argparse.Namespace, mode: str) -> LaRoSaConfig | None:
             raise LarosaError("--rotations needs --sparsity, --target, --plan or --site")
         return None
     plan = select(load_plans(a.plan), a.target, a.scope, a.score, where=a.plan) if a.plan else None
+    calib = _calib_windows(a, tok) if a.select == "threshold" and a.calib_data else None
     return LaRoSaConfig(Rotations.load(a.rotations) if a.rotations else None, sparsity=sparsity,
                         target=None if plan else a.target, plan=plan, split=a.split, scope=a.scope, score=a.score,
-                        mode=mode, head_rotation=a.head_rotation)
+                        mode=mode, head_rotation=a.head_rotation, select=a.select, calib=calib)
+
+
+def _check_select(a: argparse.Namespace) -> None:
+    """What the options to threshold selection lack, before the model loads."""
+    if a.select == "threshold" and not a.calib_data:
+        raise LarosaError("--select threshold calibrates its thresholds on --calib-data; give it")
+    if a.select == "threshold" and getattr(a, "lazy", False):
+        raise LarosaError("--select threshold is calibrated on a model in memory; leave out --lazy")
 
 
 def _cmd_calibrate(a: argparse.Namespace) -> dict:
@@ -88,20 +109,19 @@ def _eval_model(a: argparse.Namespace):
         if a.rotations or a.sparsity is not None or a.site or a.plan or a.mode != "simulate":
             raise LarosaError(f"--method {a.method} takes no --rotations, --sparsity, --site, --plan or --mode folded")
         model, tok = _load(a, False)
-        # eval tasks has no --seq-len: windows of 2048 tokens, or of the model's context where it is shorter
-        seq_len = getattr(a, "seq_len", None) or min(2048, getattr(model.config, "max_position_embeddings", 2048))
-        calib = token_windows(tok, a.calib_data, a.calib_windows, seq_len)
+        calib = _calib_windows(a, tok)
         config = (CatsConfig(a.target, calib) if a.method == "cats"
                   else TealConfig(a.target, calib, greedy=a.method == "teal-greedy"))
         sparsify(model, config, device=a.device, progress=not a.quiet)
         return model, tok, {**describe(model), "calib_data": a.calib_data, "calib_windows": a.calib_windows,
                             "model": a.model}, None
-    config = _larosa_config(a, a.mode)
+    _check_select(a)
     model, tok = _load(a, lazy)
+    config = _larosa_config(a, a.mode, tok)
     if lazy:
         return model, tok, {**describe(model, config), "model": a.model}, config
     if config is not None:
-        model = sparsify(model, config)
+        model = sparsify(model, config, device=a.device, progress=not a.quiet)
     return model, tok, {**describe(model), "model": a.model}, None
 
 
@@ -125,16 +145,17 @@ def _cmd_eval(a: argparse.Namespace) -> dict:
 
 def _cmd_sparsify(a: argparse.Namespace) -> dict:
     check_output_dir(a.out, a.overwrite)
-    config = _larosa_config(a, "folded")
-    if config is None:
+    if a.sparsity is None and not a.site and a.target is None and a.plan is None:
         raise LarosaError("give --sparsity, --target, --plan or --site")
+    _check_select(a)
     dtype = _dtype(a, "cpu")  # folding runs on the CPU, whatever --device
     model, tok = load_lazy(a.model, dtype=dtype) if a.lazy else load_model(a.model, device="cpu", dtype=dtype)
+    config = _larosa_config(a, "folded", tok)
     dims = adapter_for(model).dims
     if a.lazy:
         settings = FoldedSettings.of(fold_streamed(model, config, a.out, tokenizer=tok, overwrite=a.overwrite))
     else:
-        folded = sparsify(model, config)
+        folded = sparsify(model, config, device=a.device, progress=not a.quiet)
         deliver(a.out, lambda out: save_folded(folded, tok, out, overwrite=a.overwrite))
         settings = FoldedSettings.of(folded.config)
     return {"out": a.out, **settings.to_dict(), "sparsity_source": config.source,
@@ -170,6 +191,15 @@ def _cmd_compare(a: argparse.Namespace) -> dict:
                progress=not a.quiet)
 
 
+def _cmd_generate(a: argparse.Namespace) -> dict:
+    model, tok = _load(a, False)
+    report = describe(model)
+    stream = None if a.json else (lambda text: print(text, end="", flush=True))
+    result = generate(model, tok, a.prompt, max_new_tokens=a.max_new_tokens, chat=a.chat, temperature=a.temperature,
+                      top_p=a.top_p, seed=a.seed, compile=False if a.no_compile else None, on_text=stream)
+    return {**result, **report, "model": a.model}
+
+
 def _cmd_bench(a: argparse.Namespace) -> dict:
     if a.what == "kernels":
         return _cmd_bench_kernels(a)
@@ -179,11 +209,16 @@ def _cmd_bench(a: argparse.Namespace) -> dict:
         prepare_dir(a.out)
     from ..bench.decode import bench_decode, decode_table
 
-    result = bench_decode(a.config, a.sparsity, scope=a.scope, tokens=a.tokens, prompt_len=a.prompt,
-                          repeats=a.repeats, hf=not a.no_hf, compile=not a.no_compile)
+    unknown = [s for s in a.select if s not in SELECTS]
+    if unknown:
+        raise LarosaError(f"unknown selection(s) {', '.join(unknown)}; choose from {', '.join(SELECTS)}")
+    result = bench_decode(None if a.model else a.config, a.sparsity, model_dir=a.model, scope=a.scope,
+                          selects=a.select, tokens=a.tokens, prompt_len=a.prompt, repeats=a.repeats, hf=not a.no_hf,
+                          compile=not a.no_compile)
     result["table"] = decode_table(result)
     if a.out:
-        write_report(a.out, f"decode-{a.config}-{a.scope}", result, result["table"])
+        stem = f"decode-{Path(a.model).name}" if a.model else f"decode-{a.config}-{a.scope}"
+        write_report(a.out, stem, result, result["table"])
     return result
 
 
@@ -249,6 +284,12 @@ def _print_text(command: str, out: dict) -> None:
         print(f"wrote {out['out']}: {out['scope']} scope, head rotation {out['head_rotation']}, "
               f"parameter-weighted sparsity {out['param_weighted_sparsity']:.4f}, "
               f"residual adapters {out['adapter_overhead']:.1%} of a layer's weight bytes")
+    elif command == "generate":
+        select = "thresholds" if out["select"] == "threshold" else "exact Top-K"
+        sparsity = "dense" if out["mode"] == "dense" else (
+            f"{out['label']}, parameter-weighted sparsity {out['param_weighted_sparsity']:.3f}, {select}")
+        print(f"\n\n[{out['new_tokens']} tokens, {out['tokens_per_s']:.1f} tokens/s; {sparsity}; {out['device']} "
+              f"{out['dtype']}]")
     elif command == "calibrate":
         print(f"wrote {out['out']}: {out['num_layers']} layers, {out['tokens']} tokens from {out['data']}, "
               f"{out['seconds']} s, peak RSS {out['peak_rss_mb']:.0f} MB")
@@ -264,22 +305,31 @@ def _print_text(command: str, out: dict) -> None:
 
 
 COMMANDS = {"calibrate": _cmd_calibrate, "eval": _cmd_eval, "sparsify": _cmd_sparsify, "search": _cmd_search,
-            "compare": _cmd_compare, "bench": _cmd_bench, "demo": _cmd_demo}
+            "compare": _cmd_compare, "generate": _cmd_generate, "bench": _cmd_bench, "demo": _cmd_demo}
 
 
 def _check_before_work(a: argparse.Namespace) -> None:
-    """What can be checked before a model loads: every text spec (read, decoded, parsed), and that the windows fit
-    the model's context."""
+    """What can be checked before a model loads: every text spec (read, decoded, parsed), the rotations file's
+    header and the plan file, and that the windows fit the model's context."""
     for spec in {getattr(a, "data", None), getattr(a, "calib_data", None)} - {None}:
         load_text(spec)
-    if getattr(a, "seq_len", None) is not None and getattr(a, "model", None):
-        check_context(load_config(a.model), a.seq_len)
+    if getattr(a, "rotations", None):
+        check_rotations_file(a.rotations)
+    if getattr(a, "plan", None):
+        load_plans(a.plan)
+    lengths = {getattr(a, "seq_len", None), _calib_seq_len(a) if getattr(a, "calib_data", None) else None} - {None}
+    if lengths and getattr(a, "model", None):
+        config = load_config(a.model)
+        for seq_len in sorted(lengths):
+            check_context(config, seq_len)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run a command: its result on stdout and exit 0; a failure as one line on stderr and exit 2 (1 for a bug);
     Ctrl-C as one line and exit 130. A result holding NaN or Inf is a failure, never printed."""
     a = parser().parse_args(argv)
+    if getattr(a, "quiet", False) or getattr(a, "json", False):
+        transformers.utils.logging.disable_progress_bar()  # its weight-loading bars
     try:
         _check_before_work(a)
         out = COMMANDS[a.command](a)

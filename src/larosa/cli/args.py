@@ -15,7 +15,7 @@ from ..compare import ROWS
 from ..errors import LarosaError
 from ..models import DTYPES, check_device
 from ..rotations import SCOPES, SIGNALS
-from ..sparsity import DEFAULT_SCOPE, DEFAULT_SPLIT, SCORES, SITES
+from ..sparsity import DEFAULT_SCOPE, DEFAULT_SPLIT, SCORES, SELECTS, SITES
 from ..version import __version__
 
 DATA_HELP = "wikitext2[:split], builtin:wiki, builtin:c4, or a .txt / .jsonl file"
@@ -116,6 +116,18 @@ def _larosa(p: argparse.ArgumentParser, folded_only: bool) -> None:
                         "(default: the plan's, else magnitude)")
     p.add_argument("--head-rotation", action="store_true",
                    help="folded only: rotate the o_proj input per KV head (free at run time)")
+    p.add_argument("--select", choices=SELECTS, default="topk",
+                   help="topk (default): exactly k entries a token at every site; threshold: every entry at or above "
+                        "a per-site threshold calibrated on --calib-data to drop the site's share (k varies per "
+                        "token; no selection launch when decoding)")
+    _calib(p)
+
+
+def _calib(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib-data", help=f"text thresholds are calibrated on (--select threshold, peers; {DATA_HELP})")
+    p.add_argument("--calib-windows", type=_count, default=16, help="calibration windows (default 16)")
+    p.add_argument("--calib-seq-len", type=_seq_len,
+                   help="tokens per calibration window (default: --seq-len where the command has it, else 2048)")
 
 
 def _evaluated(p: argparse.ArgumentParser) -> None:
@@ -127,8 +139,6 @@ def _evaluated(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=("larosa", "teal", "teal-greedy", "cats"), default="larosa",
                    help="larosa (default), or a peer in the same harness: TEAL thresholds (uniform or greedy per "
                         "projection) or CATS (MLP gate); peers need --target and --calib-data")
-    p.add_argument("--calib-data", help=f"peers: text their thresholds are calibrated on ({DATA_HELP})")
-    p.add_argument("--calib-windows", type=_count, default=16, help="peers: calibration windows (default 16)")
 
 
 def _calibrate(sub) -> None:
@@ -224,7 +234,11 @@ def _bench(sub) -> None:
     b = sub.add_parser("bench", help="GPU speed benchmarks on random weights with real shapes")
     bsub = b.add_subparsers(dest="what", required=True)
     bd = bsub.add_parser("decode", help="end-to-end batch-1 decode tokens/s: dense vs folded LaRoSa vs HF generate")
-    bd.add_argument("--config", choices=CONFIGS, default="llama2-7b")
+    bd.add_argument("--config", choices=CONFIGS, default="llama2-7b", help="random weights of these shapes")
+    bd.add_argument("--model", help="a saved dense or folded model instead of random weights (its own sparsity)")
+    bd.add_argument("--select", type=lambda t: t.split(","), default=list(SELECTS),
+                    help="selections to time, comma-separated (default topk,threshold; thresholds are calibrated "
+                         "on random tokens where the model has none)")
     bd.add_argument("--sparsity", type=_levels, default=[0.25, 0.4, 0.5],
                     help="nominal sparsities, comma-separated (default 0.25,0.4,0.5)")
     bd.add_argument("--scope", choices=SCOPES, default=DEFAULT_SCOPE["folded"],
@@ -246,6 +260,20 @@ def _bench(sub) -> None:
     bk.add_argument("--json", action="store_true")
 
 
+def _generate(sub) -> None:
+    g = sub.add_parser("generate", help="continue a prompt with a dense or folded model in the decode engine, "
+                                        "streaming the text")
+    _model(g)
+    g.add_argument("--prompt", required=True, help="the text to continue (with --chat: the user's message)")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="at most this many new tokens (default 128)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above 0: sampled")
+    g.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set of tokens whose "
+                                                            "probability reaches P (default 1)")
+    g.add_argument("--seed", type=int, help="random seed for sampling")
+    g.add_argument("--no-compile", action="store_true", help="do not compile the decode step (CUDA compiles it)")
+
+
 def _demo(sub) -> None:
     d = sub.add_parser("demo", help="offline: calibrate SmolLM2-135M, then PPL at dense/25/40/50%%")
     d.add_argument("--calib-windows", type=_count, default=4, help="calibration windows of builtin:wiki (default 4)")
@@ -260,6 +288,6 @@ def parser() -> argparse.ArgumentParser:
                                 "(LaRoSa) for faster LLM decoding.")
     p.add_argument("--version", action="version", version=f"larosa {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_calibrate, _eval, _sparsify, _search, _compare, _bench, _demo):
+    for add in (_calibrate, _eval, _sparsify, _search, _compare, _generate, _bench, _demo):
         add(sub)
     return p

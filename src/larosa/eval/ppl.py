@@ -64,6 +64,8 @@ def perplexity_streamed(model: nn.Module, windows: torch.Tensor, config: LaRoSaC
     """
     if config is not None and not isinstance(config, LaRoSaConfig):
         raise LarosaError("streamed perplexity scores the dense model or LaRoSa in simulate mode, not a peer")
+    if config is not None and config.select == "threshold" and config.thresholds is None:
+        raise LarosaError("streamed perplexity takes calibrated thresholds, not calibration windows")
     adapter = adapter_for(model)
     start = time.perf_counter()
     attach = prepare(model, config)[1] if config is not None else None
@@ -73,9 +75,9 @@ def perplexity_streamed(model: nn.Module, windows: torch.Tensor, config: LaRoSaC
     for i, layer, call, hidden in passes(model, windows, "perplexity", device, progress):
         if attach is not None:
             attach(i, layer)
-            advance(i, layer, call, hidden, [lambda: measured.append(sites.detach(layer))])
+            advance(layer, call, hidden, [lambda: measured.append(sites.detach(layer))], index=i)
         else:  # the dense model, or a folded one, which carries its sites
-            advance(i, layer, call, hidden)
+            advance(layer, call, hidden, index=i)
             measured += [own] if (own := sites.of(layer)) is not None else []
     device = hidden.device
     # The output head: the embedding itself where the model ties them (a lazy model's lm_head is never loaded).

@@ -128,10 +128,12 @@ class _Folding:
     def folded_config(self, model: nn.Module) -> PretrainedConfig:
         """The folded model's config: the dense one untied, with the sparsity and how it was folded."""
         rotations = self.config.rotations
+        config = self.config
         settings = FoldedSettings(
-            levels=tuple(self.levels), scope=self.scope, score=self.config.resolved_score,
-            head_rotation=self.config.head_rotation, signal=rotations.signal,
+            levels=tuple(self.levels), scope=self.scope, score=config.resolved_score,
+            head_rotation=config.head_rotation, signal=rotations.signal,
             rotations={k: v for k, v in rotations.meta.items() if k not in ("weights_fingerprint", "plans")},
+            select=config.select if config.thresholds is not None else "topk", thresholds=config.thresholds,
         )
         config_dict = {k: v for k, v in model.config.to_dict().items() if k not in ("model_type", "architectures")}
         config_class = folded_class(type(self.adapter)).config_class
@@ -177,6 +179,9 @@ def fold_streamed(model: nn.Module, config: LaRoSaConfig, out: str | os.PathLike
     CPU and written as its own safetensors shard before the next is read, so memory holds about one layer (or the
     embedding, or the head), not the model. The directory holds the same tensors as :func:`save_folded` writes.
     """
+    if config.select == "threshold" and config.thresholds is None:
+        raise LarosaError("a model folded layer by layer takes calibrated thresholds, not calibration windows; "
+                          "fold it in memory, or pass the thresholds of a fold in memory")
     folding = _Folding.of(model, config)
     adapter = folding.adapter
     emb, head, final_norm = model.get_input_embeddings(), model.get_output_embeddings(), adapter.final_norm()

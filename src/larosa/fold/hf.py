@@ -5,7 +5,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -51,7 +53,13 @@ class FoldedCausalLM:
     Loading is strict: a weight the config does not expect, or one it expects and the files lack, is an error
     (transformers would otherwise initialise it at random and go on), and weight files are checked against the
     checksums written with them.
+
+    ``decoder`` is the faster decoding loop :mod:`larosa.runtime` puts here (a layer above, which this module
+    cannot import): transformers' ``generate`` then runs it for the greedy and sampling modes, and the hooked
+    model where it declines (returns None).
     """
+
+    decoder: ClassVar[Callable | None] = None
 
     def __init__(self, config):
         super().__init__(config)
@@ -66,10 +74,17 @@ class FoldedCausalLM:
             )
             # Weight-aware scores are saved with the weights (loaded over these placeholders).
             scales = {s: torch.ones(n) for s, n in sizes.items()} if settings.score == "weight" else None
-            attach(adapter, layers[i], settings.levels[i], scales=scales)
+            thresholds = settings.thresholds[i] if settings.thresholds is not None else None
+            attach(adapter, layers[i], settings.levels[i], scales=scales, thresholds=thresholds)
         sites.install(self, {"method": "larosa", "mode": "folded", "levels": list(settings.levels),
                              "source": "folded", "scope": settings.scope, "score": settings.score,
-                             "signal": settings.signal, "head_rotation": settings.head_rotation})
+                             "signal": settings.signal, "head_rotation": settings.head_rotation,
+                             "select": settings.select, "thresholds": settings.thresholds})
+
+    def _sample(self, input_ids, *args, **kwargs):
+        """transformers' greedy / sampling decoding loop (``generate`` looks it up by this name)."""
+        out = None if FoldedCausalLM.decoder is None else FoldedCausalLM.decoder(self, input_ids, *args, **kwargs)
+        return super()._sample(input_ids, *args, **kwargs) if out is None else out
 
     @classmethod
     def from_pretrained(cls, path, *args, **kwargs):

@@ -18,6 +18,8 @@ class FoldedSettings:
     signal: str = "gainfree"
     rotations: dict = field(default_factory=dict)  # the rotations file's metadata: where Q came from
     larosa_version: str = __version__
+    select: str = "topk"
+    thresholds: tuple[dict[str, float], ...] | None = None  # one {site: threshold} per layer, with "threshold"
 
     def to_dict(self) -> dict:
         uniform = all(c == self.levels[0] for c in self.levels)
@@ -30,6 +32,8 @@ class FoldedSettings:
             "signal": self.signal,
             "rotations": self.rotations,
             "larosa_version": self.larosa_version,
+            "select": self.select,
+            "thresholds": None if self.thresholds is None else [dict(t) for t in self.thresholds],
         }
 
     @classmethod
@@ -40,7 +44,8 @@ class FoldedSettings:
             return cls(levels=tuple(per_layer(levels, n_layers)), scope=d["scope"],
                        score=d.get("score", "magnitude"), head_rotation=d.get("head_rotation", False),
                        signal=d.get("signal", "gainfree"), rotations=d.get("rotations", {}),
-                       larosa_version=d.get("larosa_version", "0.1"))
+                       larosa_version=d.get("larosa_version", "0.1"), select=d.get("select", "topk"),
+                       thresholds=None if d.get("thresholds") is None else tuple(d["thresholds"]))
         except (KeyError, TypeError) as e:
             raise LarosaError(f"the folded config's larosa settings are incomplete or malformed ({e!r})") from e
 

@@ -244,6 +244,7 @@ if HAVE_TRITON:
     def _topk_gemv_kernel(
         x_ptr, wt_ptr, out_ptr, acc_ptr, cnt_ptr, ws_ptr, state_ptr, n, d_out, stride_w, P,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_SPLIT: tl.constexpr, PDL: tl.constexpr,
+        CLEAR: tl.constexpr,
     ):
         """y = topk(x) @ wt with the threshold from _threshold_kernel. Program (pid_n, pid_k) takes columns
         pid_n * BLOCK_N.. and positions pid_k * P.. (a slice of d_in, walked forwards): it loads the rows whose
@@ -281,7 +282,8 @@ if HAVE_TRITON:
                 eviction_policy="evict_first",
             )
             v = tl.where(keep, xv, 0.0).to(tl.float32)
-            tl.store(ws_ptr + b, tl.zeros([BLOCK_K], tl.int32), mask=valid & (rows * 0 + pid_n == 0))
+            if CLEAR:  # the histogram bins the threshold search filled (none with a given threshold)
+                tl.store(ws_ptr + b, tl.zeros([BLOCK_K], tl.int32), mask=valid & (rows * 0 + pid_n == 0))
             rows += BLOCK_K
             xv = tl.load(x_ptr + rows, mask=rows < p1, other=0.0)  # the next step's x, with these rows
             acc += tl.sum(v[:, None] * w.to(tl.float32), 0)
@@ -601,12 +603,56 @@ def topk_gemv(
         idx, vals = select_topk(xf, k)
         y = sparse_gemv(idx, vals, wt, out, **gemv_kwargs)
         return y.unsqueeze(0) if x.dim() == 2 else y
+    if pdl and not pdl_supported(wt.device):
+        raise RuntimeError("pdl needs a Hopper or newer GPU and a Triton with tl.extra.cuda.gdc_wait")
+    out = _fused_out(xf, wt, out)
+    launch = _fused_gemv(xf, wt, out, pdl=pdl, clear=True, **gemv_kwargs)  # checked before anything launches
+    launch(_threshold(xf, k, trigger=pdl))
+    return out.unsqueeze(0) if x.dim() == 2 else out
+
+
+def threshold_state(threshold: float, dtype: torch.dtype, device: torch.device | str) -> Tensor:
+    """The state :func:`threshold_gemv` reads for a fixed threshold: keep the entries with |x| >= threshold
+    (rounded to x's 16-bit ``dtype``). Made once, before any CUDA-graph capture, like the weights."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"a threshold GEMV takes a bf16 or fp16 x, not {dtype}")
+    if not threshold >= 0:
+        raise ValueError(f"threshold must be >= 0, got {threshold}")
+    bits = int(torch.tensor([threshold]).to(dtype).view(torch.int16).item()) & 0x7FFF
+    # (t, need, eq) as the threshold search writes it: keep everything above t and every value equal to it.
+    return torch.tensor([bits, 2**31 - 1, 0, 0], dtype=torch.int32, device=device)
+
+
+def threshold_gemv(x: Tensor, wt: Tensor, state: Tensor, out: Tensor | None = None, **gemv_kwargs: int) -> Tensor:
+    """(x with every |x| < threshold zeroed) @ wt for one decode token, in one launch: the fused GEMV with a
+    calibrated threshold (``state`` from :func:`threshold_state`) instead of a search for the k-th largest."""
+    _check_weight(wt)
+    xf = _flat_vector(x, "x")
+    if xf.shape[0] != wt.shape[0]:
+        raise ValueError(f"x has {xf.shape[0]} entries but wt has d_in={wt.shape[0]} rows")
+    if xf.dtype == torch.float32:
+        raise TypeError("a threshold GEMV takes a bf16 or fp16 x")
+    if state.shape != (4,) or state.dtype != torch.int32:
+        raise ValueError("state must be the int32 [4] tensor threshold_state makes")
+    out = _fused_out(xf, wt, out)
+    _fused_gemv(xf, wt, out, pdl=False, clear=False, **gemv_kwargs)(state)
+    return out.unsqueeze(0) if x.dim() == 2 else out
+
+
+def _fused_out(xf: Tensor, wt: Tensor, out: Tensor | None) -> Tensor:
     d_out = wt.shape[1]
     if out is None:
-        out = torch.empty(d_out, dtype=wt.dtype, device=wt.device)
-    elif out.shape != (d_out,) or out.dtype not in DTYPES or out.stride(0) != 1:
+        return torch.empty(d_out, dtype=wt.dtype, device=wt.device)
+    if out.shape != (d_out,) or out.dtype not in DTYPES or out.stride(0) != 1:
         raise ValueError(f"out must be a contiguous [{d_out}] tensor of bf16/fp16/fp32")
+    return out
+
+
+def _fused_gemv(xf: Tensor, wt: Tensor, out: Tensor, *, pdl: bool, clear: bool, **gemv_kwargs: int):
+    """The fused GEMV's launch, its arguments checked now: a function of the state that keeps the positions it
+    selects and reads only their rows of ``wt``."""
     _need_triton(xf, wt, out)
+    d_in, d_out = wt.shape
     cfg = fused_config(d_in, d_out, wt.dtype, wt.device)
     for name, value in gemv_kwargs.items():
         if name not in cfg:
@@ -618,16 +664,17 @@ def topk_gemv(
     chunk = _cdiv(_cdiv(d_in, max(1, cfg["split_k"])), bk) * bk  # positions a program takes
     split = _cdiv(d_in, chunk)
     n_blocks = _cdiv(d_out, bn)
-    if pdl and not pdl_supported(wt.device):
-        raise RuntimeError("pdl needs a Hopper or newer GPU and a Triton with tl.extra.cuda.gdc_wait")
     acc, cnt = _gemv_workspace(wt.device, d_out, n_blocks)
-    state = _threshold(xf, k, trigger=pdl)
     extra = {"launch_pdl": True} if pdl else {}
-    _topk_gemv_kernel[(n_blocks, split)](
-        xf, wt, out, acc, cnt, _workspace(xf.device), state, d_in, d_out, wt.stride(0), chunk,
-        BLOCK_N=bn, BLOCK_K=bk, ONE_SPLIT=split == 1, PDL=pdl, num_warps=cfg["num_warps"], **extra,
-    )
-    return out.unsqueeze(0) if x.dim() == 2 else out
+
+    def launch(state: Tensor) -> None:
+        _need_triton(xf, state)
+        _topk_gemv_kernel[(n_blocks, split)](
+            xf, wt, out, acc, cnt, _workspace(xf.device), state, d_in, d_out, wt.stride(0), chunk, BLOCK_N=bn,
+            BLOCK_K=bk, ONE_SPLIT=split == 1, PDL=pdl, CLEAR=clear, num_warps=cfg["num_warps"], **extra,
+        )
+
+    return launch
 
 
 # ----------------------------------------------------------------------------------------------- torch helpers

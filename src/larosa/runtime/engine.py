@@ -9,6 +9,7 @@ gather-GEMV kernel; a dense one keeps the ``[d_out, d_in]`` layout cuBLAS reads 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
@@ -17,45 +18,51 @@ from torch import nn
 
 from ..arch import adapter_for
 from ..fold import FoldedSettings
-from ..kernels import pdl_supported, topk_gemv
+from ..kernels import pdl_supported, threshold_state
 from ..sparsity import sites
 from ..sparsity.levels import keep_count, site_sizes
 from ..sparsity.topk import topk
+from . import ops
 
-
-@torch.compiler.disable
-def _sparse_decode(x: torch.Tensor, wt: torch.Tensor, k: int) -> torch.Tensor:
-    """The Triton Top-K kernels, run as they are under torch.compile: traced, their workspaces (allocated on
-    the first call, zeroed by the kernels themselves) would become graph tensors. Where the GPU allows, the GEMV
-    is a programmatic dependent launch of the threshold search: Llama-2-7B at 50 % decoded 1.7 % (global scope)
-    and 2.4 % (layer scope) faster on the H200."""
-    return topk_gemv(x, wt, k, pdl=pdl_supported(x.device))
+HALF = (torch.bfloat16, torch.float16)  # the kernels' activations
 
 
 class Proj(nn.Module):
-    """y = x Wᵀ + b, or, with ``k``, y = topk(x, k) Wᵀ + b reading only the k selected rows of W.
+    """y = x Wᵀ + b, or with ``k``, y = topk(x, k) Wᵀ + b, or with ``threshold``, y = (x where |x| >= threshold) Wᵀ
+    + b, reading only the kept rows of W.
 
-    ``scale`` (weight-aware scores) rewrites the product exactly as (x ⊙ s)(W / s)ᵀ, so that plain magnitude
-    Top-K on x ⊙ s keeps the entries with the largest |x_i| s_i; the kernels stay unchanged.
+    At decode on CUDA (one token, 16-bit) the kept rows are read by the Triton kernels: exact Top-K is the
+    threshold search and the fused GEMV (as a programmatic dependent launch where the GPU allows: Llama-2-7B at
+    50 % decoded 1.7 to 2.4 % faster on the H200); a calibrated threshold is the fused GEMV alone. ``scale``
+    (weight-aware scores) rewrites the product exactly as (x ⊙ s)(W / s)ᵀ, so that the kernels rank x ⊙ s.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, k: int | None = None,
-                 scale: torch.Tensor | None = None):
+                 scale: torch.Tensor | None = None, threshold: float | None = None):
         super().__init__()
-        self.k = None if k is None or k >= weight.shape[1] else k
-        self.scale = None if scale is None or self.k is None else nn.Parameter(scale, requires_grad=False)
+        self.threshold = threshold
+        self.k = None if threshold is not None or k is None or k >= weight.shape[1] else k
+        sparse = self.k is not None or threshold is not None
+        self.scale = nn.Parameter(scale, requires_grad=False) if scale is not None and sparse else None
         if self.scale is not None:
             weight = (weight.double() / scale.double()).to(weight.dtype)
-        self.weight = nn.Parameter(weight.T.contiguous() if self.k else weight, requires_grad=False)
+        self.weight = nn.Parameter(weight.T.contiguous() if sparse else weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        state = threshold_state(threshold, weight.dtype, weight.device) if threshold is not None and \
+            weight.dtype in HALF else None
+        self.register_buffer("state", state, persistent=False)
+        self.pdl = weight.is_cuda and pdl_supported(weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scale is not None:
             x = x * self.scale
-        if self.k is None:
+        if self.k is None and self.threshold is None:
             return F.linear(x, self.weight, self.bias)
-        if x.shape[0] == 1 and x.is_cuda:
-            y = _sparse_decode(x[0], self.weight, self.k)[None]
+        if x.shape[0] == 1 and x.is_cuda and x.dtype in HALF:
+            y = (ops.threshold_gemv(x[0], self.weight, self.state) if self.state is not None
+                 else ops.topk_gemv(x[0], self.weight, self.k, self.pdl))[None]
+        elif self.threshold is not None:
+            y = x.masked_fill(x.abs() < self.threshold, 0) @ self.weight
         else:
             y = topk(x, self.k) @ self.weight
         return y if self.bias is None else y + self.bias
@@ -161,17 +168,24 @@ class Transformer(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_hf(cls, model: nn.Module, max_seq: int) -> "Transformer":
-        """From a dense or folded Hugging Face model; a folded one brings its own sparsity and adapters."""
+    def from_hf(cls, model: nn.Module, max_seq: int, select: str | None = None) -> "Transformer":
+        """From a dense or folded Hugging Face model; a folded one brings its own sparsity and adapters, and
+        ``select`` ("dense", "topk" or "threshold") overrides how its sites select (default: as saved)."""
         adapter = adapter_for(model)
         dims = adapter.dims
         folded = FoldedSettings.of(model.config)
-        configs = [None] * dims.n_layers if folded is None else list(folded.levels)
+        select = select or (folded.select if folded else "dense")
+        if select != "dense" and folded is None:
+            raise ValueError(f"a dense model has no sparsity to select with ({select!r})")
+        if select == "threshold" and folded.thresholds is None:
+            raise ValueError("this folded model has no calibrated thresholds (fold it with select='threshold')")
+        configs = [None] * dims.n_layers if select == "dense" else list(folded.levels)
+        thresholds = folded.thresholds if select == "threshold" else [{}] * dims.n_layers
         sizes = site_sizes(dims)
         shape = Shape(dims.hidden, dims.n_heads, dims.n_kv_heads, dims.head_dim, dims.intermediate)
         eps, act = adapter.norm_eps(), adapter.activation()
         layers = []
-        for layer, config in zip(adapter.layers(), configs):
+        for layer, config, t in zip(adapter.layers(), configs, thresholds):
             kept = {} if config is None else {site: keep_count(s, sizes[site]) for site, s in config.sites().items()}
             scale = {name: site.scale for name, site in (sites.of(layer) or {}).items() if site.scale is not None}
             q, k, v = adapter.qkv(layer)
@@ -182,13 +196,15 @@ class Transformer(nn.Module):
             layers.append(Layer(
                 shape,
                 RMSNorm(adapter.attn_norm(layer).weight.clone(), eps),
-                Proj(torch.cat([q.weight, k.weight, v.weight]), qkv_bias, kept.get("attn_in"), scale.get("attn_in")),
+                Proj(torch.cat([q.weight, k.weight, v.weight]), qkv_bias, kept.get("attn_in"), scale.get("attn_in"),
+                     t.get("attn_in")),
                 Proj(adapter.o_proj(layer).weight.clone(), adapter.o_proj(layer).bias, kept.get("o_in"),
-                     scale.get("o_in")),
+                     scale.get("o_in"), t.get("o_in")),
                 RMSNorm(adapter.mlp_norm(layer).weight.clone(), eps),
-                Proj(torch.cat([gate.weight, up.weight]), None, kept.get("mlp_in"), scale.get("mlp_in")),
+                Proj(torch.cat([gate.weight, up.weight]), None, kept.get("mlp_in"), scale.get("mlp_in"),
+                     t.get("mlp_in")),
                 Proj(adapter.down_proj(layer).weight.clone(), adapter.down_proj(layer).bias, kept.get("down_in"),
-                     scale.get("down_in")),
+                     scale.get("down_in"), t.get("down_in")),
                 *[None if a is None else a.weight.clone() for a in adapters],
                 act,
             ))
@@ -199,13 +215,37 @@ class Transformer(nn.Module):
                    Proj(head.weight.clone(), head.bias), cos, sin, max_seq)
 
 
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """The next token ([1]) from the last position's logits: greedy at temperature 0, else drawn from the
+    softmax at ``temperature`` restricted to the smallest set of tokens whose probability reaches ``top_p``."""
+    logits = logits[-1].float()
+    if temperature <= 0:
+        return logits.argmax(-1, keepdim=True)
+    probs = torch.softmax(logits / temperature, -1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # the mass before a token already reaches p
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(outside, 0))
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+@dataclass
+class Generation:
+    tokens: torch.Tensor  # the prompt and the new tokens
+    new_tokens: int
+    prefill_seconds: float
+    tokens_per_s: float  # decode steps after the first new token, per second
+    stopped: str  # "stop" (a stop token was drawn) or "length"
+
+
 class Engine:
-    """Greedy generation with a dense prefill and a decode step replayed from a CUDA graph (on CUDA)."""
+    """Generation with a prefill and a decode step replayed from a CUDA graph (on CUDA)."""
 
     def __init__(self, model: Transformer, use_graph: bool = True, compile: bool = False):
         self.model = model.eval()
         # torch.compile fuses the small element-wise kernels (norms, rotary, residual adds) that otherwise
-        # cost a launch each; the Top-K kernels stay as they are.
+        # cost a launch each; the Top-K kernels are custom ops inside the one graph.
         self.decode = torch.compile(model, dynamic=False) if compile else model
         device = model.embedding.device
         self.token = torch.zeros(1, dtype=torch.long, device=device)
@@ -237,19 +277,39 @@ class Engine:
         return self.logits
 
     @torch.no_grad()
-    def generate(self, prompt: torch.Tensor, max_new_tokens: int) -> tuple[torch.Tensor, float]:
-        """(prompt + greedy continuation, decode tokens per second); prefill is dense and untimed."""
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
+                 generator: torch.Generator | None = None, stop: Collection[int] = (),
+                 on_token: Callable[[int], None] | None = None) -> Generation:
+        """The prompt continued by up to ``max_new_tokens`` tokens (see :func:`sample`), ending early after a
+        token of ``stop``; ``on_token`` sees each new token as it is made. Without either, tokens stay on the
+        device until the end (no per-token synchronisation: what the benchmarks time)."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if prompt.numel() + max_new_tokens > self.model.max_seq:
             raise ValueError(f"prompt + new tokens exceed the cache of {self.model.max_seq} positions")
         device = self.token.device
         prompt = prompt.to(device).view(-1)
-        logits = self.model(prompt, torch.arange(prompt.numel(), device=device))
-        out = [prompt, logits[-1:].argmax(-1)]
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        sync()
+        watch = bool(stop) or on_token is not None
         start = time.perf_counter()
-        for i in range(max_new_tokens - 1):
-            out.append(self.step(out[-1], prompt.numel() + i).argmax(-1))
+        out = [prompt, sample(self.model(prompt, torch.arange(prompt.numel(), device=device)), temperature, top_p,
+                              generator)]
+        sync()
+        prefill = time.perf_counter() - start
+        start, stopped = time.perf_counter(), "length"
+        for i in range(max_new_tokens):
+            if watch:
+                token = int(out[-1])
+                if on_token is not None:
+                    on_token(token)
+                if token in stop:
+                    stopped = "stop"
+                    break
+            if i == max_new_tokens - 1:
+                break
+            out.append(sample(self.step(out[-1], prompt.numel() + i), temperature, top_p, generator))
         sync()
         seconds = time.perf_counter() - start
-        return torch.cat(out), (max_new_tokens - 1) / max(seconds, 1e-9)
+        tokens = torch.cat(out)
+        new = tokens.numel() - prompt.numel()
+        return Generation(tokens, new, prefill, (new - 1) / seconds if new > 1 else 0.0, stopped)

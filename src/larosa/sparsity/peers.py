@@ -21,7 +21,7 @@ from torch import nn
 
 from ..arch import Adapter, Dims, adapter_for
 from ..errors import LarosaError
-from ..streaming import Chooser, layerwise, output_error
+from ..streaming import Chooser, layerwise, output_error, quantile
 from . import sites as site_protocol
 from .levels import MAX_SITE, check_target, greedy_levels, site_weights
 
@@ -139,15 +139,8 @@ def restore(model: nn.Module, settings: dict) -> nn.Module:
 
 
 # -- calibration --------------------------------------------------------------------------------------------
-def _threshold(values: torch.Tensor, sparsity: float) -> float:
-    """Zeroing |x| < threshold drops a share ``sparsity`` of the sorted sample; 0 keeps everything."""
-    if sparsity <= 0.0:
-        return 0.0
-    return values[min(round(sparsity * len(values)), len(values) - 1)].item()
-
-
 def _teal_plan(values: dict[str, torch.Tensor], sparsity: dict[str, float]) -> dict:
-    return {p: {"sparsity": sparsity[p], "threshold": _threshold(values[INPUT_OF[p]], sparsity[p])}
+    return {p: {"sparsity": sparsity[p], "threshold": quantile(values[INPUT_OF[p]], sparsity[p])}
             for p in PROJECTIONS}
 
 
@@ -162,7 +155,7 @@ def _greedy(adapter: Adapter, target: float, step: float) -> Chooser:
 
             def trial_error(levels: dict[str, float]) -> float:
                 for p in PROJECTIONS:
-                    sites[p].threshold = _threshold(values[INPUT_OF[p]], levels[p])
+                    sites[p].threshold = quantile(values[INPUT_OF[p]], levels[p])
                 return error()
 
             sparsity = greedy_levels(weights, target, step, trial_error)
@@ -232,7 +225,7 @@ def cats(model: nn.Module, config: CatsConfig, *, device: str | None = None, pro
     taps = {"gate": lambda adapter, layer: (adapter.gate_up(layer)[0], lambda x, out: act(out))}
 
     def choose(i, layer, call, values, inputs) -> dict:
-        return {"cats": {"sparsity": level, "threshold": _threshold(values["gate"], level)}}
+        return {"cats": {"sparsity": level, "threshold": quantile(values["gate"], level)}}
 
     windows = config.calib
     layers = layerwise(model, windows, taps, choose, "cats", device, progress)

@@ -9,7 +9,7 @@ quality, not speed); the folded model (:mod:`larosa.fold`) runs the same sites o
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +18,7 @@ from torch import nn
 from ..arch import Adapter, adapter_for
 from ..errors import LarosaError
 from ..rotations import SCOPES, Rotations
+from ..streaming import QuantileSample, advance, passes, quantile
 from . import sites as site_protocol
 from .levels import (DEFAULT_SPLIT, SCORES, Sparsity, SparsityConfig, check_target, default_config, keep_count,
                      per_layer, site_sizes, site_weights)
@@ -26,6 +27,10 @@ from .plan import Plan
 MODES = ("simulate", "folded")
 # The scope each mode uses unless told otherwise: the best quality measured in each (README, results).
 DEFAULT_SCOPE = {"simulate": "block", "folded": "global"}
+# How a site picks what it keeps: exactly its k largest entries per token, or every entry at or above a threshold
+# calibrated to drop the site's share of the calibration entries (k then varies per token, as in TEAL).
+SELECTS = ("topk", "threshold")
+Thresholds = Sequence[dict[str, float]]  # one {site: threshold} per layer
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,9 @@ class LaRoSaConfig:
     input (:meth:`Rotations.for_scope`); left None it is the plan's, else ``DEFAULT_SCOPE[mode]``. ``score``
     likewise: the plan's, else ``"magnitude"`` (``"weight"`` ranks |x_i| by the norm of the weight row it
     multiplies). ``mode="folded"`` builds the deployable model; ``head_rotation`` rotates its o_proj input per
-    KV head.
+    KV head. ``select="threshold"`` keeps every entry at or above a per-site, per-layer threshold instead of
+    exactly k (no selection on the decode path): ``thresholds`` as calibrated before, or calibrated on apply
+    from ``calib`` ([n, seq_len] token ids) in the basis each site sees.
     """
 
     rotations: Rotations | None = None
@@ -50,6 +57,9 @@ class LaRoSaConfig:
     score: str | None = None
     mode: str = "simulate"
     head_rotation: bool = False
+    select: str = "topk"
+    calib: torch.Tensor | None = None
+    thresholds: Thresholds | None = None
 
     def __post_init__(self) -> None:
         given = [name for name in ("sparsity", "target", "plan") if getattr(self, name) is not None]
@@ -68,6 +78,12 @@ class LaRoSaConfig:
             raise LarosaError("folded mode needs rotations (--rotations)")
         if self.head_rotation and self.mode != "folded":
             raise LarosaError("head rotation applies to folded mode only (--mode folded)")
+        if self.select not in SELECTS:
+            raise LarosaError(f"select must be one of {', '.join(SELECTS)}, got {self.select!r}")
+        if self.select == "threshold" and self.calib is None and self.thresholds is None:
+            raise LarosaError("threshold selection needs calibration windows to set its thresholds on (--calib-data)")
+        if self.select == "topk" and (self.calib is not None or self.thresholds is not None):
+            raise LarosaError("calibration windows and thresholds are for threshold selection (--select threshold)")
         if self.target is not None:
             check_target(self.target)
         if self.plan is not None:
@@ -109,33 +125,47 @@ class LaRoSaConfig:
             self.rotations.check_model(model)
         if self.plan is not None:
             self.plan.check_model(model)
+        n_layers = adapter_for(model).dims.n_layers
+        if self.thresholds is not None and len(self.thresholds) != n_layers:
+            raise LarosaError(f"{len(self.thresholds)} layers of thresholds given for a model of {n_layers} layers")
 
 
-def topk(x: torch.Tensor, k: int, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x with all but its k top-scoring entries per row zeroed; exactly k survive even among ties.
+def score(x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """What a site ranks: |x|, or |x| * scale with ``scale`` the norms of the weight rows each entry multiplies
+    (the entries dropped then cost the least output, not the least input)."""
+    return x.abs() if scale is None else x.abs() * scale
 
-    The score is |x|, or |x| * scale with ``scale`` the norms of the weight rows each entry multiplies: the
-    entries dropped then cost the least output, not the least input.
-    """
+
+def keep_top(x: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor:
+    """x with all but its k top-scoring entries per row zeroed; exactly k survive even among ties."""
     if k >= x.shape[-1]:
         return x
-    score = x.abs() if scale is None else x.abs() * scale
-    idx = score.topk(k, dim=-1, sorted=False).indices
+    idx = scores.topk(k, dim=-1, sorted=False).indices
     return torch.zeros_like(x).scatter_(-1, idx, x.gather(-1, idx))
 
 
+def topk(x: torch.Tensor, k: int, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x with all but its k top-scoring entries per row zeroed (see :func:`score`)."""
+    return keep_top(x, score(x, scale), k)
+
+
 class TopKSite(site_protocol.Site):
-    """One site: optional rotation in, Top-K, rotation back.
+    """One site: optional rotation in, Top-K (or a threshold), rotation back.
 
     With ``gain``, Top-K runs on the gain-free signal: the input is divided by the norm gain before the rotation
-    and multiplied back after, which is what the folded model computes.
+    and multiplied back after, which is what the folded model computes. With ``threshold``, every entry whose
+    score is at or above it is kept instead of exactly k. While ``sample`` is set, the scores are sampled (the
+    calibration of thresholds).
     """
 
     def __init__(self, size: int, sparsity: float, rotation: torch.Tensor | None = None,
-                 gain: torch.Tensor | None = None, weights: int = 0, scale: torch.Tensor | None = None):
+                 gain: torch.Tensor | None = None, weights: int = 0, scale: torch.Tensor | None = None,
+                 threshold: float | None = None):
         super().__init__(weights)
-        self.size = size
+        self.size, self.level = size, sparsity
         self.k = keep_count(sparsity, size)
+        self.threshold = threshold
+        self.sample: QuantileSample | None = None
         self.register_buffer("rotation", rotation, persistent=False)
         self.register_buffer("gain", gain, persistent=False)
         self.register_buffer("scale", scale)  # weight-aware scores; saved with a folded model
@@ -145,7 +175,11 @@ class TopKSite(site_protocol.Site):
             x = x / self.gain
         if self.rotation is not None:
             x = x @ self.rotation
-        x = self.count(topk(x, self.k, self.scale))
+        scores = score(x, self.scale)
+        if self.sample is not None:
+            self.sample.add(scores)
+        x = self.count(keep_top(x, scores, self.k) if self.threshold is None
+                       else x.masked_fill(scores < self.threshold, 0))
         if self.rotation is not None:
             x = x @ self.rotation.T
         if self.gain is not None:
@@ -172,16 +206,19 @@ def _rotated_norms(adapter: Adapter, layer: nn.Module, site: str, q: torch.Tenso
 
 
 def attach(adapter: Adapter, layer: nn.Module, levels: SparsityConfig, rotations=(None, None), gains=(None, None),
-           scales: dict[str, torch.Tensor] | None = None) -> nn.ModuleDict:
+           scales: dict[str, torch.Tensor] | None = None, thresholds: dict[str, float] | None = None) -> nn.ModuleDict:
     """The four Top-K sites on one decoder layer, where the layer's own modules read each site's input."""
     dims = adapter.dims
-    size, w, scales = site_sizes(dims), site_weights(dims), scales or {}
+    size, w, scales, t = site_sizes(dims), site_weights(dims), scales or {}, thresholds or {}
     made = {
         "attn_in": TopKSite(size["attn_in"], levels.attn_in, rotations[0], gains[0], w["attn_in"],
-                            scales.get("attn_in")),
-        "o_in": TopKSite(size["o_in"], levels.o_in, weights=w["o_in"], scale=scales.get("o_in")),
-        "mlp_in": TopKSite(size["mlp_in"], levels.mlp_in, rotations[1], gains[1], w["mlp_in"], scales.get("mlp_in")),
-        "down_in": TopKSite(size["down_in"], levels.down_in, weights=w["down_in"], scale=scales.get("down_in")),
+                            scales.get("attn_in"), t.get("attn_in")),
+        "o_in": TopKSite(size["o_in"], levels.o_in, weights=w["o_in"], scale=scales.get("o_in"),
+                         threshold=t.get("o_in")),
+        "mlp_in": TopKSite(size["mlp_in"], levels.mlp_in, rotations[1], gains[1], w["mlp_in"], scales.get("mlp_in"),
+                           t.get("mlp_in")),
+        "down_in": TopKSite(size["down_in"], levels.down_in, weights=w["down_in"], scale=scales.get("down_in"),
+                            threshold=t.get("down_in")),
     }
     return site_protocol.attach(layer, made, [
         (adapter.attn_norm(layer), "output", made["attn_in"]),
@@ -221,8 +258,9 @@ def prepare(model: nn.Module, config: LaRoSaConfig) -> tuple[list[SparsityConfig
 
     def attach_layer(i: int, layer: nn.Module) -> nn.ModuleDict:
         q = qs[i] if qs is not None else None
+        thresholds = config.thresholds[i] if config.thresholds is not None else None
         return attach(adapter, layer, levels[i], *_site_inputs(adapter, layer, config.rotations, q,
-                                                               config.resolved_score))
+                                                               config.resolved_score), thresholds)
 
     return levels, attach_layer
 
@@ -233,7 +271,8 @@ def settings(config: LaRoSaConfig, levels: list[SparsityConfig]) -> dict:
     return {"method": "larosa", "mode": config.mode, "levels": levels, "source": config.source,
             "scope": config.resolved_scope if rotations is not None else None,
             "score": config.resolved_score, "signal": rotations.signal if rotations is not None else None,
-            "head_rotation": config.head_rotation}
+            "head_rotation": config.head_rotation, "select": config.select,
+            "thresholds": None if config.thresholds is None else [dict(t) for t in config.thresholds]}
 
 
 def simulate(model: nn.Module, config: LaRoSaConfig) -> nn.Module:
@@ -244,3 +283,38 @@ def simulate(model: nn.Module, config: LaRoSaConfig) -> nn.Module:
         attach_layer(i, layer)
     site_protocol.install(model, settings(config, levels))
     return model
+
+
+@torch.no_grad()
+def calibrate_thresholds(model: nn.Module, windows: torch.Tensor, *, device: str | None = None,
+                         progress: bool = True) -> list[dict[str, float]]:
+    """Per layer and site of a model carrying LaRoSa's sites (simulated or folded), the threshold under which the
+    site's configured share of the calibration entries lies, measured on what the site ranks (its rotated score)
+    with exact Top-K in the layers before it; layer by layer, so the model may be larger than the device."""
+    generator = torch.Generator().manual_seed(0)
+    thresholds = []
+    for _, layer, call, hidden in passes(model, windows, "thresholds", device, progress):
+        made = site_protocol.of(layer)
+        if made is None or not all(isinstance(site, TopKSite) for site in made.values()):
+            raise LarosaError("thresholds are calibrated on a model carrying LaRoSa's Top-K sites")
+        for site in made.values():
+            site.sample = QuantileSample(len(windows), generator)
+        try:
+            advance(layer, call, hidden)
+            thresholds.append({name: quantile(site.sample.sorted(), site.level) for name, site in made.items()})
+        finally:
+            for site in made.values():
+                site.sample = None
+    return thresholds
+
+
+def use_thresholds(model: nn.Module, thresholds: Thresholds) -> None:
+    """Switch every Top-K site of ``model`` to its calibrated threshold."""
+    layers = adapter_for(model).layers()
+    if len(thresholds) != len(layers):
+        raise LarosaError(f"{len(thresholds)} layers of thresholds given for a model of {len(layers)} layers")
+    for layer, layer_thresholds in zip(layers, thresholds):
+        for name, site in site_protocol.of(layer).items():
+            site.threshold = layer_thresholds[name]
+    state = site_protocol.settings(model)
+    state.update(select="threshold", thresholds=[dict(t) for t in thresholds])
