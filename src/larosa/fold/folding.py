@@ -194,10 +194,10 @@ def fold_streamed(model: nn.Module, config: LaRoSaConfig, out: str | os.PathLike
     shards: list[str] = []
 
     def write(staged: Path, tensors: dict[str, torch.Tensor]) -> None:
-        _check_finite(next((k for k, v in tensors.items() if not torch.isfinite(v.to(dtype)).all()), None))
+        tensors = {k: v.to(dtype).contiguous() for k, v in tensors.items()}
+        _check_finite(next((k for k, v in tensors.items() if not torch.isfinite(v).all()), None))
         shards.append(f"model-{len(shards) + 1:05d}-of-{n_shards:05d}.safetensors")
-        save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, staged / shards[-1],
-                  metadata={"format": "pt"})
+        save_file(tensors, staged / shards[-1], metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, shards[-1]))
 
     with staged_dir(out, overwrite) as staged:
