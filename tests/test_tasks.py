@@ -170,3 +170,17 @@ def test_eval_tasks_runs_a_peer_and_labels_it(lm_dir, task_data, tmp_path, capsy
                          "--calib-windows", 1, "--calib-seq-len", 256, "--quiet")  # the default 2048 > its context
     assert code == 0, err
     assert "| TEAL uniform | 0.400 | acc |" in out
+
+
+def test_eval_tasks_on_a_model_giving_nan_is_an_error(lm_dir, task_data, capsys):
+    """lm-eval ranks choices by log-likelihood, so NaN logits would still give an accuracy (issue 16)."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(lm_dir / "model.safetensors")
+    weights["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(weights, lm_dir / "model.safetensors", metadata={"format": "pt"})
+    code, out, err = run(capsys, "eval", "tasks", lm_dir, "--tasks", "boolq", "--limit", 2, "--task-data", task_data,
+                         "--quiet")
+    assert code == 2 and out == "" and err.strip().splitlines()[-1] == (
+        "larosa: error: the model gives NaN or Inf: its model.layers.1.mlp.down_proj.weight holds NaN or Inf; larosa "
+        "cannot use this model as it is")

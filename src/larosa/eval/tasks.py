@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import LarosaError
+from ..streaming import check_finite
 
 TASK_DATA_ENV = "LAROSA_TASK_DATA"
 
@@ -173,11 +174,15 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], *, task_data: str | os.Pa
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         if not progress:  # the scoring bar; the evaluator has no switch for it (all eight tasks score this way)
             lm.loglikelihood = functools.partial(lm.loglikelihood, disable_tqdm=True)
+        # lm-eval ranks the choices by log-likelihood: NaN logits would still give an accuracy
+        guard = model.register_forward_hook(lambda m, args, out: check_finite(out.logits, "the model", m))
         try:
             out = lm_eval.simple_evaluate(lm, tasks=tasks, task_manager=manager, num_fewshot=0, limit=limit,
                                           log_samples=False)
         except ConnectionError as e:  # `datasets` could not reach the hub
             raise LarosaError(f"{e}; offline, give --task-data or ${TASK_DATA_ENV}") from e
+        finally:
+            guard.remove()
     per_task = {}
     for task in tasks:
         metrics = out["results"][task]
