@@ -290,23 +290,31 @@ def _kept(message: str) -> Path:
     return Path(found.group(1))
 
 
-def test_a_result_whose_out_fails_at_the_end_is_kept_and_found(model_dir, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("command", ["calibrate", "compare"])
+def test_a_result_whose_out_fails_at_the_end_is_kept_and_found(command, model_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("LAROSA_CACHE", str(tmp_path / "cache"))
-    real = larosa.cli.calibrate
-    results = tmp_path / "results"
+    text, results = tmp_path / "text.txt", tmp_path / "results"
+    module, name = {"calibrate": (larosa.cli, "calibrate"), "compare": (larosa.compare, "perplexity")}[command]
+    real = getattr(module, name)
 
-    def calibrate_then_lose_the_out_directory(*args, **kwargs):
-        rot = real(*args, **kwargs)
+    def work_then_lose_the_out_directory(*args, **kwargs):
+        result = real(*args, **kwargs)
         shutil.rmtree(results)
         results.write_text("a file took the directory's place")
-        return rot
+        return result
 
-    monkeypatch.setattr(larosa.cli, "calibrate", calibrate_then_lose_the_out_directory)
-    message = error(capsys, "calibrate", model_dir, "--data", tmp_path / "text.txt", "--out",
-                    results / "r.safetensors", "--windows", 2, "--seq-len", 32, "--quiet")
+    monkeypatch.setattr(module, name, work_then_lose_the_out_directory)
+    out = {"calibrate": results / "r.safetensors", "compare": results}[command]
+    extra = {"calibrate": (), "compare": ("--calib-data", text, "--calib-windows", 2, "--methods", "dense")}[command]
+    message = error(capsys, command, model_dir, "--data", text, "--windows", 2, "--seq-len", 32, "--quiet", *extra,
+                    "--out", out)
     kept = _kept(message)
-    assert f"could not write {results / 'r.safetensors'}" in message and kept.is_relative_to(tmp_path / "cache")
-    assert Rotations.load(kept).meta["windows"] == "2"
+    assert message.startswith(f"larosa: error: could not write {out}: ") and kept.is_relative_to(tmp_path / "cache")
+    assert results.read_text() == "a file took the directory's place"
+    if command == "calibrate":
+        assert Rotations.load(kept).meta["windows"] == "2"
+    else:  # a comparison directory to resume from
+        assert [r["method"] for r in json.loads((kept / "compare.json").read_text())["rows"]] == ["dense"]
 
 
 def test_a_folded_model_whose_out_appears_meanwhile_is_kept(model_dir, rot, tmp_path, capsys, monkeypatch):
