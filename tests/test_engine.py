@@ -60,7 +60,12 @@ def test_folded_engine_is_sparse_where_the_config_says(pair):
     layer = engine.layers[0]
     # d=64, 50 % nominal: 0.4 at rotated inputs (k=38), 0.6 at o_proj (k=26) and down_proj (I=96: k=38).
     assert (layer.qkv.k, layer.o.k, layer.gate_up.k, layer.down.k) == (38, 26, 38, 38)
-    assert layer.qkv.weight.shape == (64, 64 + 2 * 32)  # input-major: a kept input is one contiguous row
+    # the model's layout on the CPU (the Hugging Face product bit for bit); input-major, a kept input one contiguous
+    # row for the kernels, on CUDA
+    assert not layer.qkv.input_major and layer.qkv.weight.shape == (64 + 2 * 32, 64)
+    on_gpu = Transformer.from_hf(copy.deepcopy(pair[1]).cuda(), max_seq=8).layers[0] if torch.cuda.is_available() \
+        else None
+    assert on_gpu is None or (on_gpu.qkv.input_major and on_gpu.qkv.weight.shape == (64, 64 + 2 * 32))
     assert layer.mid_adapter is not None and engine.layers[-1].out_adapter is None
     dense = Transformer.from_hf(pair[0], max_seq=8).layers[0]
     assert dense.qkv.k is None and dense.qkv.weight.shape == (128, 64) and dense.mid_adapter is None

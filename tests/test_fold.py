@@ -263,7 +263,8 @@ def test_interrupted_streamed_fold_leaves_nothing_behind(tmp_path, monkeypatch):
         if len(written) == 3:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(sys.modules["larosa.fold.folding"], "save_file", crash_on_the_third_shard)  # the module, not larosa.fold
+    # the module (larosa.fold.folding), not the package
+    monkeypatch.setattr(sys.modules["larosa.fold.folding"], "save_file", crash_on_the_third_shard)
     with pytest.raises(KeyboardInterrupt):
         fold_streamed(lazy, folding(rot, 0.4), tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]

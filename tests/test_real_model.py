@@ -54,3 +54,21 @@ def test_two_processes_building_the_cached_model_at_once_both_succeed(tmp_path, 
     out = assets.smollm2_dir()
     assert out == tmp_path / "models" / "SmolLM2-135M-Instruct"
     assert (out / "config.json").exists() and (out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.4])
+def test_smollm2_folded_generates_the_greedy_tokens_of_transformers(sparsity):
+    """`larosa generate`'s engine on the real model, folded, on the CPU in float32: transformers' greedy tokens,
+    with the chat template."""
+    from larosa.runtime import generate
+
+    model, tok = larosa.load_model("builtin:smollm2", device="cpu")
+    calib = larosa.token_windows(tok, str(SHARED_DATA / "calib-wikipedia.txt"), 2, 256)
+    rot = larosa.calibrate(model, calib, signal="gainfree", progress=False)
+    folded = larosa.sparsify(model, larosa.LaRoSaConfig(rot, sparsity=sparsity, mode="folded"))
+    question = "What does a rotation matrix preserve?"
+    ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"]
+    ref = folded.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1]:].tolist()
+    got = generate(folded, tok, question, chat=True, max_new_tokens=24)
+    assert got["tokens"] == ref and got["text"] == tok.decode(ref, skip_special_tokens=True)

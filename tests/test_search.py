@@ -129,7 +129,8 @@ def test_search_holds_the_target_and_round_trips_through_a_plan_file(calibrated,
     with pytest.raises(larosa.LarosaError, match="no plan for target 0.4, scope global"):
         select(again, 0.4, "global")
     simulated = larosa.sparsify(copy.deepcopy(model), LaRoSaConfig(rot, plan=plan))
-    assert larosa.describe(simulated)["scope"] == "block" and larosa.describe(simulated)["sparsity_source"] == "searched"
+    report = larosa.describe(simulated)
+    assert report["scope"] == "block" and report["sparsity_source"] == "searched"
     with pytest.raises(larosa.LarosaError, match="searched for scope 'block', not 'global'"):
         LaRoSaConfig(rot, plan=plan, scope="global")
     with pytest.raises(larosa.LarosaError, match="searched on"):

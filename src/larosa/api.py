@@ -72,8 +72,8 @@ def describe(model: nn.Module, config: LaRoSaConfig | None = None) -> dict:
                 "sparsity_source": state["method"], "scope": None, "signal": None, "score": None,
                 "head_rotation": False, "select": "threshold", "adapter_overhead": 0.0}
     scope = state["scope"]
-    label = f"{LABELS['larosa']} {state['mode']}, {scope} scope" + (", thresholds" if state["select"] == "threshold"
-                                                                      else "")
+    select = "thresholds" if state["select"] == "threshold" else "exact Top-K"
+    label = f"{LABELS['larosa']} {state['mode']}, {scope} scope, {select}"
     return {"method": "larosa", "label": label, "mode": state["mode"], **report(state["levels"], dims),
             "sparsity_source": state["source"], "scope": scope, "signal": state["signal"], "score": state["score"],
             "head_rotation": state["head_rotation"], "select": state["select"],

@@ -285,9 +285,8 @@ def _print_text(command: str, out: dict) -> None:
               f"parameter-weighted sparsity {out['param_weighted_sparsity']:.4f}, "
               f"residual adapters {out['adapter_overhead']:.1%} of a layer's weight bytes")
     elif command == "generate":
-        select = "thresholds" if out["select"] == "threshold" else "exact Top-K"
         sparsity = "dense" if out["mode"] == "dense" else (
-            f"{out['label']}, parameter-weighted sparsity {out['param_weighted_sparsity']:.3f}, {select}")
+            f"{out['label']}, parameter-weighted sparsity {out['param_weighted_sparsity']:.3f}")
         print(f"\n\n[{out['new_tokens']} tokens, {out['tokens_per_s']:.1f} tokens/s; {sparsity}; {out['device']} "
               f"{out['dtype']}]")
     elif command == "calibrate":

@@ -21,7 +21,7 @@ from ..fold import FoldedSettings
 from ..kernels import pdl_supported, threshold_state
 from ..sparsity import sites
 from ..sparsity.levels import keep_count, site_sizes
-from ..sparsity.topk import topk
+from ..sparsity.topk import keep_top, score
 from . import ops
 
 HALF = (torch.bfloat16, torch.float16)  # the kernels' activations
@@ -31,10 +31,12 @@ class Proj(nn.Module):
     """y = x Wᵀ + b, or with ``k``, y = topk(x, k) Wᵀ + b, or with ``threshold``, y = (x where |x| >= threshold) Wᵀ
     + b, reading only the kept rows of W.
 
-    At decode on CUDA (one token, 16-bit) the kept rows are read by the Triton kernels: exact Top-K is the
-    threshold search and the fused GEMV (as a programmatic dependent launch where the GPU allows: Llama-2-7B at
-    50 % decoded 1.7 to 2.4 % faster on the H200); a calibrated threshold is the fused GEMV alone. ``scale``
-    (weight-aware scores) rewrites the product exactly as (x ⊙ s)(W / s)ᵀ, so that the kernels rank x ⊙ s.
+    On CUDA the weight of a sparse projection is stored input-major, and at decode (one token, 16-bit) the Triton
+    kernels read only its kept rows: exact Top-K is the threshold search and the fused GEMV (as a programmatic
+    dependent launch where the GPU allows: Llama-2-7B at 50 % decoded 1.7 to 2.4 % faster on the H200); a
+    calibrated threshold is the fused GEMV alone. There ``scale`` (weight-aware scores) rewrites the product
+    exactly as (x ⊙ s)(W / s)ᵀ, so that the kernels rank x ⊙ s. Elsewhere the weight keeps the model's layout and
+    the product is the one the Hugging Face module computes, bit for bit.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, k: int | None = None,
@@ -43,28 +45,34 @@ class Proj(nn.Module):
         self.threshold = threshold
         self.k = None if threshold is not None or k is None or k >= weight.shape[1] else k
         sparse = self.k is not None or threshold is not None
+        self.input_major = sparse and weight.is_cuda
         self.scale = nn.Parameter(scale, requires_grad=False) if scale is not None and sparse else None
-        if self.scale is not None:
-            weight = (weight.double() / scale.double()).to(weight.dtype)
-        self.weight = nn.Parameter(weight.T.contiguous() if sparse else weight, requires_grad=False)
+        if self.input_major:
+            if self.scale is not None:
+                weight = (weight.double() / scale.double()).to(weight.dtype)
+            weight = weight.T.contiguous()
+        self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         state = threshold_state(threshold, weight.dtype, weight.device) if threshold is not None and \
-            weight.dtype in HALF else None
+            self.input_major and weight.dtype in HALF else None
         self.register_buffer("state", state, persistent=False)
         self.pdl = weight.is_cuda and pdl_supported(weight.device)
 
+    def keep(self, x: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return keep_top(x, scores, self.k) if self.threshold is None else x.masked_fill(scores < self.threshold, 0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.scale is not None:
-            x = x * self.scale
         if self.k is None and self.threshold is None:
             return F.linear(x, self.weight, self.bias)
-        if x.shape[0] == 1 and x.is_cuda and x.dtype in HALF:
+        if not self.input_major:
+            return F.linear(self.keep(x, score(x, self.scale)), self.weight, self.bias)
+        if self.scale is not None:
+            x = x * self.scale
+        if x.shape[0] == 1 and x.dtype in HALF:
             y = (ops.threshold_gemv(x[0], self.weight, self.state) if self.state is not None
                  else ops.topk_gemv(x[0], self.weight, self.k, self.pdl))[None]
-        elif self.threshold is not None:
-            y = x.masked_fill(x.abs() < self.threshold, 0) @ self.weight
         else:
-            y = topk(x, self.k) @ self.weight
+            y = self.keep(x, x.abs()) @ self.weight
         return y if self.bias is None else y + self.bias
 
 
@@ -120,7 +128,7 @@ class Layer(nn.Module):
         self.out_adapter = None if out_adapter is None else Proj(out_adapter)
         self.cache: KVCache | None = None  # set by Transformer, which knows the cache length
 
-    def forward(self, h, cos, sin, pos, mask):
+    def forward(self, h, cos, sin, pos, mask, kv_len: int | None = None):
         s = self.shape
         t = h.shape[0]
         q, k, v = self.qkv(self.attn_norm(h)).split(
@@ -130,8 +138,12 @@ class Layer(nn.Module):
         v = v.view(t, s.n_kv_heads, s.head_dim).transpose(0, 1)
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         k_cache, v_cache = self.cache.update(pos, k, v)
-        attn = F.scaled_dot_product_attention(q[None], k_cache[None], v_cache[None], attn_mask=mask[None, None],
-                                              enable_gqa=True)
+        if kv_len is None:  # the whole static cache, masked: one shape for every step (CUDA graphs)
+            attn = F.scaled_dot_product_attention(q[None], k_cache[None], v_cache[None], attn_mask=mask[None, None],
+                                                  scale=s.head_dim**-0.5, enable_gqa=True)
+        else:  # the keys written so far, read as transformers' own attention reads them: its numbers, bit for bit
+            attn = F.scaled_dot_product_attention(q[None], k_cache[None, :, :kv_len], v_cache[None, :, :kv_len],
+                                                  is_causal=t > 1, scale=s.head_dim**-0.5, enable_gqa=True)
         h = h + self.o(attn[0].transpose(0, 1).reshape(t, -1))
         if self.mid_adapter is not None:
             h = self.mid_adapter(h)
@@ -159,11 +171,16 @@ class Transformer(nn.Module):
         self.max_seq = max_seq
 
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Logits for ``tokens`` (1-D) at cache positions ``pos`` (1-D, same length)."""
+        """Logits for ``tokens`` (1-D) at cache positions ``pos`` (1-D, same length, consecutive)."""
         h = self.embedding[tokens]
         cos, sin, mask = self.cos[pos][None], self.sin[pos][None], self.causal[pos]
+        # Off CUDA there is no graph to keep one shape for: attend to the written keys only (a prefill from 0, or
+        # one token), as transformers does. On CUDA the static, masked cache keeps the decode step capturable.
+        kv_len = None
+        if not tokens.is_cuda and (tokens.numel() == 1 or int(pos[0]) == 0):
+            kv_len = int(pos[-1]) + 1
         for layer in self.layers:
-            h = layer(h, cos, sin, pos, mask)
+            h = layer(h, cos, sin, pos, mask, kv_len)
         return self.lm_head(self.final_norm(h)).float()
 
     @classmethod

@@ -12,7 +12,7 @@ METHODS = ("dense", "larosa", "teal", "teal-greedy", "cats")
 LABELS = {"dense": "dense", "larosa": "LaRoSa", "teal": "TEAL uniform", "teal-greedy": "TEAL greedy", "cats": "CATS"}
 
 __all__ = [
-    "DEFAULT_SCOPE", "DEFAULT_SPLIT", "LABELS", "METHODS", "MODES", "SCORES", "SELECTS", "SITES", "CatsConfig", "LaRoSaConfig",
-    "Plan", "Sparsity", "SparsityConfig", "TealConfig", "load_plans", "measured_param_weighted", "save_plans",
-    "site_sparsity",
+    "DEFAULT_SCOPE", "DEFAULT_SPLIT", "LABELS", "METHODS", "MODES", "SCORES", "SELECTS", "SITES", "CatsConfig",
+    "LaRoSaConfig", "Plan", "Sparsity", "SparsityConfig", "TealConfig", "load_plans", "measured_param_weighted",
+    "save_plans", "site_sparsity",
 ]
