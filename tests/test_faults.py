@@ -172,10 +172,10 @@ def broken(request, model_dir, tmp_path):
     weights = load_file(path / "model.safetensors")
     if request.param == "fp16-overflow":
         weights["model.layers.1.post_attention_layernorm.weight"].fill_(6e4)
-        dtype, cause = "float16", "its activations overflow in torch.float16"
+        dtype, cause = "float16", "its activations overflow in torch.float16 (use a wider --dtype"
     else:
         weights["model.layers.1.mlp.down_proj.weight"][3, 5] = float(request.param)
-        dtype, cause = "float32", "mlp.down_proj.weight holds NaN or Inf"
+        dtype, cause = "float32", "mlp.down_proj.weight holds NaN or Inf (a broken checkpoint"
     save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
     return path, dtype, cause
 
@@ -441,7 +441,8 @@ def test_ctrl_c_is_one_line_and_leaves_nothing_behind(command, model_dir, rot, t
                              "rotations file from larosa calibrate goes to --rotations"),
     (("eval", "ppl", "MODEL", "--rotations", "MODEL", "--sparsity", 0.4),
      "MODEL is a directory, not a rotations file; give the .safetensors file that larosa calibrate wrote"),
-    (("eval", "ppl", "./models/llama-7b"), "model directory ./models/llama-7b does not exist"),
+    (("eval", "ppl", "./models/llama-7b"), "model directory ./models/llama-7b does not exist; give a model "
+                                           "directory, a Hugging Face name (org/model) or builtin:smollm2"),
     (("eval", "ppl", "MODEL", "--rotations", "ROT"), "--rotations needs --sparsity, --target, --plan or --site"),
     (("eval", "ppl", "MODEL", "--rotations", "ROT", "--target", 0.9),
      "target 0.9 is out of reach of split 0.8,1.2: it needs nominal sparsity 0.964, 1.157 at a site; this split "

@@ -182,5 +182,5 @@ def test_eval_tasks_on_a_model_giving_nan_is_an_error(lm_dir, task_data, capsys)
     code, out, err = run(capsys, "eval", "tasks", lm_dir, "--tasks", "boolq", "--limit", 2, "--task-data", task_data,
                          "--quiet")
     assert code == 2 and out == "" and err.strip().splitlines()[-1] == (
-        "larosa: error: the model gives NaN or Inf: its model.layers.1.mlp.down_proj.weight holds NaN or Inf; larosa "
-        "cannot use this model as it is")
+        "larosa: error: the model gives NaN or Inf: its model.layers.1.mlp.down_proj.weight holds NaN or Inf (a "
+        "broken checkpoint: download or save the model again)")

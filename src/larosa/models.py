@@ -78,7 +78,8 @@ def resolve(name: str) -> str:
     try:
         validate_repo_id(name)
     except HFValidationError:
-        raise LarosaError(f"model directory {name} does not exist") from None
+        raise LarosaError(f"model directory {name} does not exist; give a model directory, a Hugging Face name "
+                          "(org/model) or builtin:smollm2") from None
     return name
 
 

@@ -72,8 +72,9 @@ def check_finite(x: torch.Tensor, what: str, module: nn.Module) -> None:
     if bool(torch.isfinite(x).all()):
         return
     bad = nonfinite(module)
-    cause = f"its {bad} holds NaN or Inf" if bad else f"its activations overflow in {x.dtype}"
-    raise LarosaError(f"{what} gives NaN or Inf: {cause}; larosa cannot use this model as it is")
+    cause = (f"its {bad} holds NaN or Inf (a broken checkpoint: download or save the model again)" if bad else
+             f"its activations overflow in {x.dtype} (use a wider --dtype: bfloat16 or float32)")
+    raise LarosaError(f"{what} gives NaN or Inf: {cause}")
 
 
 def run_layer(layer: nn.Module, call: tuple, x: torch.Tensor) -> torch.Tensor:

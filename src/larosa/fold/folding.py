@@ -166,8 +166,9 @@ def fold(model: nn.Module, config: LaRoSaConfig) -> nn.Module:
 
 def _check_finite(bad: str | None) -> None:
     if bad is not None:
-        raise LarosaError(f"the folded {bad} holds NaN or Inf: the model's weights are not finite, or overflow in "
-                          "its dtype; nothing was written")
+        raise LarosaError(f"the folded {bad} holds NaN or Inf, so nothing was written: the model's weights are not "
+                          "finite (larosa eval ppl names the broken one), or overflow in its dtype (use a wider "
+                          "--dtype)")
 
 
 @torch.no_grad()
