@@ -6,6 +6,9 @@ the decode profile). Here the cache is split into chunks of positions: a program
 chunk, keeps a running max and sum of its softmax over the chunk (the online softmax), and writes its partial
 output; a second launch combines a head's chunks. Only positions up to the current one (read from the device, so
 one CUDA graph serves every step) are read; chunks past it return at once.
+
+Not used by the engine yet: in its first end-to-end run it moved nothing (benchmarks/NOTES-kernels.md, session 5),
+and it waits for a profile.
 """
 
 from __future__ import annotations

@@ -138,10 +138,7 @@ class Layer(nn.Module):
         v = v.view(t, s.n_kv_heads, s.head_dim).transpose(0, 1)
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         k_cache, v_cache = self.cache.update(pos, k, v)
-        if kv_len is None and t == 1 and q.is_cuda and not s.head_dim & (s.head_dim - 1):
-            # a decode step: the Triton kernel reads keys 0..pos only (a flash kernel spent 8 us a layer here)
-            attn = ops.decode_attention(q[:, 0].contiguous(), k_cache, v_cache, pos, s.head_dim**-0.5)[None, :, None]
-        elif kv_len is None:  # the whole static cache, masked: one shape for every step (CUDA graphs)
+        if kv_len is None:  # the whole static cache, masked: one shape for every step (CUDA graphs)
             attn = F.scaled_dot_product_attention(q[None], k_cache[None], v_cache[None], attn_mask=mask[None, None],
                                                   scale=s.head_dim**-0.5, enable_gqa=True)
         else:  # the keys written so far, read as transformers' own attention reads them: its numbers, bit for bit

@@ -1,4 +1,4 @@
-"""The Triton kernels (Top-K GEMVs, decode attention) as torch custom ops: torch.compile traces them as opaque calls, so a compiled decode step is
+"""The Top-K kernels as torch custom ops: torch.compile traces them as opaque calls, so a compiled decode step is
 one graph (a Python call behind ``torch.compiler.disable`` broke it into one frame per projection, and those
 frames recompiled for every input width until dynamo's limit, after which they ran uncompiled)."""
 
@@ -20,17 +20,6 @@ def topk_gemv(x: Tensor, wt: Tensor, k: int, pdl: bool) -> Tensor:
 def threshold_gemv(x: Tensor, wt: Tensor, state: Tensor) -> Tensor:
     """(x with |x| below a calibrated threshold zeroed) @ wt for one token: the fused GEMV alone."""
     return kernels.threshold_gemv(x, wt, state)
-
-
-@torch.library.custom_op("larosa::decode_attention", mutates_args=())
-def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, scale: float) -> Tensor:
-    """One token's attention over the cached keys 0..pos ([n_heads, head_dim] -> [n_heads, head_dim])."""
-    return kernels.decode_attention(q, k_cache, v_cache, pos, scale)
-
-
-@decode_attention.register_fake
-def _(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, scale: float) -> Tensor:
-    return torch.empty_like(q)
 
 
 @topk_gemv.register_fake
