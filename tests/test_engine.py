@@ -258,3 +258,18 @@ def test_transformers_generate_on_cuda_takes_the_engine():
     out = folded.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0)
     key, engine = folded.__dict__[hf_path.ENGINE]
     assert out.shape == (1, 17) and engine.graph is not None and engine.model.layers[0].qkv.k is not None
+
+
+def test_engine_runs_the_input_form_like_the_hf_model():
+    model = tiny_model("llama")
+    rot = larosa.calibrate(model, random_windows(4, seed=3), signal="gain", progress=False)
+    folded = larosa.sparsify(copy.deepcopy(model), larosa.LaRoSaConfig(rot, sparsity=0.5, mode="folded",
+                                                                       scope="block", form="input"))
+    tokens = random_windows(1, seq_len=20)[0]
+    with torch.no_grad():
+        ref = folded(tokens[None]).logits[0]
+    engine = Engine(Transformer.from_hf(folded, max_seq=32))
+    assert engine.model.layers[0].attn_transform is not None and engine.model.layers[0].mid_adapter is None
+    assert _rel(engine.model(tokens[:12], torch.arange(12)), ref[:12]) < 1e-5
+    for pos in range(12, 20):
+        assert _rel(engine.step(tokens[pos : pos + 1], pos), ref[pos : pos + 1]) < 1e-5

@@ -294,3 +294,33 @@ def test_folded_threshold_selection_equals_simulate_and_survives_save_and_load(c
     lazy_model, _ = larosa.load_lazy(saved_tiny(tmp_path / "m"))
     with pytest.raises(larosa.LarosaError, match="calibrated thresholds, not calibration windows"):
         fold_streamed(lazy_model, folding(rot, 0.5, select="threshold", calib=calib), tmp_path / "s")
+
+
+@pytest.mark.parametrize("signal", ["gain", "gainfree"])
+@pytest.mark.parametrize("scope", ["global", "layer", "block"])
+def test_the_input_form_is_dense_at_zero_and_simulate_at_any_sparsity(signal, scope, tmp_path):
+    """The input form transforms each block's normed input by diag(g) Q (Q for the gain-free signal) and leaves the
+    residual stream alone: at sparsity 0 it is the dense model, and at 50 % it is simulate mode with the same Q,
+    whichever signal the rotations came from (the residual form folds only the gain-free one exactly)."""
+    for arch, tie in (("llama", False), ("qwen2", True)):
+        model, windows = tiny_model(arch, tie), random_windows(2)
+        rot = larosa.calibrate(model, random_windows(4, seed=3), signal=signal, progress=False)
+        with torch.no_grad():
+            dense = model(windows).logits
+            zero = fold(copy.deepcopy(model), folding(rot, 0.0, scope=scope, form="input", head_rotation=True))
+            assert _rel(zero(windows).logits, dense) < 1e-4
+            folded = fold(copy.deepcopy(model), folding(rot, 0.5, scope=scope, form="input"))
+            simulated = larosa.sparsify(copy.deepcopy(model), LaRoSaConfig(rot, sparsity=0.5, scope=scope))
+            a, b = folded(windows).logits, simulated(windows).logits
+            assert _rel(a, b) < 1e-4 and _rel(b, dense) > 1e-2
+        assert larosa.site_sparsity(folded) == pytest.approx(larosa.site_sparsity(simulated))
+        transforms = [n for n, _ in folded.named_modules() if n.endswith("_transform")]
+        assert len(transforms) == 6 and not [n for n, m in folded.named_modules() if n.endswith("_adapter") and m]
+        assert larosa.describe(folded)["form"] == "input"
+        assert larosa.describe(folded)["adapter_overhead"] == pytest.approx(2 * 64**2 / 30720)
+    out = save_folded(folded, None, tmp_path / "f")
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        assert torch.equal(loaded(windows).logits, a)
+    with pytest.raises(larosa.LarosaError, match="folded mode only"):
+        LaRoSaConfig(rot, sparsity=0.5, form="input")

@@ -65,16 +65,16 @@ def describe(model: nn.Module, config: LaRoSaConfig | None = None) -> dict:
     if state is None:
         return {"method": "dense", "label": LABELS["dense"], "mode": "dense", **report(None, dims),
                 "sparsity_source": None, "scope": None, "signal": None, "score": None, "head_rotation": False,
-                "select": None, "adapter_overhead": 0.0}
+                "select": None, "form": None, "adapter_overhead": 0.0}
     if state["method"] != "larosa":  # a peer: thresholds calibrated for a parameter-weighted target
         return {"method": state["method"], "label": LABELS[state["method"]], "mode": "simulate",
                 "nominal_sparsity": None, "param_weighted_sparsity": state["target"], "configured_site_sparsity": {},
                 "sparsity_source": state["method"], "scope": None, "signal": None, "score": None,
-                "head_rotation": False, "select": "threshold", "adapter_overhead": 0.0}
+                "head_rotation": False, "select": "threshold", "form": None, "adapter_overhead": 0.0}
     scope = state["scope"]
     select = "thresholds" if state["select"] == "threshold" else "exact Top-K"
     label = f"{LABELS['larosa']} {state['mode']}, {scope} scope, {select}"
     return {"method": "larosa", "label": label, "mode": state["mode"], **report(state["levels"], dims),
             "sparsity_source": state["source"], "scope": scope, "signal": state["signal"], "score": state["score"],
-            "head_rotation": state["head_rotation"], "select": state["select"],
-            "adapter_overhead": adapter_overhead(dims, scope) if state["mode"] == "folded" else 0.0}
+            "head_rotation": state["head_rotation"], "select": state["select"], "form": state["form"],
+            "adapter_overhead": adapter_overhead(dims, scope, state["form"]) if state["mode"] == "folded" else 0.0}

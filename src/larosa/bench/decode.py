@@ -36,14 +36,15 @@ CONFIGS = {
 }
 
 
-def byte_ideal_speedup(dims: Dims, sparsity: SparsityConfig | None, scope: str | None, context: int) -> float:
+def byte_ideal_speedup(dims: Dims, sparsity: SparsityConfig | None, scope: str | None, context: int,
+                       form: str = "residual") -> float:
     """Bytes read per decoded token, dense over sparse: every decoder linear at (1 - s_site), the residual
     adapters dense, lm_head dense, the KV cache at ``context`` positions (docs/method.md, sparsity accounting)."""
 
     def per_token(cfg: SparsityConfig | None, adapter_scope: str | None) -> float:
         sites = site_weights(dims)
         linear = sum(w * (1 - (cfg.sites()[s] if cfg else 0.0)) for s, w in sites.items())
-        adapters = adapter_overhead(dims, adapter_scope) * sum(sites.values())
+        adapters = adapter_overhead(dims, adapter_scope, form) * sum(sites.values())
         kv = 2 * dims.kv * context
         return dims.n_layers * (linear + adapters + kv) + dims.vocab * dims.hidden
 
@@ -146,7 +147,8 @@ def bench_decode(config: str | None = "llama2-7b", sparsities: list[float] = (0.
             row["measured_param_weighted"] = _measured(model, _random_windows(dims, 2, 128, seed=1))
         row["tokens_per_s"] = _engine_tokens_per_s(model, max_seq, prompt, tokens, repeats, compile, select)
         uniform = levels[0] if levels and all(c == levels[0] for c in levels) else None
-        row["byte_ideal_speedup"] = (byte_ideal_speedup(dims, uniform, row["scope"], max_seq)
+        row["byte_ideal_speedup"] = (byte_ideal_speedup(dims, uniform, row["scope"], max_seq,
+                                                        folded.form if folded else "residual")
                                      if uniform or not levels else None)
         weight_bytes = 2 * (dims.n_layers * sum(site_weights(dims).values()) + dims.vocab * dims.hidden)
         row["weight_floor_tokens_per_s"] = bandwidth * 1e9 / weight_bytes

@@ -72,7 +72,7 @@ def _larosa_config(a: argparse.Namespace, mode: str, tok) -> LaRoSaConfig | None
     calib = _calib_windows(a, tok) if a.select == "threshold" and a.calib_data else None
     return LaRoSaConfig(Rotations.load(a.rotations) if a.rotations else None, sparsity=sparsity,
                         target=None if plan else a.target, plan=plan, split=a.split, scope=a.scope, score=a.score,
-                        mode=mode, head_rotation=a.head_rotation, select=a.select, calib=calib)
+                        mode=mode, head_rotation=a.head_rotation, form=a.form, select=a.select, calib=calib)
 
 
 def _check_select(a: argparse.Namespace) -> None:
@@ -160,7 +160,7 @@ def _cmd_sparsify(a: argparse.Namespace) -> dict:
         settings = FoldedSettings.of(folded.config)
     return {"out": a.out, **settings.to_dict(), "sparsity_source": config.source,
             "param_weighted_sparsity": param_weighted(settings.levels, dims),
-            "adapter_overhead": adapter_overhead(dims, settings.scope)}
+            "adapter_overhead": adapter_overhead(dims, settings.scope, settings.form)}
 
 
 def _cmd_search(a: argparse.Namespace) -> dict:
@@ -283,7 +283,7 @@ def _print_text(command: str, out: dict) -> None:
     elif command == "sparsify":
         print(f"wrote {out['out']}: {out['scope']} scope, head rotation {out['head_rotation']}, "
               f"parameter-weighted sparsity {out['param_weighted_sparsity']:.4f}, "
-              f"residual adapters {out['adapter_overhead']:.1%} of a layer's weight bytes")
+              f"{out['form']} form, dense d x d matrices {out['adapter_overhead']:.1%} of a layer's weight bytes")
     elif command == "generate":
         sparsity = "dense" if out["mode"] == "dense" else (
             f"{out['label']}, parameter-weighted sparsity {out['param_weighted_sparsity']:.3f}")

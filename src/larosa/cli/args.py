@@ -15,7 +15,7 @@ from ..compare import ROWS
 from ..errors import LarosaError
 from ..models import DTYPES, check_device
 from ..rotations import SCOPES, SIGNALS
-from ..sparsity import DEFAULT_SCOPE, DEFAULT_SPLIT, SCORES, SELECTS, SITES
+from ..sparsity import DEFAULT_SCOPE, DEFAULT_SPLIT, FORMS, SCORES, SELECTS, SITES
 from ..version import __version__
 
 DATA_HELP = "wikitext2[:split], builtin:wiki, builtin:c4, or a .txt / .jsonl file"
@@ -116,6 +116,10 @@ def _larosa(p: argparse.ArgumentParser, folded_only: bool) -> None:
                         "(default: the plan's, else magnitude)")
     p.add_argument("--head-rotation", action="store_true",
                    help="folded only: rotate the o_proj input per KV head (free at run time)")
+    p.add_argument("--form", choices=FORMS, default="residual",
+                   help="folded only: residual (default) rotates the residual stream, d x d adapters where the basis "
+                        "changes (none in global scope); input transforms each block's normed input by a d x d "
+                        "matrix (two a layer), which folds any scope and the gain-included Q exactly as simulated")
     p.add_argument("--select", choices=SELECTS, default="topk",
                    help="topk (default): exactly k entries a token at every site; threshold: every entry at or above "
                         "a per-site threshold calibrated on --calib-data to drop the site's share (k varies per "

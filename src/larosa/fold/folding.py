@@ -1,10 +1,16 @@
-"""Folding: norm gains and rotations into the weights (the paper's Fig. 2).
+"""Folding: norm gains and rotations into the weights (the paper's Fig. 2), in one of two forms.
 
-The residual stream of layer l is carried in basis Q_l, so no block input is rotated at run time; Top-K runs
-directly on the gain-free norm output. The only online rotation left is a d x d residual adapter where the
-basis changes: none for the ``global`` scope, one per layer for ``layer``, two for ``block``. The equations are
-in docs/method.md (shared with the project). A model larger than RAM is folded and written one layer at a time
-by :func:`fold_streamed`.
+``residual``: the residual stream of layer l is carried in basis Q_l, so no block input is rotated at run time;
+Top-K runs directly on the gain-free norm output. The only online rotation left is a d x d residual adapter where
+the basis changes: none for the ``global`` scope, one per layer for ``layer``, two for ``block``. The equations are
+in docs/method.md (shared with the project).
+
+``input``: the residual stream stays in the model's basis and each block's normed input n(h) is transformed by one
+d x d matrix, diag(g) Q for Q of the gain-included signal (Q alone for the gain-free one, whose gain goes into the
+weights); the block's input projections absorb Q (W Q). Top-K then sees exactly what simulate mode's sites see,
+whatever the signal and scope, at the cost of two d x d products a layer.
+
+A model larger than RAM is folded and written one layer at a time by :func:`fold_streamed`.
 """
 
 from __future__ import annotations
@@ -64,7 +70,7 @@ class _Folding:
         adapter = adapter_for(model)
         folded_class(type(adapter))  # an architecture that cannot be folded fails here
         config.check_model(model)
-        if config.rotations.signal != "gainfree":
+        if config.rotations.signal != "gainfree" and config.form == "residual":
             warnings.warn("these rotations come from the gain-included signal, but folded Top-K sees the gain-free "
                           "one; calibrate with signal='gainfree' (--signal gainfree): on SmolLM2 at 40 % the "
                           "gain-included Q measured 28.4 PPL against 24.2", stacklevel=4)
@@ -74,26 +80,49 @@ class _Folding:
     def scope(self) -> str:
         return self.config.resolved_scope
 
+    @property
+    def form(self) -> str:
+        return self.config.form
+
     def embedding(self, weight: torch.Tensor) -> torch.Tensor:
-        """The input embedding, in the first layer's attention basis."""
+        """The input embedding, in the first layer's attention basis (the model's own in the input form)."""
+        if self.form == "input":
+            return weight.detach().clone()
         return (_f64(weight) @ self.qs[0][0].double()).to(weight.dtype)
 
     def head(self, weight: torch.Tensor, final_norm: nn.Module) -> torch.Tensor:
-        """The LM head with the final norm's gain and the last basis folded in; the gain is set to 1."""
+        """The LM head with the final norm's gain and the last basis folded in; the gain is set to 1 (the input
+        form's residual is in the model's basis: the head and the norm stay)."""
+        if self.form == "input":
+            return weight.detach().clone()
         folded = (_f64(weight) * _f64(final_norm.weight) @ self.qs[-1][1].double()).to(weight.dtype)
         final_norm.weight.fill_(1.0)
         return folded
+
+    def _block_input(self, norm: nn.Module, linears, q: torch.Tensor) -> torch.Tensor | None:
+        """Gain and Q into the projections that read a block's input; the norm's gain is set to 1. Returns the
+        input form's transform of the normed input (as a Linear weight), None in the residual form."""
+        gain = _f64(norm.weight)
+        in_signal = self.form == "input" and self.config.rotations.signal == "gain"  # the transform keeps the gain
+        for lin in linears:
+            _set(lin, (_f64(lin.weight) if in_signal else _f64(lin.weight) * gain) @ q)
+        norm.weight.fill_(1.0)
+        if self.form == "residual":
+            return None
+        transform = gain[:, None] * q if in_signal else q  # z = n(h) diag(g) Q  (or n(h) Q)
+        return transform.T
 
     def layer(self, i: int, layer: nn.Module) -> dict[str, torch.Tensor]:
         """Fold decoder layer ``i`` in place; returns what the folded layer holds beyond its own weights (residual
         adapters, weight-aware scores), named relative to the layer."""
         adapter, dims = self.adapter, self.adapter.dims
         q_attn, q_mlp = (q.double() for q in self.qs[i])
-        # Attention: gain and Q into q/k/v inputs; Q back out of o_proj's output.
-        gain = _f64(adapter.attn_norm(layer).weight)
-        for lin in adapter.qkv(layer):
-            _set(lin, _f64(lin.weight) * gain @ q_attn)
-        adapter.attn_norm(layer).weight.fill_(1.0)
+        residual = self.form == "residual"
+        extra = {}
+        # Attention: gain and Q into q/k/v inputs; in the residual form, Q back out of o_proj's output.
+        transform = self._block_input(adapter.attn_norm(layer), adapter.qkv(layer), q_attn)
+        if transform is not None:
+            extra["attn_transform.weight"] = transform
         o = adapter.o_proj(layer)
         o_weight = _f64(o.weight)
         if self.config.head_rotation:
@@ -105,21 +134,22 @@ class _Folding:
             _set(v, (r.transpose(1, 2) @ v_weight).flatten(0, 1), v_bias)
             o_cols = o_weight.view(-1, dims.n_kv_heads, group, hd)
             o_weight = torch.einsum("dgmh,ghk->dgmk", o_cols, r).flatten(1)
-        _set(o, q_attn.T @ o_weight, None if o.bias is None else _f64(o.bias) @ q_attn)
+        if residual:
+            _set(o, q_attn.T @ o_weight, None if o.bias is None else _f64(o.bias) @ q_attn)
+        else:
+            _set(o, o_weight)
         # MLP: the same with Q_mlp.
-        gain = _f64(adapter.mlp_norm(layer).weight)
-        for lin in adapter.gate_up(layer):
-            _set(lin, _f64(lin.weight) * gain @ q_mlp)
-        adapter.mlp_norm(layer).weight.fill_(1.0)
-        down = adapter.down_proj(layer)
-        _set(down, q_mlp.T @ _f64(down.weight), None if down.bias is None else _f64(down.bias) @ q_mlp)
-
-        # Residual adapters, as y = x Wᵀ: W = (Q_fromᵀ Q_to)ᵀ = Q_toᵀ Q_from.
-        extra = {}
-        if self.scope == "block":
-            extra["mid_adapter.weight"] = q_mlp.T @ q_attn
-        if self.scope != "global" and i + 1 < len(self.qs):
-            extra["out_adapter.weight"] = self.qs[i + 1][0].double().T @ q_mlp
+        transform = self._block_input(adapter.mlp_norm(layer), adapter.gate_up(layer), q_mlp)
+        if transform is not None:
+            extra["mlp_transform.weight"] = transform
+        if residual:
+            down = adapter.down_proj(layer)
+            _set(down, q_mlp.T @ _f64(down.weight), None if down.bias is None else _f64(down.bias) @ q_mlp)
+            # Residual adapters, as y = x Wᵀ: W = (Q_fromᵀ Q_to)ᵀ = Q_toᵀ Q_from.
+            if self.scope == "block":
+                extra["mid_adapter.weight"] = q_mlp.T @ q_attn
+            if self.scope != "global" and i + 1 < len(self.qs):
+                extra["out_adapter.weight"] = self.qs[i + 1][0].double().T @ q_mlp
         if self.config.resolved_score == "weight":  # norms of the folded weight rows: the basis and gain Top-K sees
             for site, norms in weight_norms(adapter, layer).items():
                 extra[f"{sites.ATTR}.{site}.scale"] = norms
@@ -134,6 +164,7 @@ class _Folding:
             head_rotation=config.head_rotation, signal=rotations.signal,
             rotations={k: v for k, v in rotations.meta.items() if k not in ("weights_fingerprint", "plans")},
             select=config.select if config.thresholds is not None else "topk", thresholds=config.thresholds,
+            form=config.form,
         )
         config_dict = {k: v for k, v in model.config.to_dict().items() if k not in ("model_type", "architectures")}
         config_class = folded_class(type(self.adapter)).config_class

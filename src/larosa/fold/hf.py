@@ -23,10 +23,11 @@ from .schema import FoldedSettings
 
 
 class FoldedDecoderLayer(nn.Module):
-    """A decoder layer of the family (same children, same weight names) plus the residual adapters of its scope;
-    its blocks are run through the family's adapter."""
+    """A decoder layer of the family (same children, same weight names) plus the residual adapters of its scope, or
+    the input transforms of the input form; its blocks are run through the family's adapter."""
 
-    def __init__(self, layer: nn.Module, adapter: Adapter, hidden: int, mid_adapter: bool, out_adapter: bool):
+    def __init__(self, layer: nn.Module, adapter: Adapter, hidden: int, mid_adapter: bool, out_adapter: bool,
+                 transforms: bool):
         super().__init__()
         for name, child in layer.named_children():
             self.add_module(name, child)
@@ -35,13 +36,17 @@ class FoldedDecoderLayer(nn.Module):
         self.family = adapter
         self.mid_adapter = nn.Linear(hidden, hidden, bias=False) if mid_adapter else None
         self.out_adapter = nn.Linear(hidden, hidden, bias=False) if out_adapter else None
+        self.attn_transform = nn.Linear(hidden, hidden, bias=False) if transforms else None
+        self.mlp_transform = nn.Linear(hidden, hidden, bias=False) if transforms else None
 
     def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
         a, h = self.family, hidden_states
-        h = h + a.attend(self, a.attn_norm(self)(h), **kwargs)
+        x = a.attn_norm(self)(h)
+        h = h + a.attend(self, x if self.attn_transform is None else self.attn_transform(x), **kwargs)
         if self.mid_adapter is not None:
             h = self.mid_adapter(h)
-        h = h + a.mlp(self)(a.mlp_norm(self)(h))
+        x = a.mlp_norm(self)(h)
+        h = h + a.mlp(self)(x if self.mlp_transform is None else self.mlp_transform(x))
         if self.out_adapter is not None:
             h = self.out_adapter(h)
         return h
@@ -67,18 +72,20 @@ class FoldedCausalLM:
         adapter = adapter_for(self)
         layers = adapter.layers()
         sizes = site_sizes(adapter.dims)
+        residual = settings.form == "residual"
         for i, layer in enumerate(layers):
             layers[i] = FoldedDecoderLayer(
-                layer, adapter, config.hidden_size, mid_adapter=settings.scope == "block",
-                out_adapter=settings.scope != "global" and i < len(layers) - 1,
+                layer, adapter, config.hidden_size, mid_adapter=residual and settings.scope == "block",
+                out_adapter=residual and settings.scope != "global" and i < len(layers) - 1, transforms=not residual,
             )
             # Weight-aware scores are saved with the weights (loaded over these placeholders).
             scales = {s: torch.ones(n) for s, n in sizes.items()} if settings.score == "weight" else None
             thresholds = settings.thresholds[i] if settings.thresholds is not None else None
-            attach(adapter, layers[i], settings.levels[i], scales=scales, thresholds=thresholds)
+            inputs = None if residual else (layers[i].attn_transform, layers[i].mlp_transform)
+            attach(adapter, layers[i], settings.levels[i], scales=scales, thresholds=thresholds, inputs=inputs)
         sites.install(self, {"method": "larosa", "mode": "folded", "levels": list(settings.levels),
                              "source": "folded", "scope": settings.scope, "score": settings.score,
-                             "signal": settings.signal, "head_rotation": settings.head_rotation,
+                             "signal": settings.signal, "head_rotation": settings.head_rotation, "form": settings.form,
                              "select": settings.select, "thresholds": settings.thresholds})
 
     def _sample(self, input_ids, *args, **kwargs):

@@ -20,6 +20,7 @@ class FoldedSettings:
     larosa_version: str = __version__
     select: str = "topk"
     thresholds: tuple[dict[str, float], ...] | None = None  # one {site: threshold} per layer, with "threshold"
+    form: str = "residual"
 
     def to_dict(self) -> dict:
         uniform = all(c == self.levels[0] for c in self.levels)
@@ -34,6 +35,7 @@ class FoldedSettings:
             "larosa_version": self.larosa_version,
             "select": self.select,
             "thresholds": None if self.thresholds is None else [dict(t) for t in self.thresholds],
+            "form": self.form,
         }
 
     @classmethod
@@ -45,7 +47,8 @@ class FoldedSettings:
                        score=d.get("score", "magnitude"), head_rotation=d.get("head_rotation", False),
                        signal=d.get("signal", "gainfree"), rotations=d.get("rotations", {}),
                        larosa_version=d.get("larosa_version", "0.1"), select=d.get("select", "topk"),
-                       thresholds=None if d.get("thresholds") is None else tuple(d["thresholds"]))
+                       thresholds=None if d.get("thresholds") is None else tuple(d["thresholds"]),
+                       form=d.get("form", "residual"))
         except (KeyError, TypeError) as e:
             raise LarosaError(f"the folded config's larosa settings are incomplete or malformed ({e!r})") from e
 

@@ -312,7 +312,7 @@ else:
 
 
 # ----------------------------------------------------------------------------------------------- checks
-def _need_triton(*tensors: Tensor) -> None:
+def need_triton(*tensors: Tensor) -> None:
     if not HAVE_TRITON:
         raise RuntimeError("larosa.kernels needs Triton: pip install triton")
     device = tensors[0].device
@@ -363,7 +363,7 @@ def _check_k(k: int, d_in: int) -> int:
     return k
 
 
-def _next_pow2(n: int) -> int:
+def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
@@ -442,7 +442,7 @@ def topk_threshold(x: Tensor, k: int) -> Tensor:
     :func:`reset_workspaces` after using it alone."""
     x = _flat_vector(x, "x")
     k = _check_k(k, x.shape[0])
-    _need_triton(x)
+    need_triton(x)
     return _threshold(x, k)
 
 
@@ -481,7 +481,7 @@ def select_topk(
         method = "single" if (x.dtype == torch.float32 or explicit or d_in <= 8192) else "hist"
     if method not in ("hist", "single") or (method == "hist" and x.dtype == torch.float32):
         raise ValueError(f"method must be 'hist' (16-bit x) or 'single', got {method!r} for {x.dtype}")
-    _need_triton(x)
+    need_triton(x)
     idx = torch.empty(k, dtype=torch.int32, device=x.device)
     vals = torch.empty(k, dtype=x.dtype, device=x.device)
     if method == "hist":
@@ -489,7 +489,7 @@ def select_topk(
         _compact_kernel[(_cdiv(d_in, SLICE),)](x, idx, vals, _workspace(x.device), state, d_in, SLICE=SLICE,
                                                num_warps=4)
         return idx, vals
-    block = max(16, _next_pow2(d_in))
+    block = max(16, next_pow2(d_in))
     if num_warps is None:  # measured (v1 sweep, H200): 8 warps beat 16-32 at every width
         num_warps = 8 if block <= 16384 else 16
     chunk = min(block, 4096, 512 * num_warps)  # compaction step: more spills registers (sm_90, triton 3.6)
@@ -506,7 +506,7 @@ def gemv_config(k: int, d_out: int, dtype: torch.dtype, device: torch.device) ->
     """Launch shape for sparse_gemv. The v1 sweep on the H200 found [8 rows x 1024 columns] tiles of 4 warps
     (a thread reads 8 rows of 16 bytes, no cross-warp reduction) with about 4 programs per SM best (2 when
     there are only 4 column blocks) on every Llama shape."""
-    block_n = min(1024 if dtype != torch.float32 else 512, max(16, _next_pow2(d_out)))
+    block_n = min(1024 if dtype != torch.float32 else 512, max(16, next_pow2(d_out)))
     block_k = 8
     n_blocks = _cdiv(d_out, block_n)
     per_sm = 2 if n_blocks <= 4 else 4
@@ -518,7 +518,7 @@ def fused_config(d_in: int, d_out: int, dtype: torch.dtype, device: torch.device
     """Launch shape for topk_gemv's fused GEMV: column blocks of 1024 and position slices (block_k
     positions a step, of which a fraction 1 - s is loaded) for about 4 programs per SM. Measured (v2 sweep,
     H200, s = 0.4 / 0.5, every Llama shape): block_k 16 with 4 programs per SM was best or within 0.1 us."""
-    block_n = min(1024 if dtype != torch.float32 else 512, max(16, _next_pow2(d_out)))
+    block_n = min(1024 if dtype != torch.float32 else 512, max(16, next_pow2(d_out)))
     block_k = 16
     n_blocks = _cdiv(d_out, block_n)
     per_sm = 4
@@ -557,7 +557,7 @@ def sparse_gemv(
         out = torch.empty(d_out, dtype=wt.dtype, device=wt.device)
     elif out.shape != (d_out,) or out.dtype not in DTYPES or out.stride(0) != 1:
         raise ValueError(f"out must be a contiguous [{d_out}] tensor of bf16/fp16/fp32")
-    _need_triton(idx, vals, wt, out)
+    need_triton(idx, vals, wt, out)
 
     cfg = gemv_config(k, d_out, wt.dtype, wt.device)
     for name, value in (("block_n", block_n), ("block_k", block_k), ("split_k", split_k), ("num_warps", num_warps)):
@@ -575,8 +575,8 @@ def sparse_gemv(
         idx, vals, wt, dst, k, d_out, wt.stride(0), chunk, BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg["num_warps"]
     )
     if split > 1:
-        sb = min(32, _next_pow2(split))
-        block = max(16, min(256, 4096 // sb, _next_pow2(d_out)))
+        sb = min(32, next_pow2(split))
+        block = max(16, min(256, 4096 // sb, next_pow2(d_out)))
         _sum_splits_kernel[(_cdiv(d_out, block),)](dst, out, d_out, split, SPLIT_BLOCK=sb, BLOCK_N=block)
     return out
 
@@ -652,7 +652,7 @@ def _fused_out(xf: Tensor, wt: Tensor, out: Tensor | None) -> Tensor:
 def _fused_gemv(xf: Tensor, wt: Tensor, out: Tensor, *, pdl: bool, clear: bool, **gemv_kwargs: int):
     """The fused GEMV's launch, its arguments checked now: a function of the state that keeps the positions it
     selects and reads only their rows of ``wt``."""
-    _need_triton(xf, wt, out)
+    need_triton(xf, wt, out)
     d_in, d_out = wt.shape
     cfg = fused_config(d_in, d_out, wt.dtype, wt.device)
     for name, value in gemv_kwargs.items():
@@ -669,7 +669,7 @@ def _fused_gemv(xf: Tensor, wt: Tensor, out: Tensor, *, pdl: bool, clear: bool, 
     extra = {"launch_pdl": True} if pdl else {}
 
     def launch(state: Tensor) -> None:
-        _need_triton(xf, state)
+        need_triton(xf, state)
         _topk_gemv_kernel[(n_blocks, split)](
             xf, wt, out, acc, cnt, _workspace(xf.device), state, d_in, d_out, wt.stride(0), chunk, BLOCK_N=bn,
             BLOCK_K=bk, ONE_SPLIT=split == 1, PDL=pdl, CLEAR=clear, num_warps=cfg["num_warps"], **extra,

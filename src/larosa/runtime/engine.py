@@ -119,19 +119,23 @@ class Shape:
 
 class Layer(nn.Module):
     def __init__(self, shape: Shape, attn_norm, qkv: Proj, o: Proj, mlp_norm, gate_up: Proj, down: Proj,
-                 mid_adapter: torch.Tensor | None, out_adapter: torch.Tensor | None, act):
+                 mid_adapter: torch.Tensor | None, out_adapter: torch.Tensor | None, act,
+                 transforms: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)):
         super().__init__()
         self.shape, self.act = shape, act
         self.attn_norm, self.qkv, self.o, self.mlp_norm, self.gate_up, self.down = (
             attn_norm, qkv, o, mlp_norm, gate_up, down)
         self.mid_adapter = None if mid_adapter is None else Proj(mid_adapter)
         self.out_adapter = None if out_adapter is None else Proj(out_adapter)
+        # the input form's d x d transforms of each block's normed input
+        self.attn_transform, self.mlp_transform = (None if w is None else Proj(w) for w in transforms)
         self.cache: KVCache | None = None  # set by Transformer, which knows the cache length
 
     def forward(self, h, cos, sin, pos, mask, kv_len: int | None = None):
         s = self.shape
         t = h.shape[0]
-        q, k, v = self.qkv(self.attn_norm(h)).split(
+        x = self.attn_norm(h)
+        q, k, v = self.qkv(x if self.attn_transform is None else self.attn_transform(x)).split(
             [s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim, s.n_kv_heads * s.head_dim], dim=-1)
         q = q.view(t, s.n_heads, s.head_dim).transpose(0, 1)
         k = k.view(t, s.n_kv_heads, s.head_dim).transpose(0, 1)
@@ -147,7 +151,8 @@ class Layer(nn.Module):
         h = h + self.o(attn[0].transpose(0, 1).reshape(t, -1))
         if self.mid_adapter is not None:
             h = self.mid_adapter(h)
-        gate, up = self.gate_up(self.mlp_norm(h)).chunk(2, dim=-1)
+        x = self.mlp_norm(h)
+        gate, up = self.gate_up(x if self.mlp_transform is None else self.mlp_transform(x)).chunk(2, dim=-1)
         h = h + self.down(self.act(gate) * up)
         if self.out_adapter is not None:
             h = self.out_adapter(h)
@@ -210,6 +215,7 @@ class Transformer(nn.Module):
             qkv_bias = None if biases[0] is None else torch.cat(biases)
             gate, up = adapter.gate_up(layer)
             adapters = [getattr(layer, name, None) for name in ("mid_adapter", "out_adapter")]
+            transforms = [getattr(layer, name, None) for name in ("attn_transform", "mlp_transform")]
             layers.append(Layer(
                 shape,
                 RMSNorm(adapter.attn_norm(layer).weight.clone(), eps),
@@ -224,6 +230,7 @@ class Transformer(nn.Module):
                      scale.get("down_in"), t.get("down_in")),
                 *[None if a is None else a.weight.clone() for a in adapters],
                 act,
+                tuple(None if m is None else m.weight for m in transforms),
             ))
         embedding = model.get_input_embeddings().weight
         cos, sin = adapter.rotary(torch.arange(max_seq, device=embedding.device), embedding.dtype)

@@ -1,7 +1,7 @@
 """Sparsity: the site levels and their accounting, the site protocol, searched plans, and the methods that zero
 activations (LaRoSa's rotated Top-K in simulate form, TEAL and CATS)."""
 
-from .levels import DEFAULT_SPLIT, SCORES, SITES, Sparsity, SparsityConfig
+from .levels import DEFAULT_SPLIT, FORMS, SCORES, SITES, Sparsity, SparsityConfig
 from .peers import CatsConfig, TealConfig
 from .plan import Plan, load_plans, save_plans
 from .sites import measured_param_weighted, site_sparsity
@@ -12,7 +12,8 @@ METHODS = ("dense", "larosa", "teal", "teal-greedy", "cats")
 LABELS = {"dense": "dense", "larosa": "LaRoSa", "teal": "TEAL uniform", "teal-greedy": "TEAL greedy", "cats": "CATS"}
 
 __all__ = [
-    "DEFAULT_SCOPE", "DEFAULT_SPLIT", "LABELS", "METHODS", "MODES", "SCORES", "SELECTS", "SITES", "CatsConfig",
+    "DEFAULT_SCOPE", "DEFAULT_SPLIT", "FORMS", "LABELS", "METHODS", "MODES", "SCORES", "SELECTS", "SITES",
+    "CatsConfig",
     "LaRoSaConfig", "Plan", "Sparsity", "SparsityConfig", "TealConfig", "load_plans", "measured_param_weighted",
     "save_plans", "site_sparsity",
 ]

@@ -34,10 +34,15 @@ def site_weights(dims: Dims) -> dict[str, int]:
     return {"attn_in": d * (dims.q + 2 * dims.kv), "o_in": dims.q * d, "mlp_in": 2 * d * i, "down_in": i * d}
 
 
-def adapter_overhead(dims: Dims, scope: str | None) -> float:
-    """Residual-adapter weights of a folded layer (d x d each, read densely) over the layer's linear weights."""
-    adapters = {None: 0, "global": 0, "layer": 1, "block": 2}[scope]
-    return adapters * dims.hidden**2 / sum(site_weights(dims).values())
+# How a folded model carries the rotations: in the residual stream (d x d adapters where the basis changes) or as a
+# d x d transform of each block's normed input (the residual stays in the model's basis; any Q, with its gain).
+FORMS = ("residual", "input")
+
+
+def adapter_overhead(dims: Dims, scope: str | None, form: str = "residual") -> float:
+    """The folded layer's dense d x d matrices (adapters or input transforms, read whole) over its linear weights."""
+    matrices = 2 if form == "input" and scope else {None: 0, "global": 0, "layer": 1, "block": 2}[scope]
+    return matrices * dims.hidden**2 / sum(site_weights(dims).values())
 
 
 def check_level(value: object, what: str) -> float:

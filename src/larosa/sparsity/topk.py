@@ -20,8 +20,8 @@ from ..errors import LarosaError
 from ..rotations import SCOPES, Rotations
 from ..streaming import QuantileSample, advance, passes, quantile
 from . import sites as site_protocol
-from .levels import (DEFAULT_SPLIT, SCORES, Sparsity, SparsityConfig, check_target, default_config, keep_count,
-                     per_layer, site_sizes, site_weights)
+from .levels import (DEFAULT_SPLIT, FORMS, SCORES, Sparsity, SparsityConfig, check_target, default_config,
+                     keep_count, per_layer, site_sizes, site_weights)
 from .plan import Plan
 
 MODES = ("simulate", "folded")
@@ -43,7 +43,10 @@ class LaRoSaConfig:
     input (:meth:`Rotations.for_scope`); left None it is the plan's, else ``DEFAULT_SCOPE[mode]``. ``score``
     likewise: the plan's, else ``"magnitude"`` (``"weight"`` ranks |x_i| by the norm of the weight row it
     multiplies). ``mode="folded"`` builds the deployable model; ``head_rotation`` rotates its o_proj input per
-    KV head. ``select="threshold"`` keeps every entry at or above a per-site, per-layer threshold instead of
+    KV head; ``form`` is how it carries the rotations: ``"residual"`` rotates the residual stream (d x d adapters
+    where the basis changes: none in global scope), ``"input"`` transforms each block's normed input by a d x d
+    matrix (two a layer, any scope, and the gain-included signal exactly as simulated).
+    ``select="threshold"`` keeps every entry at or above a per-site, per-layer threshold instead of
     exactly k (no selection on the decode path): ``thresholds`` as calibrated before, or calibrated on apply
     from ``calib`` ([n, seq_len] token ids) in the basis each site sees.
     """
@@ -57,6 +60,7 @@ class LaRoSaConfig:
     score: str | None = None
     mode: str = "simulate"
     head_rotation: bool = False
+    form: str = "residual"
     select: str = "topk"
     calib: torch.Tensor | None = None
     thresholds: Thresholds | None = None
@@ -78,6 +82,10 @@ class LaRoSaConfig:
             raise LarosaError("folded mode needs rotations (--rotations)")
         if self.head_rotation and self.mode != "folded":
             raise LarosaError("head rotation applies to folded mode only (--mode folded)")
+        if self.form not in FORMS:
+            raise LarosaError(f"form must be one of {', '.join(FORMS)}, got {self.form!r}")
+        if self.form != "residual" and self.mode != "folded":
+            raise LarosaError("the folded form applies to folded mode only (--mode folded)")
         if self.select not in SELECTS:
             raise LarosaError(f"select must be one of {', '.join(SELECTS)}, got {self.select!r}")
         if self.select == "threshold" and self.calib is None and self.thresholds is None:
@@ -206,8 +214,10 @@ def _rotated_norms(adapter: Adapter, layer: nn.Module, site: str, q: torch.Tenso
 
 
 def attach(adapter: Adapter, layer: nn.Module, levels: SparsityConfig, rotations=(None, None), gains=(None, None),
-           scales: dict[str, torch.Tensor] | None = None, thresholds: dict[str, float] | None = None) -> nn.ModuleDict:
-    """The four Top-K sites on one decoder layer, where the layer's own modules read each site's input."""
+           scales: dict[str, torch.Tensor] | None = None, thresholds: dict[str, float] | None = None,
+           inputs: tuple[nn.Module, nn.Module] | None = None) -> nn.ModuleDict:
+    """The four Top-K sites on one decoder layer, where the layer's own modules read each site's input: the block
+    inputs' sites on the output of the norms, or of ``inputs`` (a folded model's input transforms)."""
     dims = adapter.dims
     size, w, scales, t = site_sizes(dims), site_weights(dims), scales or {}, thresholds or {}
     made = {
@@ -220,10 +230,11 @@ def attach(adapter: Adapter, layer: nn.Module, levels: SparsityConfig, rotations
         "down_in": TopKSite(size["down_in"], levels.down_in, weights=w["down_in"], scale=scales.get("down_in"),
                             threshold=t.get("down_in")),
     }
+    attn_in, mlp_in = inputs or (adapter.attn_norm(layer), adapter.mlp_norm(layer))
     return site_protocol.attach(layer, made, [
-        (adapter.attn_norm(layer), "output", made["attn_in"]),
+        (attn_in, "output", made["attn_in"]),
         (adapter.o_proj(layer), "input", made["o_in"]),
-        (adapter.mlp_norm(layer), "output", made["mlp_in"]),
+        (mlp_in, "output", made["mlp_in"]),
         (adapter.down_proj(layer), "input", made["down_in"]),
     ])
 
@@ -271,7 +282,7 @@ def settings(config: LaRoSaConfig, levels: list[SparsityConfig]) -> dict:
     return {"method": "larosa", "mode": config.mode, "levels": levels, "source": config.source,
             "scope": config.resolved_scope if rotations is not None else None,
             "score": config.resolved_score, "signal": rotations.signal if rotations is not None else None,
-            "head_rotation": config.head_rotation, "select": config.select,
+            "head_rotation": config.head_rotation, "form": config.form, "select": config.select,
             "thresholds": None if config.thresholds is None else [dict(t) for t in config.thresholds]}
 
 
