@@ -13,7 +13,7 @@ from larosa import LaRoSaConfig
 from larosa.arch import adapter_for
 from larosa.cli import main
 from larosa.fold import save_folded
-from larosa.search import greedy_plan, search
+from larosa.search import MARGIN, greedy_plan, search
 from larosa.sparsity.levels import SparsityConfig, config_for_target, default_config, greedy_levels, param_weighted
 from larosa.sparsity.plan import load_plans, save_plans, select
 from larosa.sparsity.topk import topk
@@ -117,11 +117,17 @@ def test_search_holds_the_target_and_round_trips_through_a_plan_file(calibrated,
     plan = search(copy.deepcopy(model), rot, windows, 0.4, scope="block", progress=False)
     configs = list(plan.levels)
     assert param_weighted(configs, dims) == pytest.approx(0.4)
-    assert set(plan.nll) == {"split", "per-layer"} and plan.nll[plan.chosen] == min(plan.nll.values())
-    if plan.chosen == "split":
+    # the fixed split stays unless a candidate beats it by the margin (issue 14: a search that generalises)
+    assert set(plan.nll) == {"default", "split", "per-layer"}
+    best = min(plan.nll, key=plan.nll.get)
+    assert plan.chosen == (best if plan.nll[best] < plan.nll["default"] - MARGIN else "default")
+    if plan.chosen != "per-layer":
         assert all(c == configs[0] for c in configs)
-    assert min(t["nll"] for t in plan.split_trials) == pytest.approx(
-        next(t["nll"] for t in plan.split_trials if t["rotated_multiple"] == plan.rotated_multiple))
+    if plan.chosen == "split":
+        assert min(t["nll"] for t in plan.split_trials) == pytest.approx(
+            next(t["nll"] for t in plan.split_trials if t["rotated_multiple"] == plan.rotated_multiple))
+    else:
+        assert plan.rotated_multiple == pytest.approx(default_config(dims, 0.4).attn_in / 0.4)
     assert plan.model["config_hash"] == rot.meta["config_hash"] and plan.signal == "gainfree"
     save_plans([plan], tmp_path / "plans.json")
     again = load_plans(tmp_path / "plans.json")
@@ -200,3 +206,19 @@ def test_search_lazy_cli_stores_the_plan_of_the_search_in_ram(model_dir, tmp_pat
         a, b = (select(plans, target, "block", "magnitude") for plans in (want, got))
         assert (b.chosen, b.rotated_multiple, b.levels) == (a.chosen, a.rotated_multiple, a.levels)
         assert b.nll == pytest.approx(a.nll, rel=1e-5)
+
+
+def test_candidates_are_scored_on_held_out_windows_and_the_fixed_split_needs_beating(calibrated, monkeypatch):
+    """The greedy is fitted on the first windows; every candidate (fixed split, grid, per-layer) is scored on the
+    held-out ones; with a margin no candidate can meet, the fixed split is kept."""
+    import larosa.search as search_module
+
+    model, rot = calibrated
+    fit, held_out = random_windows(2, seed=7), random_windows(3, seed=8)
+    scored = []
+    real_nll = search_module._nll
+    monkeypatch.setattr(search_module, "_nll", lambda m, r, w, *a, **k: scored.append(w) or real_nll(m, r, w, *a, **k))
+    plan = search(copy.deepcopy(model), rot, fit, 0.4, held_out=held_out, margin=10.0, progress=False)
+    assert scored and all(w is held_out for w in scored)
+    assert plan.chosen == "default" and plan.held_out == 3 and plan.windows == 2
+    assert plan.levels == tuple([default_config(adapter_for(model).dims, 0.4)] * 3)

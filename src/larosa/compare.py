@@ -48,7 +48,8 @@ def check_rows(rows: list[str]) -> None:
 
 
 def _apply(model: nn.Module, method: str, target: float, rotations: Rotations | None, calib: torch.Tensor,
-           search_windows: torch.Tensor, scope: str, device: str | None, batch_size: int, plans: list[Plan]) -> dict:
+           search_windows: tuple[torch.Tensor, torch.Tensor | None], scope: str, device: str | None, batch_size: int,
+           plans: list[Plan]) -> dict:
     """Make ``model`` sparse by ``method`` in place; returns what was chosen (thresholds, plan, ...). Plans it
     searches are added to ``plans``."""
     if method in ("teal", "teal-greedy"):
@@ -63,7 +64,8 @@ def _apply(model: nn.Module, method: str, target: float, rotations: Rotations | 
         return {"sites": config.sites(), "nominal": config.nominal}
     score = "weight" if method == "larosa-searched-wa" else "magnitude"
     found = [p for p in plans if round(p.target, 6) == round(target, 6) and p.scope == scope and p.score == score]
-    plan = found[0] if found else search(model, rotations, search_windows, target, scope=scope, score=score,
+    fit, held_out = search_windows
+    plan = found[0] if found else search(model, rotations, fit, target, held_out=held_out, scope=scope, score=score,
                                          batch_size=batch_size, device=device, progress=False)
     if not found:
         plans[:] = merge(plans, [plan])
@@ -73,10 +75,12 @@ def _apply(model: nn.Module, method: str, target: float, rotations: Rotations | 
 
 
 def compare(model: nn.Module, methods: list[str], targets: list[float], *, calib: torch.Tensor,
-            search_windows: torch.Tensor, windows: torch.Tensor, rotations: Rotations | None = None,
+            search_windows: tuple[torch.Tensor, torch.Tensor | None], windows: torch.Tensor,
+            rotations: Rotations | None = None,
             plans: list[Plan] | None = None, scope: str = "block", device: str | None = None, batch_size: int = 1,
             done: list[dict] = (), on_row: Callable[[dict], None] | None = None, progress: bool = True) -> dict:
-    """One perplexity per (method, target); ``plans`` gains the plans searched on the way.
+    """One perplexity per (method, target); ``plans`` gains the plans searched on the way, fitted on
+    ``search_windows[0]`` and scored on ``search_windows[1]``.
 
     Rows in ``done`` (from an interrupted run with the same settings) are kept instead of run again;
     ``on_row(result so far)`` is called after each new row, so a caller can save partial results.
@@ -126,7 +130,8 @@ class Comparison:
     windows: int = 40
     seq_len: int = 2048
     calib_windows: int = 16
-    search_windows: int = 4
+    search_windows: int = 4  # calibration windows after calib_windows the search's greedy is fitted on
+    held_out_windows: int = 8  # windows after those the search scores its candidates on
     scope: str = "block"
     rotations: str | None = None  # a rotations file; None: calibrate on calib_data
     methods: list[str] = field(default_factory=lambda: list(ROWS))
@@ -170,7 +175,10 @@ def run(spec: Comparison, out: str | Path | None = None, *, device: str | None =
         tqdm.write(f"resuming {out}: {len(done)} finished run(s) kept")
     rotations = Rotations.load(rotations_path) if rotations_path else None
     model, tok = load_model(spec.model, device=device, dtype=DTYPES[spec.dtype] if spec.dtype else None)
-    calib = token_windows(tok, spec.calib_data, spec.calib_windows, spec.seq_len)
+    text = token_windows(tok, spec.calib_data, spec.calib_windows + spec.search_windows + spec.held_out_windows,
+                         spec.seq_len)
+    calib, fit = text[: spec.calib_windows], text[spec.calib_windows : spec.calib_windows + spec.search_windows]
+    held_out = text[spec.calib_windows + spec.search_windows:] if spec.held_out_windows else None
 
     def save(result: dict) -> dict:
         report = {k: v for k, v in result.items() if k not in ("rotations", "plans")} | spec.settings()
@@ -188,7 +196,7 @@ def run(spec: Comparison, out: str | Path | None = None, *, device: str | None =
             deliver(out, write)
         return report
 
-    result = compare(model, methods, targets, calib=calib, search_windows=calib[: spec.search_windows],
+    result = compare(model, methods, targets, calib=calib, search_windows=(fit, held_out),
                      windows=token_windows(tok, spec.data, spec.windows, spec.seq_len), rotations=rotations,
                      plans=plans, scope=spec.scope, device=device, batch_size=batch_size, done=done, on_row=save,
                      progress=progress)

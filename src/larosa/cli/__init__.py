@@ -170,22 +170,26 @@ def _cmd_search(a: argparse.Namespace) -> dict:
     model, tok = _load(a, a.lazy)
     if any(p.model.get("config_hash") not in (None, config_hash(model.config)) for p in plans):
         raise LarosaError(f"{out} holds plans for another model; choose another --out")
-    windows = token_windows(tok, a.data, a.windows, a.seq_len)
+    if min(a.skip, a.held_out) < 0 or a.windows < 1:
+        raise LarosaError("--skip and --held-out must be >= 0 and --windows >= 1")
+    windows = token_windows(tok, a.data, a.skip + a.windows + a.held_out, a.seq_len)[a.skip:]
+    fit, held_out = windows[: a.windows], windows[a.windows:] if a.held_out else None
     searched = []
     for target in a.target:
-        searched.append(search(model, rotations, windows, target, scope=a.scope, score=a.score,
+        searched.append(search(model, rotations, fit, target, held_out=held_out, scope=a.scope, score=a.score,
                                layers=not a.no_layers, batch_size=a.batch_size, device=a.device, data=a.data,
                                progress=not a.quiet))
         # after every target: an interrupted search keeps what it found
         deliver(out, lambda path: save_plans(merge(plans, searched), path))
     keys = ("target", "scope", "score", "rotated_multiple", "chosen", "nll", "seconds")
-    return {"out": a.out, "data": a.data, "windows": a.windows,
+    return {"out": a.out, "data": a.data, "skip": a.skip, "windows": a.windows, "held_out": a.held_out,
             "plans": [{k: v for k, v in p.to_dict().items() if k in keys} for p in searched]}
 
 
 def _cmd_compare(a: argparse.Namespace) -> dict:
     spec = Comparison(model=a.model, data=a.data, calib_data=a.calib_data, dtype=a.dtype, windows=a.windows,
                       seq_len=a.seq_len, calib_windows=a.calib_windows, search_windows=a.search_windows,
+                      held_out_windows=a.held_out_windows,
                       scope=a.scope, rotations=a.rotations, methods=a.methods, targets=a.target)
     return run(spec, prepare_dir(a.out) if a.out else None, device=a.device, batch_size=a.batch_size,
                progress=not a.quiet)

@@ -53,6 +53,10 @@ def _count(text: str, least: int = 1) -> int:
     return value
 
 
+def _count_or_zero(text: str) -> int:
+    return _count(text, least=0)
+
+
 def _seq_len(text: str) -> int:
     return _count(text, least=2)  # one token to predict from, one to predict
 
@@ -199,7 +203,12 @@ def _search(sub) -> None:
     s.add_argument("--rotations", required=True, help="rotations file from `larosa calibrate`")
     s.add_argument("--data", required=True, help=f"calibration text ({DATA_HELP})")
     s.add_argument("--target", type=_levels, required=True, help="parameter-weighted targets, e.g. 0.25,0.4,0.5")
-    s.add_argument("--windows", type=_count, default=4, help="calibration windows scored per trial (default 4)")
+    s.add_argument("--skip", type=_count_or_zero, default=16,
+                   help="windows of --data to pass over first: those the rotations were calibrated on (default 16)")
+    s.add_argument("--windows", type=_count, default=4,
+                   help="windows after them that the per-layer greedy is fitted on (default 4)")
+    s.add_argument("--held-out", type=_count_or_zero, default=8,
+                   help="windows after those that every candidate is scored on (default 8; 0: the fitting windows)")
     _batch(s)
     s.add_argument("--seq-len", type=_seq_len, default=2048)
     s.add_argument("--scope", choices=SCOPES, default=DEFAULT_SCOPE["simulate"],
@@ -225,7 +234,10 @@ def _compare(sub) -> None:
     _batch(cmp)
     cmp.add_argument("--calib-data", required=True, help="calibration text (thresholds, rotations, search)")
     cmp.add_argument("--calib-windows", type=_count, default=16)
-    cmp.add_argument("--search-windows", type=_count, default=4, help="calibration windows the searches score")
+    cmp.add_argument("--search-windows", type=_count, default=4,
+                     help="windows after the calibration windows that the searches' greedy is fitted on (default 4)")
+    cmp.add_argument("--held-out-windows", type=_count_or_zero, default=8,
+                     help="windows after those that the searches score their candidates on (default 8)")
     cmp.add_argument("--seq-len", type=_seq_len, default=2048)
     cmp.add_argument("--rotations", help="rotations file (default: calibrate on --calib-data)")
     cmp.add_argument("--scope", choices=SCOPES, default=DEFAULT_SCOPE["simulate"],

@@ -34,10 +34,11 @@ class Plan:
     score: str
     signal: str
     model: dict  # name, config_hash, weights_fingerprint of the model it was searched on
-    data: str  # the text its candidates were scored on
-    windows: int
+    data: str  # the text its candidates were fitted and scored on
+    windows: int  # fitted on (the per-layer greedy)
     seq_len: int
-    chosen: str = "split"  # "split" (one split for every layer) or "per-layer"
+    held_out: int = 0  # windows after those the candidates were scored on (0: scored on the fitting windows)
+    chosen: str = "split"  # "default" (the fixed split), "split" (the grid's best split) or "per-layer"
     rotated_multiple: float | None = None  # the split's rotated-site level over the target
     nll: dict = field(default_factory=dict)  # calibration NLL of each candidate kind
     split_trials: list = field(default_factory=list)
