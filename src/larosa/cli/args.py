@@ -13,7 +13,7 @@ from ..bench.decode import CONFIGS
 from ..compare import ROWS
 from ..models import DTYPES
 from ..rotations import SCOPES, SIGNALS
-from ..sparsity import DEFAULT_SCOPE, DEFAULT_SPLIT, FORMS, SCORES, SELECTS, SITES
+from ..sparsity import CENTRES, DEFAULT_SCOPE, DEFAULT_SPLIT, FORMS, SCORES, SELECTS, SITES
 from ..version import __version__
 
 DATA_HELP = "wikitext2[:split], builtin:wiki, builtin:c4, or a .txt / .jsonl file"
@@ -96,6 +96,9 @@ def _larosa(p: argparse.ArgumentParser, folded_only: bool) -> None:
                    help="folded only: residual (default) rotates the residual stream, d x d adapters where the basis "
                         "changes (none in global scope); input transforms each block's normed input by a d x d "
                         "matrix (two a layer), which folds any scope and the gain-included Q exactly as simulated")
+    p.add_argument("--centre", choices=CENTRES,
+                   help="centre every site's (rotated) input on a per-coordinate offset, the mean or the median of "
+                        "it on --calib-data, before it selects; the weights add it back as a bias")
     p.add_argument("--select", choices=SELECTS, default="topk",
                    help="topk (default): exactly k entries a token at every site; threshold: every entry at or above "
                         "a per-site threshold calibrated on --calib-data to drop the site's share (k varies per "
