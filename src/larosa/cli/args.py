@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from ..bench.decode import CONFIGS
-from ..compare import ROWS
+from ..compare import DEFAULT_ROWS, ROWS
 from ..models import DTYPES
 from ..rotations import SCOPES, SIGNALS
 from ..sparsity import CENTRES, DEFAULT_SCOPE, DEFAULT_SPLIT, FORMS, SCORES, SELECTS, SITES
@@ -200,8 +200,8 @@ def _compare(sub) -> None:
     cmp = sub.add_parser("compare", help="dense, TEAL, CATS and LaRoSa variants on the same windows at equal "
                                          "parameter-weighted sparsity")
     _model(cmp)
-    cmp.add_argument("--methods", type=lambda t: t.split(","), default=list(ROWS),
-                     help=f"comma-separated, from {','.join(ROWS)} (default all)")
+    cmp.add_argument("--methods", type=lambda t: t.split(","), default=list(DEFAULT_ROWS),
+                     help=f"comma-separated, from {','.join(ROWS)} (default {','.join(DEFAULT_ROWS)})")
     cmp.add_argument("--target", type=_levels, default=[0.25, 0.4, 0.5],
                      help="parameter-weighted targets (default 0.25,0.4,0.5)")
     cmp.add_argument("--data", required=True, help=f"evaluation text ({DATA_HELP})")
