@@ -271,3 +271,29 @@ def test_threshold_selection_from_the_command_line(model_dir, tmp_path, capsys):
     code, _, err = run(capsys, "eval", "ppl", model_dir, *common, "--rotations", rot, "--sparsity", 0.5, *select,
                        "--lazy")
     assert code == 2 and "leave out --lazy" in err
+
+
+def test_compare_runs_thresholds_and_centring_and_counts_the_bytes_each_row_reads(model_dir, tmp_path, capsys):
+    from larosa.arch import adapter_for
+    from larosa.models import load_model
+    from larosa.sparsity.levels import adapter_overhead
+
+    text = tmp_path / "text.txt"
+    methods = "teal,larosa,larosa-threshold,larosa-searched-threshold,larosa-centred,larosa-centred-threshold"
+    code, printed, _ = run(capsys, "compare", model_dir, "--target", "0.4", "--data", text, "--windows", 2,
+                           "--calib-data", text, "--calib-windows", 3, "--search-windows", 2,
+                           "--held-out-windows", 2, "--seq-len", 32, "--device", "cpu", "--methods", methods,
+                           "--json", "--quiet")
+    assert code == 0
+    result = json.loads(printed)
+    dims = adapter_for(load_model(str(model_dir), device="cpu")[0]).dims
+    input_form = adapter_overhead(dims, "block", "input")  # Q of the gain-included signal folds in the input form
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == set(methods.split(","))
+    for name, r in rows.items():
+        extra = 0.0 if name == "teal" else input_form
+        assert r["relative_bytes"] == pytest.approx(1 - r["measured_param_weighted"] + extra)
+        assert r["measured_param_weighted"] == pytest.approx(0.4, abs=0.06), name
+    assert rows["larosa-centred"]["settings"]["centre"] == "median"
+    assert rows["larosa-threshold"]["settings"]["select"] == "threshold"
+    assert "| LaRoSa, centred + thresholds |" in result["table"]

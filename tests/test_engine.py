@@ -102,13 +102,16 @@ def test_cuda_graph_decode_with_the_kernels_matches_the_hf_model(pair, dtype, co
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
-def test_cuda_graph_decode_with_calibrated_thresholds_matches_the_hf_model(compile):
+@pytest.mark.parametrize("centre", [None, "mean"], ids=["", "centred"])
+def test_cuda_graph_decode_with_calibrated_thresholds_matches_the_hf_model(compile, centre):
     """Threshold selection on the GPU: the fused GEMV alone (one launch a projection) inside the CUDA graph,
-    compiled or not, against the HF folded model's masked dense products, in bf16."""
+    compiled or not, against the HF folded model's masked dense products, in bf16; centred, the offset moves
+    into the bias."""
     model = tiny_model("llama")
     rot = larosa.calibrate(model, random_windows(4, seed=3), signal="gainfree", progress=False)
     folded = larosa.sparsify(model, larosa.LaRoSaConfig(rot, sparsity=0.5, mode="folded", select="threshold",
-                                                        calib=random_windows(4, seed=5)), progress=False)
+                                                        calib=random_windows(4, seed=5), centre=centre),
+                             progress=False)
     hf = folded.cuda().to(torch.bfloat16)
     tokens = random_windows(1, seq_len=20)[0].cuda()
     with torch.no_grad():
@@ -272,4 +275,19 @@ def test_engine_runs_the_input_form_like_the_hf_model():
     assert engine.model.layers[0].attn_transform is not None and engine.model.layers[0].mid_adapter is None
     assert _rel(engine.model(tokens[:12], torch.arange(12)), ref[:12]) < 1e-5
     for pos in range(12, 20):
+        assert _rel(engine.step(tokens[pos : pos + 1], pos), ref[pos : pos + 1]) < 1e-5
+
+
+def test_engine_runs_centred_sites_like_the_hf_model():
+    model = tiny_model("qwen2", tie=True)
+    rot = larosa.calibrate(model, random_windows(4, seed=3), signal="gainfree", progress=False)
+    folded = larosa.sparsify(copy.deepcopy(model), larosa.LaRoSaConfig(
+        rot, sparsity=0.5, mode="folded", centre="mean", calib=random_windows(4, seed=5)), progress=False)
+    tokens = random_windows(1, seq_len=16)[0]
+    with torch.no_grad():
+        ref = folded(tokens[None]).logits[0]
+    engine = Engine(Transformer.from_hf(folded, max_seq=32))
+    assert engine.model.layers[0].down.offset is not None
+    assert _rel(engine.model(tokens[:10], torch.arange(10)), ref[:10]) < 1e-5
+    for pos in range(10, 16):
         assert _rel(engine.step(tokens[pos : pos + 1], pos), ref[pos : pos + 1]) < 1e-5

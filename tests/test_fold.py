@@ -324,3 +324,20 @@ def test_the_input_form_is_dense_at_zero_and_simulate_at_any_sparsity(signal, sc
         assert torch.equal(loaded(windows).logits, a)
     with pytest.raises(larosa.LarosaError, match="folded mode only"):
         LaRoSaConfig(rot, sparsity=0.5, form="input")
+
+
+def test_folded_centring_equals_simulate_and_saves_its_offsets(calibrated, tmp_path):
+    model, rot = calibrated[("llama", True)]
+    calib, windows = random_windows(4, seed=9), random_windows(2)
+    simulated = larosa.sparsify(copy.deepcopy(model), LaRoSaConfig(rot, sparsity=0.5, scope="global",
+                                                                   centre="median", calib=calib), progress=False)
+    folded = larosa.sparsify(copy.deepcopy(model), folding(rot, 0.5, centre="median", calib=calib), progress=False)
+    assert folded.config.larosa["centre"] == "median"
+    with torch.no_grad():
+        assert _rel(folded(windows).logits, simulated(windows).logits) < 1e-4
+    out = save_folded(folded, None, tmp_path / "f")
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        assert torch.equal(loaded(windows).logits, folded(windows).logits)
+    assert torch.equal(loaded.model.layers[1].larosa_sites["down_in"].offset,
+                       folded.model.layers[1].larosa_sites["down_in"].offset)

@@ -180,3 +180,30 @@ def test_threshold_selection_options_are_checked():
     with pytest.raises(larosa.LarosaError, match="1 layers of thresholds"):
         larosa.sparsify(tiny_model("llama"), LaRoSaConfig(rot, sparsity=0.4, select="threshold",
                                                           thresholds=[dict.fromkeys(SITES, 0.1)]))
+
+
+@pytest.mark.parametrize("centre", ["mean", "median"])
+def test_centring_selects_around_a_calibrated_offset(centre):
+    """Every site subtracts a per-coordinate offset (the mean or median of its rotated input on the calibration
+    windows) before it selects and adds it back after: dense at sparsity 0 up to rounding, exactly k entries of the
+    centred input kept a token, and (with thresholds) about the configured share dropped."""
+    model, calib, windows = tiny_model("qwen2"), random_windows(6, seed=4), random_windows(2)
+    rot = larosa.calibrate(model, random_windows(4, seed=7), signal="gainfree", device="cpu", progress=False)
+    with torch.no_grad():
+        dense = model(windows).logits
+        larosa.sparsify(model, LaRoSaConfig(rot, sparsity=0.0, centre=centre, calib=calib), progress=False)
+        assert (model(windows).logits - dense).abs().max() / dense.abs().max() < 1e-5
+    offsets = [site.offset for layer in adapter_for(model).layers() for site in layer.larosa_sites.values()]
+    assert len(offsets) == 12 and all(o is not None and float(o.abs().max()) > 0 for o in offsets)
+    larosa.sparsify(model, LaRoSaConfig(rot, sparsity=0.5, centre=centre, calib=calib), progress=False)
+    assert larosa.describe(model)["centre"] == centre
+    measured = larosa.perplexity(model, windows, progress=False)["site_sparsity"]
+    for site, level in SparsityConfig.from_nominal(0.5).sites().items():  # exact Top-K: k of the centred input
+        assert measured[site] == pytest.approx(level, abs=0.02)
+    larosa.sparsify(model, LaRoSaConfig(rot, sparsity=0.5, centre=centre, calib=calib, select="threshold"),
+                    progress=False)
+    measured = larosa.perplexity(model, calib, progress=False)["site_sparsity"]
+    for site, level in SparsityConfig.from_nominal(0.5).sites().items():
+        assert measured[site] == pytest.approx(level, abs=0.03)
+    with pytest.raises(larosa.LarosaError, match="centring needs calibration windows"):
+        LaRoSaConfig(rot, sparsity=0.5, centre=centre)

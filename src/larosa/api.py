@@ -13,7 +13,8 @@ from .fold import FoldedSettings, fold
 from .sparsity import LABELS, sites
 from .sparsity.levels import adapter_overhead, report
 from .sparsity.peers import CatsConfig, TealConfig, cats, teal
-from .sparsity.topk import LaRoSaConfig, calibrate_thresholds, settings, simulate, use_thresholds
+from .sparsity.topk import (LaRoSaConfig, calibrate_offsets, calibrate_thresholds, settings, simulate,
+                            use_thresholds)
 
 Config = LaRoSaConfig | TealConfig | CatsConfig
 
@@ -29,6 +30,9 @@ def sparsify(model: nn.Module, config: Config, *, device: str | None = None, pro
     if isinstance(config, LaRoSaConfig):
         sparse = fold(model, config) if config.mode == "folded" else simulate(model, config)
         sites.settings(sparse)["source"] = config.source
+        if config.centre:
+            calibrate_offsets(sparse, config.calib, config.centre, device=device, progress=progress)
+            _save_settings(sparse, centre=config.centre)
         if config.select == "threshold" and config.thresholds is None:
             select_by_thresholds(sparse, config.calib, device=device, progress=progress)
         return sparse
@@ -46,9 +50,14 @@ def select_by_thresholds(model: nn.Module, calib, *, device: str | None = None, 
     calibrated on ``calib`` ([n, seq_len] token ids)."""
     thresholds = calibrate_thresholds(model, calib, device=device, progress=progress)
     use_thresholds(model, thresholds)
+    _save_settings(model, select="threshold", thresholds=tuple(thresholds))
+
+
+def _save_settings(model: nn.Module, **changes) -> None:
+    """What calibration on the sparse model changed, into a folded model's config (saved with it)."""
     folded = FoldedSettings.of(model.config)
     if folded is not None:
-        model.config.larosa = replace(folded, select="threshold", thresholds=tuple(thresholds)).to_dict()
+        model.config.larosa = replace(folded, **changes).to_dict()
 
 
 def unsparsify(model: nn.Module) -> nn.Module:
@@ -65,16 +74,17 @@ def describe(model: nn.Module, config: LaRoSaConfig | None = None) -> dict:
     if state is None:
         return {"method": "dense", "label": LABELS["dense"], "mode": "dense", **report(None, dims),
                 "sparsity_source": None, "scope": None, "signal": None, "score": None, "head_rotation": False,
-                "select": None, "form": None, "adapter_overhead": 0.0}
+                "select": None, "form": None, "centre": None, "adapter_overhead": 0.0}
     if state["method"] != "larosa":  # a peer: thresholds calibrated for a parameter-weighted target
         return {"method": state["method"], "label": LABELS[state["method"]], "mode": "simulate",
                 "nominal_sparsity": None, "param_weighted_sparsity": state["target"], "configured_site_sparsity": {},
                 "sparsity_source": state["method"], "scope": None, "signal": None, "score": None,
-                "head_rotation": False, "select": "threshold", "form": None, "adapter_overhead": 0.0}
+                "head_rotation": False, "select": "threshold", "form": None, "centre": None, "adapter_overhead": 0.0}
     scope = state["scope"]
     select = "thresholds" if state["select"] == "threshold" else "exact Top-K"
     label = f"{LABELS['larosa']} {state['mode']}, {scope} scope, {select}"
     return {"method": "larosa", "label": label, "mode": state["mode"], **report(state["levels"], dims),
             "sparsity_source": state["source"], "scope": scope, "signal": state["signal"], "score": state["score"],
             "head_rotation": state["head_rotation"], "select": state["select"], "form": state["form"],
+            "centre": state["centre"],
             "adapter_overhead": adapter_overhead(dims, scope, state["form"]) if state["mode"] == "folded" else 0.0}

@@ -31,14 +31,25 @@ from .models import DTYPES, load_model
 from .rotations import Rotations
 from .search import search
 from .sparsity import LABELS, sites
-from .sparsity.levels import default_config
+from .sparsity.levels import adapter_overhead, default_config
 from .sparsity.peers import CatsConfig, TealConfig
 from .sparsity.plan import Plan, load_plans, merge, save_plans
 from .sparsity.topk import LaRoSaConfig
 
 # The rows a comparison can have: the methods, and LaRoSa with its split searched (and weight-aware scores).
-ROWS = {**{m: LABELS[m] for m in ("dense", "teal", "teal-greedy", "cats")}, "larosa": "LaRoSa, 0.8 / 1.2 split",
-        "larosa-searched": "LaRoSa, searched", "larosa-searched-wa": "LaRoSa, searched + weight-aware"}
+# LaRoSa's rows: how each one differs from the fixed 0.8 / 1.2 split with exact Top-K and magnitude scores.
+VARIANTS = {
+    "larosa": ("LaRoSa, 0.8 / 1.2 split", {}),
+    "larosa-searched": ("LaRoSa, searched", {"search": True}),
+    "larosa-searched-wa": ("LaRoSa, searched + weight-aware", {"search": True, "score": "weight"}),
+    "larosa-threshold": ("LaRoSa, thresholds", {"select": "threshold"}),
+    "larosa-searched-threshold": ("LaRoSa, searched + thresholds", {"search": True, "select": "threshold"}),
+    "larosa-centred": ("LaRoSa, centred", {"centre": "median"}),
+    "larosa-centred-threshold": ("LaRoSa, centred + thresholds", {"centre": "median", "select": "threshold"}),
+}
+ROWS = {**{m: LABELS[m] for m in ("dense", "teal", "teal-greedy", "cats")},
+        **{name: label for name, (label, _) in VARIANTS.items()}}
+DEFAULT_ROWS = ("dense", "teal", "teal-greedy", "cats", "larosa", "larosa-searched", "larosa-searched-wa")
 
 
 def check_rows(rows: list[str]) -> None:
@@ -58,20 +69,23 @@ def _apply(model: nn.Module, method: str, target: float, rotations: Rotations | 
     if method == "cats":
         sparsify(model, CatsConfig(target, calib), device=device, progress=False)
         return sites.settings(model)
-    if method == "larosa":
+    options = dict(VARIANTS[method][1])
+    score = options.pop("score", "magnitude")
+    calibrated = {"calib": calib} if options.get("select") or options.get("centre") else {}
+    if not options.pop("search", False):
         config = default_config(adapter_for(model).dims, target)
-        sparsify(model, LaRoSaConfig(rotations, sparsity=config, scope=scope))
-        return {"sites": config.sites(), "nominal": config.nominal}
-    score = "weight" if method == "larosa-searched-wa" else "magnitude"
+        sparsify(model, LaRoSaConfig(rotations, sparsity=config, scope=scope, score=score, **options, **calibrated),
+                 device=device, progress=False)
+        return {"sites": config.sites(), "nominal": config.nominal, **options}
     found = [p for p in plans if round(p.target, 6) == round(target, 6) and p.scope == scope and p.score == score]
     fit, held_out = search_windows
     plan = found[0] if found else search(model, rotations, fit, target, held_out=held_out, scope=scope, score=score,
                                          batch_size=batch_size, device=device, progress=False)
     if not found:
         plans[:] = merge(plans, [plan])
-    sparsify(model, LaRoSaConfig(rotations, plan=plan))
+    sparsify(model, LaRoSaConfig(rotations, plan=plan, **options, **calibrated), device=device, progress=False)
     return {"rotated_multiple": plan.rotated_multiple, "chosen": plan.chosen, "nll": plan.nll,
-            "seconds": plan.seconds}
+            "seconds": plan.seconds, **options}
 
 
 def compare(model: nn.Module, methods: list[str], targets: list[float], *, calib: torch.Tensor,
@@ -87,6 +101,7 @@ def compare(model: nn.Module, methods: list[str], targets: list[float], *, calib
     """
     check_rows(methods)
     start = time.perf_counter()
+    dims = adapter_for(model).dims
     if rotations is None and any(m.startswith("larosa") for m in methods):
         rotations = calibrate(model, calib, device=device, progress=progress)
     plans = [] if plans is None else plans
@@ -109,6 +124,7 @@ def compare(model: nn.Module, methods: list[str], targets: list[float], *, calib
         else:  # a failing evaluation (a model giving NaN) is fatal
             row["setup_seconds"] = round(time.perf_counter() - setup, 1)
             row.update(perplexity(model, windows, batch_size=batch_size, progress=False))
+            row["relative_bytes"] = relative_bytes(row, dims, scope, rotations)
         finally:
             unsparsify(model)
         rows.append(row)
@@ -117,6 +133,16 @@ def compare(model: nn.Module, methods: list[str], targets: list[float], *, calib
             on_row(result)
     result["seconds"] = round(time.perf_counter() - start, 1)
     return result
+
+
+def relative_bytes(row: dict, dims, scope: str, rotations: Rotations | None) -> float:
+    """Decoder weight bytes a token reads, over the dense model's: the share the row's sites did not skip, plus,
+    for LaRoSa, the dense d x d matrices of the cheapest folded form that computes what it simulated (residual
+    adapters for Q of the gain-free signal, the input form's two transforms for the gain-included one)."""
+    read = 1.0 - row["measured_param_weighted"]
+    if not row["method"].startswith("larosa") or rotations is None:
+        return read
+    return read + adapter_overhead(dims, scope, "residual" if rotations.signal == "gainfree" else "input")
 
 
 @dataclass(frozen=True)
@@ -134,7 +160,7 @@ class Comparison:
     held_out_windows: int = 8  # windows after those the search scores its candidates on
     scope: str = "block"
     rotations: str | None = None  # a rotations file; None: calibrate on calib_data
-    methods: list[str] = field(default_factory=lambda: list(ROWS))
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_ROWS))
     targets: list[float] = field(default_factory=lambda: [0.25, 0.4, 0.5])
 
     def settings(self) -> dict:
@@ -207,7 +233,8 @@ def run(spec: Comparison, out: str | Path | None = None, *, device: str | None =
 
 
 def table(result: dict) -> str:
-    """Markdown: a row per method, a column per target; each cell PPL (measured parameter-weighted sparsity)."""
+    """Markdown: a row per method, a column per target; each cell PPL (measured parameter-weighted sparsity;
+    weight bytes read relative to dense)."""
     targets = result["targets"]
     lines = ["| method | " + " | ".join(f"{t:.0%}" for t in targets) + " |", "|---|" + "---:|" * len(targets)]
     for method in result["methods"]:
@@ -215,7 +242,8 @@ def table(result: dict) -> str:
         for t in [0.0] if method == "dense" else targets:
             row = next((r for r in result["rows"] if r["method"] == method and r["target"] == t), None)
             cells.append("not run yet" if row is None else f"n/a ({row['error'][:60]})" if "error" in row else
-                         f"{row['ppl']:.3f} ({row['measured_param_weighted']:.3f})")
+                         f"{row['ppl']:.3f} ({row['measured_param_weighted']:.3f}; "
+                         f"{row.get('relative_bytes', 1 - row['measured_param_weighted']):.3f})")
         if method == "dense":
             cells = cells * len(targets)
         lines.append(f"| {ROWS[method]} | " + " | ".join(cells) + " |")
@@ -223,8 +251,9 @@ def table(result: dict) -> str:
 
 
 def plot(result: dict, path: str | Path, cap: float = 2.0) -> None:
-    """PPL against measured parameter-weighted sparsity, a line per method, dense as a dashed level. Points above
-    ``cap`` x dense are drawn on the top edge with their value, so one collapsed method does not flatten the rest."""
+    """PPL against the weight bytes a token reads relative to dense (adapters counted: what decides speed), a line
+    per method, dense as a dashed level. Points above ``cap`` x dense are drawn on the top edge with their value, so
+    one collapsed method does not flatten the rest."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -239,13 +268,13 @@ def plot(result: dict, path: str | Path, cap: float = 2.0) -> None:
         if method == "dense" and rows:
             ax.axhline(rows[0]["ppl"], color="gray", linestyle="--", label="dense")
         elif rows:
-            x = [r["measured_param_weighted"] for r in rows]
+            x = [r.get("relative_bytes", 1 - r["measured_param_weighted"]) for r in rows]
             line, = ax.plot(x, [min(r["ppl"], top) for r in rows], marker="o", label=ROWS[method])
             for xi, r in zip(x, rows):
                 if r["ppl"] > top:
                     ax.annotate(f"{r['ppl']:.0f}", (xi, top), textcoords="offset points", xytext=(0, -12),
                                 ha="center", fontsize=7, color=line.get_color())
-    ax.set_xlabel("parameter-weighted sparsity (measured)")
+    ax.set_xlabel("weight bytes read per token, relative to dense (adapters counted)")
     ax.set_ylabel("perplexity")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

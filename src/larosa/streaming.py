@@ -129,6 +129,23 @@ class QuantileSample:
         return torch.cat(self.parts).sort().values.cpu()
 
 
+class RowSample:
+    """Random rows (tokens) of one signal over the calibration windows, a fixed number from each window: what a
+    per-coordinate statistic (a mean, a median) is taken over."""
+
+    def __init__(self, rows_per_window: int, generator: torch.Generator):
+        self.rows, self.generator = rows_per_window, generator
+        self.parts: list[torch.Tensor] = []
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1])
+        idx = torch.randperm(x.shape[0], generator=self.generator)[: self.rows].to(x.device)
+        self.parts.append(x[idx].float())
+
+    def all(self) -> torch.Tensor:
+        return torch.cat(self.parts)
+
+
 def quantile(values: torch.Tensor, level: float) -> float:
     """The threshold under which a share ``level`` of the sorted sample ``values`` lies: zeroing |x| below it
     drops that share; level 0 keeps everything."""

@@ -69,18 +69,20 @@ def _larosa_config(a: argparse.Namespace, mode: str, tok) -> LaRoSaConfig | None
             raise LarosaError("--rotations needs --sparsity, --target, --plan or --site")
         return None
     plan = select(load_plans(a.plan), a.target, a.scope, a.score, where=a.plan) if a.plan else None
-    calib = _calib_windows(a, tok) if a.select == "threshold" and a.calib_data else None
+    calib = _calib_windows(a, tok) if (a.select == "threshold" or a.centre) and a.calib_data else None
     return LaRoSaConfig(Rotations.load(a.rotations) if a.rotations else None, sparsity=sparsity,
                         target=None if plan else a.target, plan=plan, split=a.split, scope=a.scope, score=a.score,
-                        mode=mode, head_rotation=a.head_rotation, form=a.form, select=a.select, calib=calib)
+                        mode=mode, head_rotation=a.head_rotation, form=a.form, select=a.select, calib=calib,
+                        centre=a.centre)
 
 
 def _check_select(a: argparse.Namespace) -> None:
-    """What the options to threshold selection lack, before the model loads."""
-    if a.select == "threshold" and not a.calib_data:
-        raise LarosaError("--select threshold calibrates its thresholds on --calib-data; give it")
-    if a.select == "threshold" and getattr(a, "lazy", False):
-        raise LarosaError("--select threshold is calibrated on a model in memory; leave out --lazy")
+    """What the options to threshold selection and centring lack, before the model loads."""
+    calibrated = "--select threshold" if a.select == "threshold" else "--centre" if a.centre else None
+    if calibrated and not a.calib_data:
+        raise LarosaError(f"{calibrated} is calibrated on --calib-data; give it")
+    if calibrated and getattr(a, "lazy", False):
+        raise LarosaError(f"{calibrated} is calibrated on a model in memory; leave out --lazy")
 
 
 def _cmd_calibrate(a: argparse.Namespace) -> dict:

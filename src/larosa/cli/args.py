@@ -11,11 +11,11 @@ import argparse
 import math
 
 from ..bench.decode import CONFIGS
-from ..compare import ROWS
+from ..compare import DEFAULT_ROWS, ROWS
 from ..errors import LarosaError
 from ..models import DTYPES, check_device
 from ..rotations import SCOPES, SIGNALS
-from ..sparsity import DEFAULT_SCOPE, DEFAULT_SPLIT, FORMS, SCORES, SELECTS, SITES
+from ..sparsity import CENTRES, DEFAULT_SCOPE, DEFAULT_SPLIT, FORMS, SCORES, SELECTS, SITES
 from ..version import __version__
 
 DATA_HELP = "wikitext2[:split], builtin:wiki, builtin:c4, or a .txt / .jsonl file"
@@ -124,6 +124,9 @@ def _larosa(p: argparse.ArgumentParser, folded_only: bool) -> None:
                    help="folded only: residual (default) rotates the residual stream, d x d adapters where the basis "
                         "changes (none in global scope); input transforms each block's normed input by a d x d "
                         "matrix (two a layer), which folds any scope and the gain-included Q exactly as simulated")
+    p.add_argument("--centre", choices=CENTRES,
+                   help="centre every site's (rotated) input on a per-coordinate offset, the mean or the median of "
+                        "it on --calib-data, before it selects; the weights add it back as a bias")
     p.add_argument("--select", choices=SELECTS, default="topk",
                    help="topk (default): exactly k entries a token at every site; threshold: every entry at or above "
                         "a per-site threshold calibrated on --calib-data to drop the site's share (k varies per "
@@ -225,8 +228,8 @@ def _compare(sub) -> None:
     cmp = sub.add_parser("compare", help="dense, TEAL, CATS and LaRoSa variants on the same windows at equal "
                                          "parameter-weighted sparsity")
     _model(cmp)
-    cmp.add_argument("--methods", type=lambda t: t.split(","), default=list(ROWS),
-                     help=f"comma-separated, from {','.join(ROWS)} (default all)")
+    cmp.add_argument("--methods", type=lambda t: t.split(","), default=list(DEFAULT_ROWS),
+                     help=f"comma-separated, from {','.join(ROWS)} (default {','.join(DEFAULT_ROWS)})")
     cmp.add_argument("--target", type=_levels, default=[0.25, 0.4, 0.5],
                      help="parameter-weighted targets (default 0.25,0.4,0.5)")
     cmp.add_argument("--data", required=True, help=f"evaluation text ({DATA_HELP})")

@@ -64,8 +64,9 @@ def perplexity_streamed(model: nn.Module, windows: torch.Tensor, config: LaRoSaC
     """
     if config is not None and not isinstance(config, LaRoSaConfig):
         raise LarosaError("streamed perplexity scores the dense model or LaRoSa in simulate mode, not a peer")
-    if config is not None and config.select == "threshold" and config.thresholds is None:
-        raise LarosaError("streamed perplexity takes calibrated thresholds, not calibration windows")
+    if config is not None and (config.select == "threshold" and config.thresholds is None or config.centre):
+        raise LarosaError("streamed perplexity takes calibrated thresholds, not calibration windows, and no "
+                          "centring")
     adapter = adapter_for(model)
     start = time.perf_counter()
     attach = prepare(model, config)[1] if config is not None else None

@@ -211,9 +211,9 @@ def fold_streamed(model: nn.Module, config: LaRoSaConfig, out: str | os.PathLike
     CPU and written as its own safetensors shard before the next is read, so memory holds about one layer (or the
     embedding, or the head), not the model. The directory holds the same tensors as :func:`save_folded` writes.
     """
-    if config.select == "threshold" and config.thresholds is None:
-        raise LarosaError("a model folded layer by layer takes calibrated thresholds, not calibration windows; "
-                          "fold it in memory, or pass the thresholds of a fold in memory")
+    if config.select == "threshold" and config.thresholds is None or config.centre:
+        raise LarosaError("a model folded layer by layer takes calibrated thresholds, not calibration windows, and no "
+                          "centring; fold it in memory")
     folding = _Folding.of(model, config)
     adapter = folding.adapter
     emb, head, final_norm = model.get_input_embeddings(), model.get_output_embeddings(), adapter.final_norm()

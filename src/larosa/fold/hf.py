@@ -78,15 +78,18 @@ class FoldedCausalLM:
                 layer, adapter, config.hidden_size, mid_adapter=residual and settings.scope == "block",
                 out_adapter=residual and settings.scope != "global" and i < len(layers) - 1, transforms=not residual,
             )
-            # Weight-aware scores are saved with the weights (loaded over these placeholders).
+            # Weight-aware scores and centring offsets are saved with the weights (loaded over these placeholders).
             scales = {s: torch.ones(n) for s, n in sizes.items()} if settings.score == "weight" else None
+            offsets = {s: torch.zeros(n) for s, n in sizes.items()} if settings.centre else None
             thresholds = settings.thresholds[i] if settings.thresholds is not None else None
             inputs = None if residual else (layers[i].attn_transform, layers[i].mlp_transform)
-            attach(adapter, layers[i], settings.levels[i], scales=scales, thresholds=thresholds, inputs=inputs)
+            attach(adapter, layers[i], settings.levels[i], scales=scales, thresholds=thresholds, inputs=inputs,
+                   offsets=offsets)
         sites.install(self, {"method": "larosa", "mode": "folded", "levels": list(settings.levels),
                              "source": "folded", "scope": settings.scope, "score": settings.score,
                              "signal": settings.signal, "head_rotation": settings.head_rotation, "form": settings.form,
-                             "select": settings.select, "thresholds": settings.thresholds})
+                             "select": settings.select, "thresholds": settings.thresholds,
+                             "centre": settings.centre})
 
     def _sample(self, input_ids, *args, **kwargs):
         """transformers' greedy / sampling decoding loop (``generate`` looks it up by this name)."""

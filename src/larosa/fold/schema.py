@@ -21,6 +21,7 @@ class FoldedSettings:
     select: str = "topk"
     thresholds: tuple[dict[str, float], ...] | None = None  # one {site: threshold} per layer, with "threshold"
     form: str = "residual"
+    centre: str | None = None  # the sites' offsets are saved with the weights
 
     def to_dict(self) -> dict:
         uniform = all(c == self.levels[0] for c in self.levels)
@@ -36,6 +37,7 @@ class FoldedSettings:
             "select": self.select,
             "thresholds": None if self.thresholds is None else [dict(t) for t in self.thresholds],
             "form": self.form,
+            "centre": self.centre,
         }
 
     @classmethod
@@ -48,7 +50,7 @@ class FoldedSettings:
                        signal=d.get("signal", "gainfree"), rotations=d.get("rotations", {}),
                        larosa_version=d.get("larosa_version", "0.1"), select=d.get("select", "topk"),
                        thresholds=None if d.get("thresholds") is None else tuple(d["thresholds"]),
-                       form=d.get("form", "residual"))
+                       form=d.get("form", "residual"), centre=d.get("centre"))
         except (KeyError, TypeError) as e:
             raise LarosaError(f"the folded config's larosa settings are incomplete or malformed ({e!r})") from e
 

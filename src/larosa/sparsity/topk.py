@@ -18,7 +18,7 @@ from torch import nn
 from ..arch import Adapter, adapter_for
 from ..errors import LarosaError
 from ..rotations import SCOPES, Rotations
-from ..streaming import QuantileSample, advance, passes, quantile
+from ..streaming import QuantileSample, RowSample, advance, passes, quantile
 from . import sites as site_protocol
 from .levels import (DEFAULT_SPLIT, FORMS, SCORES, Sparsity, SparsityConfig, check_target, default_config,
                      keep_count, per_layer, site_sizes, site_weights)
@@ -31,6 +31,10 @@ DEFAULT_SCOPE = {"simulate": "block", "folded": "global"}
 # calibrated to drop the site's share of the calibration entries (k then varies per token, as in TEAL).
 SELECTS = ("topk", "threshold")
 Thresholds = Sequence[dict[str, float]]  # one {site: threshold} per layer
+# Centring: each site subtracts a per-coordinate offset of its (rotated) input before selecting, and the weights it
+# feeds add W·offset back as a bias (free at run time): the dropped entries then stand at the offset, not at 0.
+CENTRES = ("mean", "median")
+CENTRE_TOKENS = 4096  # calibration tokens an offset is taken over
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,8 @@ class LaRoSaConfig:
     matrix (two a layer, any scope, and the gain-included signal exactly as simulated).
     ``select="threshold"`` keeps every entry at or above a per-site, per-layer threshold instead of
     exactly k (no selection on the decode path): ``thresholds`` as calibrated before, or calibrated on apply
-    from ``calib`` ([n, seq_len] token ids) in the basis each site sees.
+    from ``calib`` ([n, seq_len] token ids) in the basis each site sees. ``centre`` ("mean" or "median") centres
+    every site's input on a per-coordinate offset calibrated on ``calib`` before it selects.
     """
 
     rotations: Rotations | None = None
@@ -64,6 +69,7 @@ class LaRoSaConfig:
     select: str = "topk"
     calib: torch.Tensor | None = None
     thresholds: Thresholds | None = None
+    centre: str | None = None
 
     def __post_init__(self) -> None:
         given = [name for name in ("sparsity", "target", "plan") if getattr(self, name) is not None]
@@ -88,10 +94,17 @@ class LaRoSaConfig:
             raise LarosaError("the folded form applies to folded mode only (--mode folded)")
         if self.select not in SELECTS:
             raise LarosaError(f"select must be one of {', '.join(SELECTS)}, got {self.select!r}")
-        if self.select == "threshold" and self.calib is None and self.thresholds is None:
+        if self.centre is not None and self.centre not in CENTRES:
+            raise LarosaError(f"centre must be one of {', '.join(CENTRES)}, got {self.centre!r}")
+        if self.select == "threshold" and self.thresholds is None and self.calib is None:
             raise LarosaError("threshold selection needs calibration windows to set its thresholds on (--calib-data)")
-        if self.select == "topk" and (self.calib is not None or self.thresholds is not None):
-            raise LarosaError("calibration windows and thresholds are for threshold selection (--select threshold)")
+        if self.centre and self.calib is None:
+            raise LarosaError("centring needs calibration windows to set its offsets on (--calib-data)")
+        if self.select == "topk" and self.thresholds is not None:
+            raise LarosaError("thresholds are for threshold selection (--select threshold)")
+        if self.calib is not None and self.select == "topk" and not self.centre:
+            raise LarosaError("calibration windows are for threshold selection or centring (--select threshold, "
+                              "--centre)")
         if self.target is not None:
             check_target(self.target)
         if self.plan is not None:
@@ -168,26 +181,34 @@ class TopKSite(site_protocol.Site):
 
     def __init__(self, size: int, sparsity: float, rotation: torch.Tensor | None = None,
                  gain: torch.Tensor | None = None, weights: int = 0, scale: torch.Tensor | None = None,
-                 threshold: float | None = None):
+                 threshold: float | None = None, offset: torch.Tensor | None = None):
         super().__init__(weights)
         self.size, self.level = size, sparsity
         self.k = keep_count(sparsity, size)
         self.threshold = threshold
-        self.sample: QuantileSample | None = None
+        self.sample: QuantileSample | None = None  # set while thresholds are calibrated
+        self.rows: RowSample | None = None  # set while offsets are calibrated
         self.register_buffer("rotation", rotation, persistent=False)
         self.register_buffer("gain", gain, persistent=False)
         self.register_buffer("scale", scale)  # weight-aware scores; saved with a folded model
+        self.register_buffer("offset", offset)  # centring; saved with a folded model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gain is not None:
             x = x / self.gain
         if self.rotation is not None:
             x = x @ self.rotation
+        if self.rows is not None:
+            self.rows.add(x)
+        if self.offset is not None:
+            x = x - self.offset
         scores = score(x, self.scale)
         if self.sample is not None:
             self.sample.add(scores)
         x = self.count(keep_top(x, scores, self.k) if self.threshold is None
                        else x.masked_fill(scores < self.threshold, 0))
+        if self.offset is not None:
+            x = x + self.offset
         if self.rotation is not None:
             x = x @ self.rotation.T
         if self.gain is not None:
@@ -215,20 +236,21 @@ def _rotated_norms(adapter: Adapter, layer: nn.Module, site: str, q: torch.Tenso
 
 def attach(adapter: Adapter, layer: nn.Module, levels: SparsityConfig, rotations=(None, None), gains=(None, None),
            scales: dict[str, torch.Tensor] | None = None, thresholds: dict[str, float] | None = None,
-           inputs: tuple[nn.Module, nn.Module] | None = None) -> nn.ModuleDict:
+           inputs: tuple[nn.Module, nn.Module] | None = None,
+           offsets: dict[str, torch.Tensor] | None = None) -> nn.ModuleDict:
     """The four Top-K sites on one decoder layer, where the layer's own modules read each site's input: the block
     inputs' sites on the output of the norms, or of ``inputs`` (a folded model's input transforms)."""
     dims = adapter.dims
-    size, w, scales, t = site_sizes(dims), site_weights(dims), scales or {}, thresholds or {}
+    size, w, scales, t, o = site_sizes(dims), site_weights(dims), scales or {}, thresholds or {}, offsets or {}
     made = {
         "attn_in": TopKSite(size["attn_in"], levels.attn_in, rotations[0], gains[0], w["attn_in"],
-                            scales.get("attn_in"), t.get("attn_in")),
+                            scales.get("attn_in"), t.get("attn_in"), o.get("attn_in")),
         "o_in": TopKSite(size["o_in"], levels.o_in, weights=w["o_in"], scale=scales.get("o_in"),
-                         threshold=t.get("o_in")),
+                         threshold=t.get("o_in"), offset=o.get("o_in")),
         "mlp_in": TopKSite(size["mlp_in"], levels.mlp_in, rotations[1], gains[1], w["mlp_in"], scales.get("mlp_in"),
-                           t.get("mlp_in")),
+                           t.get("mlp_in"), o.get("mlp_in")),
         "down_in": TopKSite(size["down_in"], levels.down_in, weights=w["down_in"], scale=scales.get("down_in"),
-                            threshold=t.get("down_in")),
+                            threshold=t.get("down_in"), offset=o.get("down_in")),
     }
     attn_in, mlp_in = inputs or (adapter.attn_norm(layer), adapter.mlp_norm(layer))
     return site_protocol.attach(layer, made, [
@@ -283,6 +305,7 @@ def settings(config: LaRoSaConfig, levels: list[SparsityConfig]) -> dict:
             "scope": config.resolved_scope if rotations is not None else None,
             "score": config.resolved_score, "signal": rotations.signal if rotations is not None else None,
             "head_rotation": config.head_rotation, "form": config.form, "select": config.select,
+            "centre": config.centre,
             "thresholds": None if config.thresholds is None else [dict(t) for t in config.thresholds]}
 
 
@@ -317,6 +340,32 @@ def calibrate_thresholds(model: nn.Module, windows: torch.Tensor, *, device: str
             for site in made.values():
                 site.sample = None
     return thresholds
+
+
+@torch.no_grad()
+def calibrate_offsets(model: nn.Module, windows: torch.Tensor, centre: str, *, device: str | None = None,
+                      progress: bool = True) -> None:
+    """Give every Top-K site of ``model`` (simulated or folded) its centring offset: the per-coordinate mean or
+    median of what it ranks (its rotated input), over calibration tokens, layer by layer, each layer centred
+    before the next is measured."""
+    generator = torch.Generator().manual_seed(0)
+    rows = max(1, CENTRE_TOKENS // len(windows))
+    for _, layer, call, hidden in passes(model, windows, "offsets", device, progress):
+        made = site_protocol.of(layer)
+        if made is None or not all(isinstance(site, TopKSite) for site in made.values()):
+            raise LarosaError("offsets are calibrated on a model carrying LaRoSa's Top-K sites")
+        for site in made.values():
+            site.rows, site.offset = RowSample(rows, generator), None
+        try:
+            advance(layer, call, hidden)
+            for site in made.values():
+                values = site.rows.all()
+                offset = values.mean(0) if centre == "mean" else values.median(0).values
+                site.offset = offset.to(hidden.device, hidden.dtype)
+        finally:
+            for site in made.values():
+                site.rows = None
+    site_protocol.settings(model)["centre"] = centre
 
 
 def use_thresholds(model: nn.Module, thresholds: Thresholds) -> None:
