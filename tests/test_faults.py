@@ -558,3 +558,15 @@ def test_a_jsonl_file_is_its_text_fields_or_an_error_naming_the_line(tmp_path, r
             load_text(str(path))
     else:
         assert load_text(str(path)) == "\n\n".join(r["text"] for r in rows)
+
+
+def test_generate_refuses_a_model_that_gives_nan(model_dir, tmp_path, capsys):
+    """`larosa generate` on a broken checkpoint: one line naming the weight, exit 2, no text (a NaN would have
+    become token 0 and been printed)."""
+    weights = model_dir / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    code, out, err = run(capsys, "generate", model_dir, "--prompt", "The rotation", "--max-new-tokens", 4,
+                         "--device", "cpu", "--quiet")
+    assert code == 2 and out == "" and "mlp.down_proj.weight holds NaN or Inf" in err

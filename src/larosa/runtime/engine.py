@@ -315,10 +315,12 @@ class Engine:
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
                  generator: torch.Generator | None = None, stop: Collection[int] = (),
-                 on_token: Callable[[int], None] | None = None) -> Generation:
+                 on_token: Callable[[int], None] | None = None,
+                 check: Callable[[torch.Tensor], None] | None = None) -> Generation:
         """The prompt continued by up to ``max_new_tokens`` tokens (see :func:`sample`), ending early after a
         token of ``stop``; ``on_token`` sees each new token as it is made. Without either, tokens stay on the
-        device until the end (no per-token synchronisation: what the benchmarks time)."""
+        device until the end (no per-token synchronisation: what the benchmarks time). ``check`` sees the prompt's
+        logits first (a broken model's NaN would otherwise become token 0)."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if prompt.numel() + max_new_tokens > self.model.max_seq:
@@ -328,8 +330,10 @@ class Engine:
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         watch = bool(stop) or on_token is not None
         start = time.perf_counter()
-        out = [prompt, sample(self.model(prompt, torch.arange(prompt.numel(), device=device)), temperature, top_p,
-                              generator)]
+        logits = self.model(prompt, torch.arange(prompt.numel(), device=device))
+        if check is not None:
+            check(logits)
+        out = [prompt, sample(logits, temperature, top_p, generator)]
         sync()
         prefill = time.perf_counter() - start
         start, stopped = time.perf_counter(), "length"

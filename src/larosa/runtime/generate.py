@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import LarosaError
+from ..streaming import check_finite
 from .engine import Engine, Transformer
 
 
@@ -83,7 +84,8 @@ def generate(model: nn.Module, tokenizer, prompt: str, *, max_new_tokens: int = 
             generator.seed()
     stream = TextStream(tokenizer, on_text or (lambda text: None))
     out = engine.generate(ids, max_new_tokens, temperature=temperature, top_p=top_p, generator=generator,
-                          stop=stop_ids(model, tokenizer), on_token=stream)
+                          stop=stop_ids(model, tokenizer), on_token=stream,
+                          check=lambda logits: check_finite(logits, "the model", model))
     new = out.tokens[ids.numel():].tolist()
     return {"text": tokenizer.decode(new, skip_special_tokens=True), "prompt_tokens": ids.numel(),
             "new_tokens": len(new), "tokens": new, "stopped": out.stopped, "tokens_per_s": out.tokens_per_s,
