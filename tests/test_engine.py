@@ -15,6 +15,18 @@ def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+def _matches_hf(folded, tol: float, prefill: int = 12, total: int = 20) -> Engine:
+    """Prefill then decode one token at a time in the engine, against the HF model's logits on the same tokens."""
+    tokens = random_windows(1, seq_len=total)[0]
+    with torch.no_grad():
+        ref = folded(tokens[None]).logits[0]
+    engine = Engine(Transformer.from_hf(folded, max_seq=32))
+    assert _rel(engine.model(tokens[:prefill], torch.arange(prefill)), ref[:prefill]) < tol
+    for pos in range(prefill, total):
+        assert _rel(engine.step(tokens[pos : pos + 1], pos), ref[pos : pos + 1]) < tol
+    return engine
+
+
 @pytest.fixture(params=[("llama", False), ("qwen2", True)], ids=["llama", "qwen2"])
 def pair(request):
     """(dense HF model, folded HF model at 50 % in block scope with the per-head rotation)."""
@@ -201,53 +213,8 @@ def test_engine_runs_calibrated_thresholds_like_the_hf_model():
     rot = larosa.calibrate(model, random_windows(4, seed=3), signal="gainfree", progress=False)
     folded = larosa.sparsify(copy.deepcopy(model), larosa.LaRoSaConfig(
         rot, sparsity=0.5, mode="folded", select="threshold", calib=random_windows(4, seed=5)), progress=False)
-    tokens = random_windows(1, seq_len=20)[0]
-    with torch.no_grad():
-        ref = folded(tokens[None]).logits[0]
-    engine = Engine(Transformer.from_hf(folded, max_seq=32))
+    engine = _matches_hf(folded, 1e-5)
     assert engine.model.layers[0].qkv.threshold == folded.config.larosa["thresholds"][0]["attn_in"]
-    assert _rel(engine.model(tokens[:12], torch.arange(12)), ref[:12]) < 1e-4
-    for pos in range(12, 20):
-        assert _rel(engine.step(tokens[pos : pos + 1], pos), ref[pos : pos + 1]) < 1e-4
-
-
-def test_transformers_generate_on_a_folded_model_runs_the_engine(monkeypatch):
-    """After `import larosa`, generate() on a folded model decodes through the engine (on CUDA; here the CPU is let
-    in) with transformers' own processors and stopping criteria around it: the same tokens as the hooked model,
-    greedy and sampled, an early stop at end-of-sequence, and the streamer fed token by token."""
-    from transformers import TextStreamer
-
-    import larosa.runtime.hf as hf_path
-
-    model = tiny_model("llama")
-    rot = larosa.calibrate(model, random_windows(4, seed=3), signal="gainfree", progress=False)
-    folded = larosa.sparsify(model, larosa.LaRoSaConfig(rot, sparsity=0.5, mode="folded"))
-    prompt = random_windows(1, seq_len=7)[0][None]
-    kwargs = dict(max_new_tokens=10, pad_token_id=0)
-    hooked = folded.generate(prompt, do_sample=False, **kwargs)
-    torch.manual_seed(3)
-    hooked_sampled = folded.generate(prompt, do_sample=True, temperature=0.7, top_p=0.9, **kwargs)
-    assert hf_path.ENGINE not in folded.__dict__  # on the CPU transformers' own loop ran
-
-    calls = []
-    monkeypatch.setattr(hf_path, "DEVICES", ("cpu", "cuda"))
-    monkeypatch.setattr(hf_path, "engine_for",
-                        lambda model, n, real=hf_path.engine_for: calls.append(n) or real(model, n))
-    assert torch.equal(folded.generate(prompt, do_sample=False, **kwargs), hooked)
-    torch.manual_seed(3)
-    assert torch.equal(folded.generate(prompt, do_sample=True, temperature=0.7, top_p=0.9, **kwargs), hooked_sampled)
-    assert calls == [17, 17] and folded.__dict__[hf_path.ENGINE][1].model.max_seq == 256  # built once
-    stop = int(hooked[0, 10])
-    early = folded.generate(prompt, do_sample=False, eos_token_id=stop, **kwargs)
-    assert torch.equal(early, hooked[:, :11])
-    seen = []
-    streamer = TextStreamer(tokenizer=None)
-    monkeypatch.setattr(streamer, "put", lambda value: seen.append(value.flatten().tolist()))
-    monkeypatch.setattr(streamer, "end", lambda: seen.append("end"))
-    folded.generate(prompt, do_sample=False, streamer=streamer, **kwargs)
-    assert seen[0] == prompt[0].tolist() and [t[0] for t in seen[1:-1]] == hooked[0, 7:].tolist() and seen[-1] == "end"
-    batch = torch.cat([prompt, prompt])  # a batch is not the engine's: transformers' loop runs it
-    assert torch.equal(folded.generate(batch, do_sample=False, **kwargs)[0], hooked[0]) and len(calls) == 4
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -268,14 +235,9 @@ def test_engine_runs_the_input_form_like_the_hf_model():
     rot = larosa.calibrate(model, random_windows(4, seed=3), signal="gain", progress=False)
     folded = larosa.sparsify(copy.deepcopy(model), larosa.LaRoSaConfig(rot, sparsity=0.5, mode="folded",
                                                                        scope="block", form="input"))
-    tokens = random_windows(1, seq_len=20)[0]
-    with torch.no_grad():
-        ref = folded(tokens[None]).logits[0]
-    engine = Engine(Transformer.from_hf(folded, max_seq=32))
+    engine = _matches_hf(folded, 1e-5)
     assert engine.model.layers[0].attn_transform is not None and engine.model.layers[0].mid_adapter is None
-    assert _rel(engine.model(tokens[:12], torch.arange(12)), ref[:12]) < 1e-5
-    for pos in range(12, 20):
-        assert _rel(engine.step(tokens[pos : pos + 1], pos), ref[pos : pos + 1]) < 1e-5
+
 
 
 def test_engine_runs_centred_sites_like_the_hf_model():
@@ -283,11 +245,4 @@ def test_engine_runs_centred_sites_like_the_hf_model():
     rot = larosa.calibrate(model, random_windows(4, seed=3), signal="gainfree", progress=False)
     folded = larosa.sparsify(copy.deepcopy(model), larosa.LaRoSaConfig(
         rot, sparsity=0.5, mode="folded", centre="mean", calib=random_windows(4, seed=5)), progress=False)
-    tokens = random_windows(1, seq_len=16)[0]
-    with torch.no_grad():
-        ref = folded(tokens[None]).logits[0]
-    engine = Engine(Transformer.from_hf(folded, max_seq=32))
-    assert engine.model.layers[0].down.offset is not None
-    assert _rel(engine.model(tokens[:10], torch.arange(10)), ref[:10]) < 1e-5
-    for pos in range(10, 16):
-        assert _rel(engine.step(tokens[pos : pos + 1], pos), ref[pos : pos + 1]) < 1e-5
+    assert _matches_hf(folded, 1e-5).model.layers[0].down.offset is not None

@@ -22,6 +22,14 @@ def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+def _loads_bit_exact(folded, path, windows):
+    """Saved and loaded with transformers' Auto class: the same logits, bit for bit; the loaded model."""
+    loaded = AutoModelForCausalLM.from_pretrained(save_folded(folded, None, path))
+    with torch.no_grad():
+        assert torch.equal(loaded(windows).logits, folded(windows).logits)
+    return loaded
+
+
 @pytest.fixture(scope="module")
 def calibrated():
     """Per architecture: the dense model and rotations on the gain-free signal (what folded Top-K sees)."""
@@ -283,10 +291,7 @@ def test_folded_threshold_selection_equals_simulate_and_survives_save_and_load(c
     assert folded.config.larosa["select"] == "threshold" and folded.config.larosa["thresholds"] == thresholds
     with torch.no_grad():
         assert _rel(folded(windows).logits, simulated(windows).logits) < 1e-4
-    out = save_folded(folded, None, tmp_path / "f")
-    loaded = AutoModelForCausalLM.from_pretrained(out)
-    with torch.no_grad():
-        assert torch.equal(loaded(windows).logits, folded(windows).logits)
+    _loads_bit_exact(folded, tmp_path / "f", windows)
     # calibrated on the folded model itself (the one call): the same thresholds up to float rounding
     own = larosa.sparsify(copy.deepcopy(model), folding(rot, 0.5, select="threshold", calib=calib), progress=False)
     for mine, theirs in zip(own.config.larosa["thresholds"], thresholds):
@@ -318,10 +323,7 @@ def test_the_input_form_is_dense_at_zero_and_simulate_at_any_sparsity(signal, sc
         assert len(transforms) == 6 and not [n for n, m in folded.named_modules() if n.endswith("_adapter") and m]
         assert larosa.describe(folded)["form"] == "input"
         assert larosa.describe(folded)["adapter_overhead"] == pytest.approx(2 * 64**2 / 30720)
-    out = save_folded(folded, None, tmp_path / "f")
-    loaded = AutoModelForCausalLM.from_pretrained(out)
-    with torch.no_grad():
-        assert torch.equal(loaded(windows).logits, a)
+    _loads_bit_exact(folded, tmp_path / "f", windows)
     with pytest.raises(larosa.LarosaError, match="folded mode only"):
         LaRoSaConfig(rot, sparsity=0.5, form="input")
 
@@ -335,9 +337,6 @@ def test_folded_centring_equals_simulate_and_saves_its_offsets(calibrated, tmp_p
     assert folded.config.larosa["centre"] == "median"
     with torch.no_grad():
         assert _rel(folded(windows).logits, simulated(windows).logits) < 1e-4
-    out = save_folded(folded, None, tmp_path / "f")
-    loaded = AutoModelForCausalLM.from_pretrained(out)
-    with torch.no_grad():
-        assert torch.equal(loaded(windows).logits, folded(windows).logits)
+    loaded = _loads_bit_exact(folded, tmp_path / "f", windows)
     assert torch.equal(loaded.model.layers[1].larosa_sites["down_in"].offset,
                        folded.model.layers[1].larosa_sites["down_in"].offset)
