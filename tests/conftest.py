@@ -12,7 +12,8 @@ if not torch.cuda.is_available():
     # Triton kernels run on the CPU through Triton's interpreter, which must be on before triton is imported
     # (transformers' model modules import it).
     os.environ.setdefault("TRITON_INTERPRET", "1")
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config,
+                          Qwen3Config)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -31,6 +32,10 @@ def tiny_config(arch: str, tie: bool = False, vocab: int = 96):
         return LlamaConfig(**common)
     if arch == "qwen2":
         return Qwen2Config(**common)
+    if arch == "mistral":
+        return MistralConfig(**common, sliding_window=128)
+    if arch == "qwen3":
+        return Qwen3Config(**common, head_dim=16)
     raise ValueError(arch)
 
 

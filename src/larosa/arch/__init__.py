@@ -69,6 +69,11 @@ class Adapter:
         """The MLP's gate activation: act(gate) * up feeds down_proj."""
         return ACT2FN[self.config.hidden_act]
 
+    def sliding_window(self) -> int | None:
+        """How many positions back a layer's attention sees, where the model windows it (None: all of them)."""
+        c = self.config
+        return getattr(c, "sliding_window", None) if getattr(c, "use_sliding_window", True) else None
+
     # -- whole-model modules ----------------------------------------------------------------------------
     def body(self) -> nn.Module:
         """The decoder stack without the LM head: embeddings, layers, final norm (and rotary tables)."""
@@ -99,6 +104,11 @@ class Adapter:
     def attend(self, layer: nn.Module, x: torch.Tensor, **kwargs) -> torch.Tensor:
         """The attention block's output for its normed input ``x`` (``kwargs``: what the model passes a layer)."""
         return self.attention(layer)(hidden_states=x, **kwargs)[0]
+
+    def qk_norms(self, layer: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+        """The per-head norms of the queries and keys (after the projections, before the rotary embedding), where
+        the family has them."""
+        return None
 
     def mlp(self, layer: nn.Module) -> nn.Module:
         return layer.mlp
@@ -156,4 +166,4 @@ def adapter_for(model: nn.Module) -> Adapter:
     return adapter_class(getattr(model, "config", None))(model)
 
 
-from . import llama, qwen2  # noqa: E402,F401  (registers the families)
+from . import llama, mistral, qwen2, qwen3  # noqa: E402,F401  (registers the families)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..arch import adapter_for
+from ..errors import LarosaError
 from ..fold import FoldedSettings
 from ..kernels import pdl_supported, threshold_state
 from ..sparsity import sites
@@ -131,7 +132,8 @@ class Shape:
 class Layer(nn.Module):
     def __init__(self, shape: Shape, attn_norm, qkv: Proj, o: Proj, mlp_norm, gate_up: Proj, down: Proj,
                  mid_adapter: torch.Tensor | None, out_adapter: torch.Tensor | None, act,
-                 transforms: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)):
+                 transforms: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
+                 qk_norms: tuple[RMSNorm, RMSNorm] | None = None):
         super().__init__()
         self.shape, self.act = shape, act
         self.attn_norm, self.qkv, self.o, self.mlp_norm, self.gate_up, self.down = (
@@ -140,6 +142,7 @@ class Layer(nn.Module):
         self.out_adapter = None if out_adapter is None else Proj(out_adapter)
         # the input form's d x d transforms of each block's normed input
         self.attn_transform, self.mlp_transform = (None if w is None else Proj(w) for w in transforms)
+        self.q_norm, self.k_norm = qk_norms or (None, None)  # per head, where the family has them (Qwen3)
         self.cache: KVCache | None = None  # set by Transformer, which knows the cache length
 
     def forward(self, h, cos, sin, pos, mask, kv_len: int | None = None):
@@ -148,8 +151,10 @@ class Layer(nn.Module):
         x = self.attn_norm(h)
         q, k, v = self.qkv(x if self.attn_transform is None else self.attn_transform(x)).split(
             [s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim, s.n_kv_heads * s.head_dim], dim=-1)
-        q = q.view(t, s.n_heads, s.head_dim).transpose(0, 1)
-        k = k.view(t, s.n_kv_heads, s.head_dim).transpose(0, 1)
+        q, k = q.view(t, s.n_heads, s.head_dim), k.view(t, s.n_kv_heads, s.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(0, 1), k.transpose(0, 1)
         v = v.view(t, s.n_kv_heads, s.head_dim).transpose(0, 1)
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         k_cache, v_cache = self.cache.update(pos, k, v)
@@ -206,6 +211,10 @@ class Transformer(nn.Module):
         ``select`` ("dense", "topk" or "threshold") overrides how its sites select (default: as saved)."""
         adapter = adapter_for(model)
         dims = adapter.dims
+        window = adapter.sliding_window()
+        if window is not None and max_seq > window:
+            raise LarosaError(f"this model windows its attention to {window} positions and the engine attends to "
+                              f"every cached one: at most {window} positions (prompt and new tokens), not {max_seq}")
         folded = FoldedSettings.of(model.config)
         select = select or (folded.select if folded else "dense")
         if select != "dense" and folded is None:
@@ -228,6 +237,7 @@ class Transformer(nn.Module):
             gate, up = adapter.gate_up(layer)
             adapters = [getattr(layer, name, None) for name in ("mid_adapter", "out_adapter")]
             transforms = [getattr(layer, name, None) for name in ("attn_transform", "mlp_transform")]
+            norms = adapter.qk_norms(layer)
             layers.append(Layer(
                 shape,
                 RMSNorm(adapter.attn_norm(layer).weight.clone(), eps),
@@ -243,6 +253,7 @@ class Transformer(nn.Module):
                 *[None if a is None else a.weight.clone() for a in adapters],
                 act,
                 tuple(None if m is None else m.weight for m in transforms),
+                None if norms is None else tuple(RMSNorm(n.weight.clone(), eps) for n in norms),
             ))
         embedding = model.get_input_embeddings().weight
         cos, sin = adapter.rotary(torch.arange(max_seq, device=embedding.device), embedding.dtype)
