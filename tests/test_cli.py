@@ -12,6 +12,26 @@ def run(capsys, *argv):
     return code, out.out, out.err
 
 
+def test_calibrate_weighted_objective_in_ram_and_lazy_then_fold_in_the_input_form(model_dir, tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    files = {lazy: tmp_path / f"w{lazy}.safetensors" for lazy in ((), ("--lazy",))}
+    for lazy, rot in files.items():
+        code, out, _ = run(capsys, "calibrate", model_dir, "--data", text, "--out", rot, "--windows", 4,
+                           "--seq-len", 32, "--objective", "weighted", "--device", "cpu", "--json", "--quiet", *lazy)
+        assert code == 0 and json.loads(out)["objective"] == "weighted"
+    from larosa import Rotations
+
+    a, b = (Rotations.load(f) for f in files.values())
+    torch.testing.assert_close(b.tensors["layers.2.mlp.norms"], a.tensors["layers.2.mlp.norms"])
+    torch.testing.assert_close(b.q("global"), a.q("global"), rtol=1e-5, atol=1e-6)
+    common = ("eval", "ppl", model_dir, "--data", text, "--seq-len", 32, "--windows", 2, "--rotations", files[()],
+              "--sparsity", 0.5, "--mode", "folded", "--json", "--quiet")
+    code, out, _ = run(capsys, *common, "--form", "input")
+    assert code == 0 and json.loads(out)["ppl"] > 0
+    code, _, err = run(capsys, *common)
+    assert code == 2 and "--form input" in err
+
+
 def test_calibrate_then_eval_ppl_json(model_dir, tmp_path, capsys):
     text, rot = tmp_path / "text.txt", tmp_path / "rot.safetensors"
     code, out, _ = run(capsys, "calibrate", model_dir, "--data", text, "--out", rot, "--windows", 4,

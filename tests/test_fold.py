@@ -340,3 +340,31 @@ def test_folded_centring_equals_simulate_and_saves_its_offsets(calibrated, tmp_p
     loaded = _loads_bit_exact(folded, tmp_path / "f", windows)
     assert torch.equal(loaded.model.layers[1].larosa_sites["down_in"].offset,
                        folded.model.layers[1].larosa_sites["down_in"].offset)
+
+
+@pytest.mark.parametrize("signal", ["gain", "gainfree"])
+@pytest.mark.parametrize("scope", ["layer", "block"])
+def test_the_weighted_objective_folds_in_the_input_form_exactly(signal, scope, tmp_path):
+    """Rotations of diag(n) XᵀX diag(n) act as diag(n) Q: dense at sparsity 0 simulated and folded, the folded input
+    form equal to simulate at 50 % (the layer scope scales both blocks by the attention's n, as its Q is shared), a
+    different selection than plain PCA, and refused by the residual form, which needs an orthogonal transform."""
+    model, windows = tiny_model("llama", True), random_windows(2)
+    calib = random_windows(4, seed=3)
+    rot = larosa.calibrate(model, calib, signal=signal, objective="weighted", progress=False)
+    pca = larosa.calibrate(model, calib, signal=signal, progress=False)
+    assert rot.objective == "weighted" and rot.meta["objective"] == "weighted"
+    n = rot.tensors["layers.0.mlp.norms"]
+    assert n.shape == (64,) and bool((n > 0).all()) and not torch.allclose(n, n.mean().expand(64))
+    with torch.no_grad():
+        dense = model(windows).logits
+        zero = larosa.sparsify(copy.deepcopy(model), LaRoSaConfig(rot, sparsity=0.0, scope=scope))
+        assert _rel(zero(windows).logits, dense) < 1e-5
+        simulated = larosa.sparsify(copy.deepcopy(model), LaRoSaConfig(rot, sparsity=0.5, scope=scope))
+        folded = fold(copy.deepcopy(model), folding(rot, 0.5, scope=scope, form="input"))
+        plain = larosa.sparsify(copy.deepcopy(model), LaRoSaConfig(pca, sparsity=0.5, scope=scope))
+        a, b, c = folded(windows).logits, simulated(windows).logits, plain(windows).logits
+        assert _rel(a, b) < 1e-4 and _rel(b, c) > 1e-3
+    with pytest.raises(larosa.LarosaError, match="--form input"):
+        folding(rot, 0.5, scope=scope)
+    loaded = _loads_bit_exact(folded, tmp_path / "f", windows)
+    assert loaded.config.larosa["rotations"]["objective"] == "weighted"

@@ -80,6 +80,29 @@ def test_layerwise_calibration_matches_full_forward(model, signal):
     assert rot.meta["tokens"] == str(windows.numel())
 
 
+@pytest.mark.parametrize("signal", ["gain", "gainfree"])
+def test_the_weighted_objective_diagonalises_the_row_weighted_moment(model, signal, tmp_path):
+    """Weighted Q is the eigenbasis of diag(n) XᵀX diag(n), n the column norms of the weights that read the block's
+    input (times |gain| where the signal leaves the gain out); a file without its norms is refused."""
+    windows = random_windows()
+    rot = larosa.calibrate(model, windows, signal=signal, objective="weighted", device="cpu", progress=False)
+    ref = _reference_second_moments(model, windows)
+    layer = model.model.layers[1]
+    for block, linears, norm in (("attn", ("q_proj", "k_proj", "v_proj"), layer.input_layernorm),
+                                 ("mlp", ("gate_proj", "up_proj"), layer.post_attention_layernorm)):
+        parent = layer.self_attn if block == "attn" else layer.mlp
+        n = torch.cat([getattr(parent, name).weight.detach().double() for name in linears]).norm(dim=0)
+        if signal == "gainfree":
+            n = n * norm.weight.detach().double().abs()
+        torch.testing.assert_close(rot.tensors[f"layers.1.{block}.norms"].double(), n, rtol=1e-6, atol=0)
+        weighted = ref[(1, block, signal)] * torch.outer(n, n)
+        _same_basis(rot.q(f"layers.1.{block}"), weighted, rot.tensors[f"layers.1.{block}.eigvals"])
+    del rot.tensors["layers.2.attn.norms"]
+    rot.save(tmp_path / "bad.safetensors")
+    with pytest.raises(larosa.LarosaError, match="lacks tensor 'layers.2.attn.norms'"):
+        Rotations.load(tmp_path / "bad.safetensors")
+
+
 def test_scopes_pick_the_documented_rotations():
     rot = larosa.calibrate(tiny_model("llama"), random_windows(), progress=False)
     for i, (a, m) in enumerate(rot.for_scope("block")):

@@ -16,7 +16,7 @@ from torch import nn
 from .arch import adapter_for
 from .data import token_windows
 from .errors import LarosaError
-from .rotations import SIGNALS, Rotations, config_hash, pca_rotation, weights_fingerprint
+from .rotations import OBJECTIVES, SIGNALS, Rotations, config_hash, pca_rotation, weights_fingerprint
 from .streaming import advance, passes
 from .version import __version__
 
@@ -44,6 +44,14 @@ class SecondMoment:
         self.xtx = xtx if self.xtx is None else self.xtx.add_(xtx)
 
 
+def _row_norms(linears, gain: torch.Tensor | None) -> torch.Tensor:
+    """Per input coordinate, the norm of the weight row it multiplies across ``linears`` (times its gain where the
+    signal leaves the gain out), floored so that no coordinate's scale is 0."""
+    w = torch.cat([lin.weight.detach().double().cpu() for lin in linears])
+    norms = w.norm(dim=0) * (gain.double().abs() if gain is not None else 1.0)
+    return norms.clamp_min(1e-6 * float(norms.mean()))
+
+
 def _gain_free(xtx: torch.Tensor, gain: torch.Tensor, where: str) -> torch.Tensor:
     """XᵀX of n(h) from XᵀX of n(h) ⊙ γ: divide by γ γᵀ (exact; impossible only where a gain is zero)."""
     gain = gain.detach().double().cpu()
@@ -61,6 +69,7 @@ def calibrate(
     n_windows: int = 16,
     seq_len: int = 2048,
     signal: str = "gain",
+    objective: str = "pca",
     device: str | None = None,
     progress: bool = True,
 ) -> Rotations:
@@ -69,10 +78,14 @@ def calibrate(
 
     ``data`` is a text spec (needs ``tokenizer``; see :mod:`larosa.data`) or a ``[n, seq_len]`` token tensor.
     ``signal="gain"`` takes X as the norm's output with its gain (the paper's reference code); ``"gainfree"``
-    takes it without, which is what Top-K sees once the gains are folded into the weights.
+    takes it without, which is what Top-K sees once the gains are folded into the weights. ``objective="weighted"``
+    diagonalises diag(n) XᵀX diag(n) instead, n the norms of the weight rows each coordinate multiplies (see
+    :data:`larosa.rotations.OBJECTIVES`); the norms are saved beside each Q.
     """
     if signal not in SIGNALS:
         raise LarosaError(f"signal must be one of {', '.join(SIGNALS)}, got {signal!r}")
+    if objective not in OBJECTIVES:
+        raise LarosaError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     adapter = adapter_for(model)
     dims = adapter.dims
     if isinstance(data, str):
@@ -94,10 +107,15 @@ def calibrate(
         advance(layer, call, hidden, [h.remove for h in handles], index=i)
         gains = {"attn": adapter.attn_norm(layer).weight.detach().cpu(),
                  "mlp": adapter.mlp_norm(layer).weight.detach().cpu()}
+        linears = {"attn": adapter.qkv(layer), "mlp": adapter.gate_up(layer)}
         for block in ("attn", "mlp"):
             xtx = moments[block].xtx.cpu()
             if signal == "gainfree":
                 xtx = _gain_free(xtx, gains[block], f"layer {i} {block} norm")
+            if objective == "weighted":
+                norms = _row_norms(linears[block], gains[block] if signal == "gainfree" else None)
+                xtx = xtx * torch.outer(norms, norms)
+                tensors[f"layers.{i}.{block}.norms"] = norms.float()
             pooled += xtx
             tensors[f"layers.{i}.{block}"], tensors[f"layers.{i}.{block}.eigvals"] = pca_rotation(xtx)
         tensors[f"layers.{i}.heads"], tensors[f"layers.{i}.heads.eigvals"] = pca_rotation(moments["heads"].xtx.cpu())
@@ -111,6 +129,7 @@ def calibrate(
         "hidden_size": str(dims.hidden),
         "num_layers": str(dims.n_layers),
         "signal": signal,
+        "objective": objective,
         "data": spec,
         "windows": str(windows.shape[0]),
         "seq_len": str(windows.shape[1]),

@@ -32,6 +32,11 @@ SCOPES = ("block", "layer", "global")
 # What Top-K sees at a rotated site: the norm output with its gain (the reference code), or without (the folded
 # model, whose gains live in the weights).
 SIGNALS = ("gain", "gainfree")
+# What Q diagonalises: the signal's second moment XᵀX ("pca"), or that of the signal with each coordinate scaled by
+# the norm of the weight row it multiplies, diag(n) XᵀX diag(n) ("weighted": what a dropped coordinate costs the
+# block's output, not its input). A weighted Q is used as the transform diag(n) Q, which is not orthogonal: it folds
+# in the input form only.
+OBJECTIVES = ("pca", "weighted")
 
 
 def pca_rotation(second_moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,6 +142,19 @@ class Rotations:
             out.append((attn, mlp))
         return out
 
+    @property
+    def objective(self) -> str:
+        return self.meta.get("objective", "pca")
+
+    def norms_for_scope(self, scope: str) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """A weighted objective's (n of the attention input, n of the MLP input) per layer: each block's own, but in
+        the layer scope, where the attention's Q serves both blocks, the attention's; None for plain PCA."""
+        if self.objective != "weighted":
+            return None
+        mlp = "attn" if scope == "layer" else "mlp"
+        return [(self.tensors[f"layers.{i}.attn.norms"], self.tensors[f"layers.{i}.{mlp}.norms"])
+                for i in range(self.n_layers)]
+
     def save(self, path: str | os.PathLike) -> None:
         meta = {k: v for k, v in self.meta.items() if k != "sha256"}
         with atomic_file(path) as tmp:
@@ -165,6 +183,11 @@ class Rotations:
         """Every expected Q is present and orthogonal (a flipped bit or a hand-edited file fails here)."""
         if self.meta.get("signal") not in SIGNALS or "num_layers" not in self.meta:
             raise LarosaError(f"{where}: metadata lacks num_layers or a signal in {SIGNALS}")
+        if self.objective not in OBJECTIVES:
+            raise LarosaError(f"{where}: unknown objective {self.objective!r}")
+        for name in (f"layers.{i}.{b}.norms" for i in range(self.n_layers) for b in ("attn", "mlp")):
+            if self.objective == "weighted" and not (name in self.tensors and bool((self.tensors[name] > 0).all())):
+                raise LarosaError(f"{where} lacks tensor {name!r} (positive), which a weighted objective needs")
         names = ["global"] + [f"layers.{i}.{b}" for i in range(self.n_layers) for b in ("attn", "mlp", "heads")]
         for name in names:
             if name not in self.tensors or f"{name}.eigvals" not in self.tensors:

@@ -93,7 +93,7 @@ def _cmd_calibrate(a: argparse.Namespace) -> dict:
     # device's dtype.
     model, tok = _load(a, a.lazy, device="cpu")
     rot = calibrate(model, a.data, tokenizer=tok, n_windows=a.windows, seq_len=a.seq_len, signal=a.signal,
-                    device=a.device, progress=not a.quiet)
+                    objective=a.objective, device=a.device, progress=not a.quiet)
     rot.meta["model"] = a.model
     deliver(a.out, rot.save)
     return {"out": a.out, **rot.meta, "peak_rss_mb": round(_peak_rss_mb(), 1)}

@@ -14,7 +14,7 @@ from ..bench.decode import CONFIGS
 from ..compare import DEFAULT_ROWS, ROWS
 from ..errors import LarosaError
 from ..models import DTYPES, check_device
-from ..rotations import SCOPES, SIGNALS
+from ..rotations import OBJECTIVES, SCOPES, SIGNALS
 from ..sparsity import CENTRES, DEFAULT_SCOPE, DEFAULT_SPLIT, FORMS, SCORES, SELECTS, SITES
 from ..version import __version__
 
@@ -162,6 +162,9 @@ def _calibrate(sub) -> None:
     c.add_argument("--signal", choices=SIGNALS, default="gain",
                    help="gain: PCA of the norm output with its gain (the reference code, default); gainfree: "
                         "without it, the signal Top-K sees in the folded model")
+    c.add_argument("--objective", choices=OBJECTIVES, default="pca",
+                   help="pca: Q diagonalises XᵀX (the paper, default); weighted: diag(n) XᵀX diag(n), n the norms "
+                        "of the weight rows each coordinate multiplies (folds with --form input only)")
     _lazy(c, "calibrate")
 
 

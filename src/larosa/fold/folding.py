@@ -60,6 +60,8 @@ class _Folding:
     # (Q_attn, Q_mlp) per layer as stored, made float64 where used: a float64 copy of every layer's Q up front
     # would take 86 GB on a 70B model.
     qs: list[tuple[torch.Tensor, torch.Tensor]]
+    # A weighted objective's (n_attn, n_mlp) per layer (see larosa.rotations.OBJECTIVES); None for plain PCA.
+    ns: list[tuple[torch.Tensor, torch.Tensor]] | None
 
     @classmethod
     def of(cls, model: nn.Module, config: LaRoSaConfig) -> _Folding:
@@ -74,7 +76,9 @@ class _Folding:
             warnings.warn("these rotations come from the gain-included signal, but folded Top-K sees the gain-free "
                           "one; calibrate with signal='gainfree' (--signal gainfree): on SmolLM2 at 40 % the "
                           "gain-included Q measured 28.4 PPL against 24.2", stacklevel=4)
-        return cls(adapter, config, config.levels(adapter.dims), config.rotations.for_scope(config.resolved_scope))
+        scope = config.resolved_scope
+        return cls(adapter, config, config.levels(adapter.dims), config.rotations.for_scope(scope),
+                   config.rotations.norms_for_scope(scope))
 
     @property
     def scope(self) -> str:
@@ -99,28 +103,35 @@ class _Folding:
         final_norm.weight.fill_(1.0)
         return folded
 
-    def _block_input(self, norm: nn.Module, linears, q: torch.Tensor) -> torch.Tensor | None:
+    def _block_input(self, norm: nn.Module, linears, q: torch.Tensor, n: torch.Tensor | None) -> torch.Tensor | None:
         """Gain and Q into the projections that read a block's input; the norm's gain is set to 1. Returns the
-        input form's transform of the normed input (as a Linear weight), None in the residual form."""
+        input form's transform of the normed input (as a Linear weight), None in the residual form. A weighted
+        objective's n scales the transform by n and the weights by 1/n."""
         gain = _f64(norm.weight)
         in_signal = self.form == "input" and self.config.rotations.signal == "gain"  # the transform keeps the gain
+        scale = torch.ones_like(gain) if in_signal else gain
+        if n is not None:
+            scale = scale / n.double()
         for lin in linears:
-            _set(lin, (_f64(lin.weight) if in_signal else _f64(lin.weight) * gain) @ q)
+            _set(lin, _f64(lin.weight) * scale @ q)
         norm.weight.fill_(1.0)
         if self.form == "residual":
             return None
-        transform = gain[:, None] * q if in_signal else q  # z = n(h) diag(g) Q  (or n(h) Q)
-        return transform.T
+        row = gain if in_signal else torch.ones_like(gain)  # z = n(h) diag(g) Q  (or n(h) Q), times diag(n)
+        if n is not None:
+            row = row * n.double()
+        return (row[:, None] * q).T
 
     def layer(self, i: int, layer: nn.Module) -> dict[str, torch.Tensor]:
         """Fold decoder layer ``i`` in place; returns what the folded layer holds beyond its own weights (residual
         adapters, weight-aware scores), named relative to the layer."""
         adapter, dims = self.adapter, self.adapter.dims
         q_attn, q_mlp = (q.double() for q in self.qs[i])
+        n_attn, n_mlp = self.ns[i] if self.ns is not None else (None, None)
         residual = self.form == "residual"
         extra = {}
         # Attention: gain and Q into q/k/v inputs; in the residual form, Q back out of o_proj's output.
-        transform = self._block_input(adapter.attn_norm(layer), adapter.qkv(layer), q_attn)
+        transform = self._block_input(adapter.attn_norm(layer), adapter.qkv(layer), q_attn, n_attn)
         if transform is not None:
             extra["attn_transform.weight"] = transform
         o = adapter.o_proj(layer)
@@ -139,7 +150,7 @@ class _Folding:
         else:
             _set(o, o_weight)
         # MLP: the same with Q_mlp.
-        transform = self._block_input(adapter.mlp_norm(layer), adapter.gate_up(layer), q_mlp)
+        transform = self._block_input(adapter.mlp_norm(layer), adapter.gate_up(layer), q_mlp, n_mlp)
         if transform is not None:
             extra["mlp_transform.weight"] = transform
         if residual:

@@ -92,6 +92,9 @@ class LaRoSaConfig:
             raise LarosaError(f"form must be one of {', '.join(FORMS)}, got {self.form!r}")
         if self.form != "residual" and self.mode != "folded":
             raise LarosaError("the folded form applies to folded mode only (--mode folded)")
+        if self.mode == "folded" and self.form == "residual" and self.rotations.objective != "pca":
+            raise LarosaError("rotations of the weighted objective transform the input by diag(n) Q, which is not "
+                              "orthogonal: fold them in the input form (--form input)")
         if self.select not in SELECTS:
             raise LarosaError(f"select must be one of {', '.join(SELECTS)}, got {self.select!r}")
         if self.centre is not None and self.centre not in CENTRES:
@@ -181,7 +184,8 @@ class TopKSite(site_protocol.Site):
 
     def __init__(self, size: int, sparsity: float, rotation: torch.Tensor | None = None,
                  gain: torch.Tensor | None = None, weights: int = 0, scale: torch.Tensor | None = None,
-                 threshold: float | None = None, offset: torch.Tensor | None = None):
+                 threshold: float | None = None, offset: torch.Tensor | None = None,
+                 norms: torch.Tensor | None = None):
         super().__init__(weights)
         self.size, self.level = size, sparsity
         self.k = keep_count(sparsity, size)
@@ -190,12 +194,15 @@ class TopKSite(site_protocol.Site):
         self.rows: RowSample | None = None  # set while offsets are calibrated
         self.register_buffer("rotation", rotation, persistent=False)
         self.register_buffer("gain", gain, persistent=False)
+        self.register_buffer("norms", norms, persistent=False)  # a weighted objective's scaling before the rotation
         self.register_buffer("scale", scale)  # weight-aware scores; saved with a folded model
         self.register_buffer("offset", offset)  # centring; saved with a folded model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gain is not None:
             x = x / self.gain
+        if self.norms is not None:
+            x = x * self.norms
         if self.rotation is not None:
             x = x @ self.rotation
         if self.rows is not None:
@@ -211,6 +218,8 @@ class TopKSite(site_protocol.Site):
             x = x + self.offset
         if self.rotation is not None:
             x = x @ self.rotation.T
+        if self.norms is not None:
+            x = x / self.norms
         if self.gain is not None:
             x = x * self.gain
         return x
@@ -225,30 +234,33 @@ def weight_norms(adapter: Adapter, layer: nn.Module) -> dict[str, torch.Tensor]:
             "mlp_in": norms(adapter.gate_up(layer)), "down_in": norms([adapter.down_proj(layer)])}
 
 
-def _rotated_norms(adapter: Adapter, layer: nn.Module, site: str, q: torch.Tensor | None, gain: torch.Tensor | None):
-    """Weight-row norms in the basis Top-K sees: y = z (W diag(gain) Q)ᵀ for z = (x / gain) Q."""
+def _rotated_norms(adapter: Adapter, layer: nn.Module, site: str, q: torch.Tensor | None, gain: torch.Tensor | None,
+                   norms: torch.Tensor | None):
+    """Weight-row norms in the basis Top-K sees: y = z (W diag(gain / n) Q)ᵀ for z = (x / gain) diag(n) Q."""
     linears = {"attn_in": adapter.qkv(layer), "mlp_in": adapter.gate_up(layer)}[site]
     w = torch.cat([lin.weight.detach().double() for lin in linears])
     if gain is not None:
         w = w * gain.double()
+    if norms is not None:
+        w = w / norms.double()
     return (w @ q.double()).norm(dim=0) if q is not None else w.norm(dim=0)
 
 
 def attach(adapter: Adapter, layer: nn.Module, levels: SparsityConfig, rotations=(None, None), gains=(None, None),
            scales: dict[str, torch.Tensor] | None = None, thresholds: dict[str, float] | None = None,
            inputs: tuple[nn.Module, nn.Module] | None = None,
-           offsets: dict[str, torch.Tensor] | None = None) -> nn.ModuleDict:
+           offsets: dict[str, torch.Tensor] | None = None, norms=(None, None)) -> nn.ModuleDict:
     """The four Top-K sites on one decoder layer, where the layer's own modules read each site's input: the block
     inputs' sites on the output of the norms, or of ``inputs`` (a folded model's input transforms)."""
     dims = adapter.dims
     size, w, scales, t, o = site_sizes(dims), site_weights(dims), scales or {}, thresholds or {}, offsets or {}
     made = {
         "attn_in": TopKSite(size["attn_in"], levels.attn_in, rotations[0], gains[0], w["attn_in"],
-                            scales.get("attn_in"), t.get("attn_in"), o.get("attn_in")),
+                            scales.get("attn_in"), t.get("attn_in"), o.get("attn_in"), norms[0]),
         "o_in": TopKSite(size["o_in"], levels.o_in, weights=w["o_in"], scale=scales.get("o_in"),
                          threshold=t.get("o_in"), offset=o.get("o_in")),
         "mlp_in": TopKSite(size["mlp_in"], levels.mlp_in, rotations[1], gains[1], w["mlp_in"], scales.get("mlp_in"),
-                           t.get("mlp_in"), o.get("mlp_in")),
+                           t.get("mlp_in"), o.get("mlp_in"), norms[1]),
         "down_in": TopKSite(size["down_in"], levels.down_in, weights=w["down_in"], scale=scales.get("down_in"),
                             threshold=t.get("down_in"), offset=o.get("down_in")),
     }
@@ -261,20 +273,25 @@ def attach(adapter: Adapter, layer: nn.Module, levels: SparsityConfig, rotations
     ])
 
 
-def _site_inputs(adapter: Adapter, layer: nn.Module, rotations: Rotations | None, qs: tuple | None, score: str):
-    """(rotations, gains, weight-aware scales) of one layer's sites, on the layer's device and dtype."""
+def _site_inputs(adapter: Adapter, layer: nn.Module, rotations: Rotations | None, qs: tuple | None,
+                 ns: tuple | None, score: str) -> dict:
+    """The rotations, gains, weighted-objective norms and weight-aware scales of one layer's sites, on the layer's
+    device and dtype (as :func:`attach` takes them)."""
     w = adapter.o_proj(layer).weight
-    rot, gains = (None, None), (None, None)
+    rot, gains, norms = (None, None), (None, None), (None, None)
     if rotations is not None:
         rot = tuple(q.to(w.device, w.dtype) for q in qs)
         if rotations.signal == "gainfree":
             gains = (adapter.attn_norm(layer).weight.detach(), adapter.mlp_norm(layer).weight.detach())
+        if ns is not None:
+            norms = tuple(n.to(w.device, w.dtype) for n in ns)
+    inputs = {"rotations": rot, "gains": gains, "norms": norms}
     if score != "weight":
-        return rot, gains, None
+        return inputs
     scales = weight_norms(adapter, layer)
-    for site, q, gain in (("attn_in", rot[0], gains[0]), ("mlp_in", rot[1], gains[1])):
-        scales[site] = _rotated_norms(adapter, layer, site, q, gain)
-    return rot, gains, {k: v.to(w.device, w.dtype) for k, v in scales.items()}
+    for site, q, gain, n in (("attn_in", rot[0], gains[0], norms[0]), ("mlp_in", rot[1], gains[1], norms[1])):
+        scales[site] = _rotated_norms(adapter, layer, site, q, gain, n)
+    return {**inputs, "scales": {k: v.to(w.device, w.dtype) for k, v in scales.items()}}
 
 
 def prepare(model: nn.Module, config: LaRoSaConfig) -> tuple[list[SparsityConfig], Callable[[int, nn.Module], object]]:
@@ -287,13 +304,15 @@ def prepare(model: nn.Module, config: LaRoSaConfig) -> tuple[list[SparsityConfig
     config.check_model(model)
     adapter = adapter_for(model)
     levels = config.levels(adapter.dims)
-    qs = config.rotations.for_scope(config.resolved_scope) if config.rotations is not None else None
+    rotations, scope = config.rotations, config.resolved_scope
+    qs = rotations.for_scope(scope) if rotations is not None else None
+    ns = rotations.norms_for_scope(scope) if rotations is not None else None
 
     def attach_layer(i: int, layer: nn.Module) -> nn.ModuleDict:
-        q = qs[i] if qs is not None else None
-        thresholds = config.thresholds[i] if config.thresholds is not None else None
-        return attach(adapter, layer, levels[i], *_site_inputs(adapter, layer, config.rotations, q,
-                                                               config.resolved_score), thresholds)
+        inputs = _site_inputs(adapter, layer, rotations, qs[i] if qs else None, ns[i] if ns else None,
+                              config.resolved_score)
+        return attach(adapter, layer, levels[i], **inputs,
+                      thresholds=config.thresholds[i] if config.thresholds is not None else None)
 
     return levels, attach_layer
 
