@@ -27,6 +27,6 @@ compare() {  # DIR SIGNAL SCOPE METHODS
     --calib-windows 16 --search-windows 4 --target 0.25,0.4,0.5 --batch-size ${BATCH:-1} --out "$out/$1" \
     --json --quiet > /dev/null
 }
-compare block gain block dense,teal,teal-greedy,cats,larosa,larosa-searched,larosa-searched-wa,larosa-threshold,larosa-searched-threshold,larosa-centred,larosa-centred-threshold & block=$!
-compare global gainfree global larosa,larosa-searched,larosa-searched-wa,larosa-threshold,larosa-searched-threshold,larosa-centred,larosa-centred-threshold & global=$!
+compare block gain block dense,teal,teal-greedy,cats,larosa,larosa-searched,larosa-threshold,larosa-searched-threshold,larosa-centred,larosa-centred-threshold & block=$!
+compare global gainfree global larosa,larosa-threshold,larosa-centred,larosa-centred-threshold,larosa-searched,larosa-searched-threshold,larosa-searched-centred-threshold,larosa-searched-wa-threshold & global=$!
 rc=0; wait $block || rc=$?; wait $global || rc=$?; exit $rc

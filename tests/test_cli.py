@@ -299,7 +299,8 @@ def test_compare_runs_thresholds_and_centring_and_counts_the_bytes_each_row_read
     from larosa.sparsity.levels import adapter_overhead
 
     text = tmp_path / "text.txt"
-    methods = "teal,larosa,larosa-threshold,larosa-searched-threshold,larosa-centred,larosa-centred-threshold"
+    methods = ("teal,larosa,larosa-threshold,larosa-searched-threshold,larosa-centred,larosa-centred-threshold,"
+               "larosa-searched-wa-threshold,larosa-searched-centred-threshold")
     code, printed, _ = run(capsys, "compare", model_dir, "--target", "0.4", "--data", text, "--windows", 2,
                            "--calib-data", text, "--calib-windows", 3, "--search-windows", 2,
                            "--held-out-windows", 2, "--seq-len", 32, "--device", "cpu", "--methods", methods,
@@ -316,4 +317,6 @@ def test_compare_runs_thresholds_and_centring_and_counts_the_bytes_each_row_read
         assert r["measured_param_weighted"] == pytest.approx(0.4, abs=0.06), name
     assert rows["larosa-centred"]["settings"]["centre"] == "median"
     assert rows["larosa-threshold"]["settings"]["select"] == "threshold"
+    assert rows["larosa-searched-centred-threshold"]["settings"]["centre"] == "median"
+    assert rows["larosa-searched-wa-threshold"]["settings"]["select"] == "threshold"
     assert "| LaRoSa, centred + thresholds |" in result["table"]

@@ -46,6 +46,10 @@ VARIANTS = {
     "larosa-searched-threshold": ("LaRoSa, searched + thresholds", {"search": True, "select": "threshold"}),
     "larosa-centred": ("LaRoSa, centred", {"centre": "median"}),
     "larosa-centred-threshold": ("LaRoSa, centred + thresholds", {"centre": "median", "select": "threshold"}),
+    "larosa-searched-wa-threshold": ("LaRoSa, searched + weight-aware + thresholds",
+                                     {"search": True, "score": "weight", "select": "threshold"}),
+    "larosa-searched-centred-threshold": ("LaRoSa, searched + centred + thresholds",
+                                          {"search": True, "centre": "median", "select": "threshold"}),
 }
 ROWS = {**{m: LABELS[m] for m in ("dense", "teal", "teal-greedy", "cats")},
         **{name: label for name, (label, _) in VARIANTS.items()}}
