@@ -1,4 +1,5 @@
-"""Tiny random models of every supported family, built here, and a tokenizer trained on the fly: no hub, no downloads."""
+"""Tiny random models of every supported family, built here, and a tokenizer trained on the fly: no hub, no
+downloads; the checks several test modules share."""
 
 from __future__ import annotations
 
