@@ -3,6 +3,7 @@ asks of each (Mistral: a sliding window; Qwen3: per-head QK-norm; Gemma 3: norms
 gains, a scaled embedding, GeGLU, windowed and global layers with their own rotary tables, a logit soft cap)."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -87,12 +88,51 @@ def test_the_engine_attends_through_the_sliding_window(arch):
         assert relative_error(unwindowed(tokens, torch.arange(20)), model(tokens[None]).logits[0]) > 1e-3
 
 
-def test_gemma3_refuses_the_residual_form_naming_the_input_form(tmp_path):
+def test_gemma3_refuses_what_it_cannot_compute_in_one_line():
+    """The residual form (its output norms leave no rotatable residual) and, in the engine, attention beyond a
+    windowed causal softmax (config options Gemma 3 checkpoints leave off)."""
     model = tiny_model("gemma3")
     rot = larosa.calibrate(model, random_windows(2, seed=3), signal="gainfree", progress=False)
     with pytest.raises(larosa.LarosaError, match=r"residual form cannot fold it: .*--form input") as refused:
-        larosa.sparsify(model, LaRoSaConfig(rot, sparsity=0.5, mode="folded", form="residual"))
+        larosa.sparsify(copy.deepcopy(model), LaRoSaConfig(rot, sparsity=0.5, mode="folded", form="residual"))
     assert "\n" not in str(refused.value)
+    model.config.attn_logit_softcapping = 50.0
+    with pytest.raises(larosa.LarosaError, match="soft cap on the attention logits"):
+        Transformer.from_hf(model, max_seq=32)
+
+
+def test_gemma3_through_the_cli_lazy_calibration_streamed_fold_perplexity_and_generate(tmp_path, capsys,
+                                                                                      monkeypatch):
+    from conftest import TEXT, saved_tiny
+    from test_cli import run
+
+    import larosa.cli
+
+    text, rot, folded = tmp_path / "text.txt", tmp_path / "rot.safetensors", tmp_path / "folded"
+    text.write_text(TEXT, encoding="utf-8")
+    model_dir = saved_tiny(tmp_path / "gemma3", "gemma3")
+    code, _, _ = run(capsys, "calibrate", model_dir, "--data", text, "--out", rot, "--windows", 4, "--seq-len", 32,
+                     "--signal", "gainfree", "--device", "cpu", "--lazy", "--quiet")
+    assert code == 0
+    sparsify = ("sparsify", model_dir, "--rotations", rot, "--sparsity", 0.4, "--out", folded, "--lazy", "--quiet")
+    with monkeypatch.context() as patched:  # the residual form, by default: refused before the model loads
+        patched.setattr(larosa.cli, "load_lazy", None)
+        code, _, err = run(capsys, *sparsify)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--form input" in err and not folded.exists()
+    assert run(capsys, *sparsify, "--form", "input")[0] == 0
+    ppl = ("eval", "ppl", "--data", text, "--seq-len", 32, "--windows", 2, "--json", "--quiet")
+    code, out, _ = run(capsys, *ppl[:2], folded, *ppl[2:])
+    code_simulated, out_simulated, _ = run(capsys, *ppl[:2], model_dir, *ppl[2:], "--rotations", rot, "--sparsity",
+                                           0.4, "--scope", "global", "--lazy", "--device", "cpu")
+    assert code == code_simulated == 0
+    assert json.loads(out)["ppl"] == pytest.approx(json.loads(out_simulated)["ppl"], rel=1e-4)
+    prompt = "The rotation concentrates the signal of each layer"  # longer than the window of 8, with the tokens
+    code, out, _ = run(capsys, "generate", folded, "--prompt", prompt, "--max-new-tokens", 12, "--json", "--quiet",
+                       "--dtype", "float32", "--device", "cpu")
+    loaded, tok = larosa.load_model(str(folded), device="cpu", dtype=torch.float32)
+    ids = torch.tensor(tok(prompt)["input_ids"])
+    ref = loaded.generate(ids[None], max_new_tokens=12, do_sample=False, pad_token_id=0)[0, ids.numel():].tolist()
+    assert code == 0 and json.loads(out)["tokens"] == ref
 
 
 def test_the_peers_and_the_search_run_on_the_family(family):
