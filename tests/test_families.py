@@ -88,6 +88,17 @@ def test_the_engine_attends_through_the_sliding_window(arch):
         assert relative_error(unwindowed(tokens, torch.arange(20)), model(tokens[None]).logits[0]) > 1e-3
 
 
+def test_the_engine_norms_round_as_gemma3s_in_bfloat16():
+    """Gemma multiplies by its gain 1 + w in float32 before casting back (Llama casts first): bit for bit."""
+    model = tiny_model("gemma3").to(torch.bfloat16)
+    engine = Transformer.from_hf(model, max_seq=8)
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16) * 3
+    layer = model.model.layers[1]
+    pairs = [(engine.layers[1].attn_norm, layer.input_layernorm), (engine.layers[1].mlp_out_norm,
+             layer.post_feedforward_layernorm), (engine.final_norm, model.model.norm)]
+    assert all(torch.equal(mine(x), theirs(x)) for mine, theirs in pairs)
+
+
 def test_gemma3_refuses_what_it_cannot_compute_in_one_line():
     """The residual form (its output norms leave no rotatable residual) and, in the engine, attention beyond a
     windowed causal softmax (config options Gemma 3 checkpoints leave off)."""
