@@ -62,6 +62,17 @@ def test_folded_equals_simulate_and_loads_bit_exact(family, scope, tmp_path):
         loads_bit_exact(folded, tmp_path / form, windows)
 
 
+def test_gemma3_folds_the_gain_included_signal_as_simulated():
+    """The input form's transform diag(1 + w) Q keeps Gemma's gain where the gain-included Q expects it."""
+    model, windows = tiny_model("gemma3"), distinct_windows(2)
+    rot = larosa.calibrate(model, random_windows(4, seed=3), signal="gain", progress=False)
+    simulated = larosa.sparsify(copy.deepcopy(model), LaRoSaConfig(rot, sparsity=0.5, scope="layer"))
+    folded = larosa.sparsify(copy.deepcopy(model), LaRoSaConfig(rot, sparsity=0.5, scope="layer", mode="folded",
+                                                                form="input"))
+    with torch.no_grad():
+        assert relative_error(folded(windows).logits, simulated(windows).logits) < 1e-4
+
+
 def test_the_engine_generates_what_transformers_generates(family):
     """18 positions: past Gemma 3's window of 8, so its windowed layers must drop the oldest keys."""
     arch, model, rot = family
