@@ -1,4 +1,5 @@
-"""Tiny random Llama and Qwen2 models, built here, and a tokenizer trained on the fly: no hub, no downloads."""
+"""Tiny random models of every supported family, built here, and a tokenizer trained on the fly: no hub, no
+downloads; the checks several test modules share."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ if not torch.cuda.is_available():
     # Triton kernels run on the CPU through Triton's interpreter, which must be on before triton is imported
     # (transformers' model modules import it).
     os.environ.setdefault("TRITON_INTERPRET", "1")
-from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config,
-                          Qwen3Config)
+from transformers import (AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, PreTrainedTokenizerFast,
+                          Qwen2Config, Qwen3Config)
+
+from larosa.fold import save_folded  # noqa: E402  (after the Triton switch above)
+from larosa.runtime import Engine, Transformer  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -36,16 +40,21 @@ def tiny_config(arch: str, tie: bool = False, vocab: int = 96):
         return MistralConfig(**common, sliding_window=128)
     if arch == "qwen3":
         return Qwen3Config(**common, head_dim=16)
+    if arch == "gemma3":  # queries wider than the hidden size, a window shorter than the tests' sequences, a biting cap
+        return Gemma3TextConfig(**common, head_dim=32, query_pre_attn_scalar=24, sliding_window=8,
+                                layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                final_logit_softcapping=0.5)
     raise ValueError(arch)
 
 
 def tiny_model(arch: str, tie: bool = False, seed: int = 0, vocab: int = 96):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, tie, vocab), dtype=torch.float32).eval()
+    offset = 1.0 if arch == "gemma3" else 0.0  # Gemma's norms multiply by 1 + weight
     with torch.no_grad():  # random norm gains, so gain handling is exercised, and non-zero Qwen2 biases
         for name, p in model.named_parameters():
             if "norm" in name:
-                p.uniform_(0.5, 1.5)
+                p.uniform_(0.5 - offset, 1.5 - offset)
             elif name.endswith("bias"):
                 p.normal_(0, 0.1)
     return model
@@ -62,6 +71,32 @@ def model(request):
 def random_windows(n: int = 3, seq_len: int = 32, vocab: int = 96, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (n, seq_len), generator=g)
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def loads_bit_exact(folded, path: Path, windows: torch.Tensor):
+    """Saved and loaded with transformers' Auto class: the same weights and logits, bit for bit; the loaded model."""
+    loaded = AutoModelForCausalLM.from_pretrained(save_folded(folded, None, path))
+    with torch.no_grad():
+        assert torch.equal(loaded(windows).logits, folded(windows).logits)
+    a, b = folded.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return loaded
+
+
+def decodes_as_hf(hf, tol: float, prefill: int = 12, total: int = 20) -> Engine:
+    """Prefill then decode one token at a time in the engine, against the HF model's logits on the same tokens."""
+    tokens = random_windows(1, seq_len=total)[0]
+    with torch.no_grad():
+        ref = hf(tokens[None]).logits[0]
+    engine = Engine(Transformer.from_hf(hf, max_seq=32))
+    assert relative_error(engine.model(tokens[:prefill], torch.arange(prefill)), ref[:prefill]) < tol
+    for pos in range(prefill, total):
+        assert relative_error(engine.step(tokens[pos : pos + 1], pos), ref[pos : pos + 1]) < tol
+    return engine
 
 
 def train_tokenizer(text: str, vocab: int = 96) -> PreTrainedTokenizerFast:

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import random_windows, tiny_model
+from conftest import decodes_as_hf, random_windows, tiny_model
 
 import larosa
 from larosa.runtime import Engine, Transformer
@@ -13,18 +13,6 @@ from larosa.runtime import Engine, Transformer
 
 def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def _matches_hf(folded, tol: float, prefill: int = 12, total: int = 20) -> Engine:
-    """Prefill then decode one token at a time in the engine, against the HF model's logits on the same tokens."""
-    tokens = random_windows(1, seq_len=total)[0]
-    with torch.no_grad():
-        ref = folded(tokens[None]).logits[0]
-    engine = Engine(Transformer.from_hf(folded, max_seq=32))
-    assert _rel(engine.model(tokens[:prefill], torch.arange(prefill)), ref[:prefill]) < tol
-    for pos in range(prefill, total):
-        assert _rel(engine.step(tokens[pos : pos + 1], pos), ref[pos : pos + 1]) < tol
-    return engine
 
 
 @pytest.fixture(params=[("llama", False), ("qwen2", True)], ids=["llama", "qwen2"])
@@ -213,7 +201,7 @@ def test_engine_runs_calibrated_thresholds_like_the_hf_model():
     rot = larosa.calibrate(model, random_windows(4, seed=3), signal="gainfree", progress=False)
     folded = larosa.sparsify(copy.deepcopy(model), larosa.LaRoSaConfig(
         rot, sparsity=0.5, mode="folded", select="threshold", calib=random_windows(4, seed=5)), progress=False)
-    engine = _matches_hf(folded, 1e-5)
+    engine = decodes_as_hf(folded, 1e-5)
     assert engine.model.layers[0].qkv.threshold == folded.config.larosa["thresholds"][0]["attn_in"]
 
 
@@ -235,7 +223,7 @@ def test_engine_runs_the_input_form_like_the_hf_model():
     rot = larosa.calibrate(model, random_windows(4, seed=3), signal="gain", progress=False)
     folded = larosa.sparsify(copy.deepcopy(model), larosa.LaRoSaConfig(rot, sparsity=0.5, mode="folded",
                                                                        scope="block", form="input"))
-    engine = _matches_hf(folded, 1e-5)
+    engine = decodes_as_hf(folded, 1e-5)
     assert engine.model.layers[0].attn_transform is not None and engine.model.layers[0].mid_adapter is None
 
 
@@ -245,4 +233,4 @@ def test_engine_runs_centred_sites_like_the_hf_model():
     rot = larosa.calibrate(model, random_windows(4, seed=3), signal="gainfree", progress=False)
     folded = larosa.sparsify(copy.deepcopy(model), larosa.LaRoSaConfig(
         rot, sparsity=0.5, mode="folded", centre="mean", calib=random_windows(4, seed=5)), progress=False)
-    assert _matches_hf(folded, 1e-5).model.layers[0].down.offset is not None
+    assert decodes_as_hf(folded, 1e-5).model.layers[0].down.offset is not None

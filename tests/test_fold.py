@@ -4,7 +4,7 @@ import sys
 
 import pytest
 import torch
-from conftest import random_windows, saved_tiny, tiny_model
+from conftest import loads_bit_exact, random_windows, saved_tiny, tiny_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -20,14 +20,6 @@ def folding(rot, sparsity, **how) -> LaRoSaConfig:
 
 def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def _loads_bit_exact(folded, path, windows):
-    """Saved and loaded with transformers' Auto class: the same logits, bit for bit; the loaded model."""
-    loaded = AutoModelForCausalLM.from_pretrained(save_folded(folded, None, path))
-    with torch.no_grad():
-        assert torch.equal(loaded(windows).logits, folded(windows).logits)
-    return loaded
 
 
 @pytest.fixture(scope="module")
@@ -291,7 +283,7 @@ def test_folded_threshold_selection_equals_simulate_and_survives_save_and_load(c
     assert folded.config.larosa["select"] == "threshold" and folded.config.larosa["thresholds"] == thresholds
     with torch.no_grad():
         assert _rel(folded(windows).logits, simulated(windows).logits) < 1e-4
-    _loads_bit_exact(folded, tmp_path / "f", windows)
+    loads_bit_exact(folded, tmp_path / "f", windows)
     # calibrated on the folded model itself (the one call): the same thresholds up to float rounding
     own = larosa.sparsify(copy.deepcopy(model), folding(rot, 0.5, select="threshold", calib=calib), progress=False)
     for mine, theirs in zip(own.config.larosa["thresholds"], thresholds):
@@ -323,7 +315,7 @@ def test_the_input_form_is_dense_at_zero_and_simulate_at_any_sparsity(signal, sc
         assert len(transforms) == 6 and not [n for n, m in folded.named_modules() if n.endswith("_adapter") and m]
         assert larosa.describe(folded)["form"] == "input"
         assert larosa.describe(folded)["adapter_overhead"] == pytest.approx(2 * 64**2 / 30720)
-    _loads_bit_exact(folded, tmp_path / "f", windows)
+    loads_bit_exact(folded, tmp_path / "f", windows)
     with pytest.raises(larosa.LarosaError, match="folded mode only"):
         LaRoSaConfig(rot, sparsity=0.5, form="input")
 
@@ -337,7 +329,7 @@ def test_folded_centring_equals_simulate_and_saves_its_offsets(calibrated, tmp_p
     assert folded.config.larosa["centre"] == "median"
     with torch.no_grad():
         assert _rel(folded(windows).logits, simulated(windows).logits) < 1e-4
-    loaded = _loads_bit_exact(folded, tmp_path / "f", windows)
+    loaded = loads_bit_exact(folded, tmp_path / "f", windows)
     assert torch.equal(loaded.model.layers[1].larosa_sites["down_in"].offset,
                        folded.model.layers[1].larosa_sites["down_in"].offset)
 
@@ -366,5 +358,5 @@ def test_the_weighted_objective_folds_in_the_input_form_exactly(signal, scope, t
         assert _rel(a, b) < 1e-4 and _rel(b, c) > 1e-3
     with pytest.raises(larosa.LarosaError, match="--form input"):
         folding(rot, 0.5, scope=scope)
-    loaded = _loads_bit_exact(folded, tmp_path / "f", windows)
+    loaded = loads_bit_exact(folded, tmp_path / "f", windows)
     assert loaded.config.larosa["rotations"]["objective"] == "weighted"

@@ -105,8 +105,8 @@ def calibrate(
             adapter.o_proj(layer).register_forward_pre_hook(lambda m, a: moments["heads"].add(a[0])),
         ]
         advance(layer, call, hidden, [h.remove for h in handles], index=i)
-        gains = {"attn": adapter.attn_norm(layer).weight.detach().cpu(),
-                 "mlp": adapter.mlp_norm(layer).weight.detach().cpu()}
+        gains = {"attn": adapter.gain(adapter.attn_norm(layer)).cpu(),
+                 "mlp": adapter.gain(adapter.mlp_norm(layer)).cpu()}
         linears = {"attn": adapter.qkv(layer), "mlp": adapter.gate_up(layer)}
         for block in ("attn", "mlp"):
             xtx = moments[block].xtx.cpu()

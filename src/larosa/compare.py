@@ -105,7 +105,8 @@ def compare(model: nn.Module, methods: list[str], targets: list[float], *, calib
     """
     check_rows(methods)
     start = time.perf_counter()
-    dims = adapter_for(model).dims
+    adapter = adapter_for(model)
+    dims = adapter.dims
     if rotations is None and any(m.startswith("larosa") for m in methods):
         rotations = calibrate(model, calib, device=device, progress=progress)
     plans = [] if plans is None else plans
@@ -128,7 +129,7 @@ def compare(model: nn.Module, methods: list[str], targets: list[float], *, calib
         else:  # a failing evaluation (a model giving NaN) is fatal
             row["setup_seconds"] = round(time.perf_counter() - setup, 1)
             row.update(perplexity(model, windows, batch_size=batch_size, progress=False))
-            row["relative_bytes"] = relative_bytes(row, dims, scope, rotations)
+            row["relative_bytes"] = relative_bytes(row, dims, scope, rotations, adapter.rotatable_residual)
         finally:
             unsparsify(model)
         rows.append(row)
@@ -139,14 +140,16 @@ def compare(model: nn.Module, methods: list[str], targets: list[float], *, calib
     return result
 
 
-def relative_bytes(row: dict, dims, scope: str, rotations: Rotations | None) -> float:
+def relative_bytes(row: dict, dims, scope: str, rotations: Rotations | None, rotatable_residual: bool = True) -> float:
     """Decoder weight bytes a token reads, over the dense model's: the share the row's sites did not skip, plus,
     for LaRoSa, the dense d x d matrices of the cheapest folded form that computes what it simulated (residual
-    adapters for Q of the gain-free signal, the input form's two transforms for the gain-included one)."""
+    adapters for Q of the gain-free signal where the family's residual stream can be rotated, else the input form's
+    two transforms)."""
     read = 1.0 - row["measured_param_weighted"]
     if not row["method"].startswith("larosa") or rotations is None:
         return read
-    return read + adapter_overhead(dims, scope, "residual" if rotations.signal == "gainfree" else "input")
+    residual = rotatable_residual and rotations.signal == "gainfree"
+    return read + adapter_overhead(dims, scope, "residual" if residual else "input")
 
 
 @dataclass(frozen=True)

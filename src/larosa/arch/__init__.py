@@ -43,6 +43,11 @@ class Adapter:
     model_types: tuple[str, ...] = ()
     hf_config: type | None = None  # the family's config and *ForCausalLM classes (the folded types derive from them)
     hf_causal_lm: type | None = None
+    # Whether the residual stream can be carried in a rotated basis: not where a gained norm sits on a block's output
+    # before the residual add (n(y) ⊙ γ is not rotated by rotating y).
+    rotatable_residual: bool = True
+    # Whether an RMSNorm multiplies by its gain in float32 before casting back (Gemma), or after the cast (Llama).
+    gain_in_float32: bool = False
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -69,10 +74,38 @@ class Adapter:
         """The MLP's gate activation: act(gate) * up feeds down_proj."""
         return ACT2FN[self.config.hidden_act]
 
-    def sliding_window(self) -> int | None:
-        """How many positions back a layer's attention sees, where the model windows it (None: all of them)."""
+    def sliding_window(self, i: int) -> int | None:
+        """How many positions (its own included) layer ``i``'s attention sees, where the model windows it (None: all
+        of them): every layer, or those ``layer_types`` marks as sliding."""
         c = self.config
-        return getattr(c, "sliding_window", None) if getattr(c, "use_sliding_window", True) else None
+        window = getattr(c, "sliding_window", None) if getattr(c, "use_sliding_window", True) else None
+        types = getattr(c, "layer_types", None)
+        return window if types is None or types[i] == "sliding_attention" else None
+
+    def attention_scale(self) -> float:
+        """What the attention multiplies the query-key dot products by."""
+        return self.dims.head_dim**-0.5
+
+    def attention_extras(self) -> str | None:
+        """What the attention computes beyond a causal (windowed) softmax of scaled dot products, if anything."""
+        return None
+
+    def embed_scale(self) -> float | None:
+        """What the input embedding's rows are multiplied by, where the family scales them."""
+        return None
+
+    def logit_softcap(self) -> float | None:
+        """The bound c of the logits' soft cap c · tanh(logits / c) (:func:`soft_cap`), where the family caps them."""
+        return None
+
+    # -- norms ------------------------------------------------------------------------------------------
+    def gain(self, norm: nn.Module) -> torch.Tensor:
+        """The gain an RMSNorm multiplies the normalised input by (what folding moves into the weights)."""
+        return norm.weight.detach()
+
+    def set_unit_gain(self, norm: nn.Module) -> None:
+        """Make ``norm`` multiply by 1, once its gain is in the weights."""
+        norm.weight.data.fill_(1.0)
 
     # -- whole-model modules ----------------------------------------------------------------------------
     def body(self) -> nn.Module:
@@ -85,10 +118,15 @@ class Adapter:
     def final_norm(self) -> nn.Module:
         return self.body().norm
 
-    def rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) of the rotary embedding at ``positions`` ([n] -> [n, head_dim] each)."""
+    def rotary_kind(self, i: int) -> str | None:
+        """Which of the model's rotary tables layer ``i`` uses, where it has several (None: its one table)."""
+        return None
+
+    def rotary(self, positions: torch.Tensor, dtype: torch.dtype,
+               kind: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of the rotary table ``kind`` at ``positions`` ([n] -> [n, head_dim] each)."""
         probe = torch.zeros(1, dtype=dtype, device=positions.device)
-        cos, sin = self.body().rotary_emb(probe, positions[None])
+        cos, sin = self.body().rotary_emb(probe, positions[None], *(() if kind is None else (kind,)))
         return cos[0], sin[0]
 
     # -- per-layer modules ------------------------------------------------------------------------------
@@ -110,6 +148,10 @@ class Adapter:
         the family has them."""
         return None
 
+    def out_norms(self, layer: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+        """The norms of the attention and MLP blocks' outputs before the residual add, where the family has them."""
+        return None, None
+
     def mlp(self, layer: nn.Module) -> nn.Module:
         return layer.mlp
 
@@ -125,6 +167,11 @@ class Adapter:
 
     def down_proj(self, layer: nn.Module) -> nn.Linear:
         return self.mlp(layer).down_proj
+
+
+def soft_cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap · tanh(x / cap), as a family with a logit soft cap bounds its logits; ``x`` itself without a cap."""
+    return x if cap is None else torch.tanh(x / cap) * cap
 
 
 _REGISTRY: dict[str, type[Adapter]] = {}
@@ -166,4 +213,4 @@ def adapter_for(model: nn.Module) -> Adapter:
     return adapter_class(getattr(model, "config", None))(model)
 
 
-from . import llama, mistral, qwen2, qwen3  # noqa: E402,F401  (registers the families)
+from . import gemma3, llama, mistral, qwen2, qwen3  # noqa: E402,F401  (registers the families)

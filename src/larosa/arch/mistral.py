@@ -1,5 +1,5 @@
-"""Mistral: the standard layout. Early versions window the attention (``sliding_window``); the decode engine,
-which attends to every cached position, refuses a cache longer than the window."""
+"""Mistral: the standard layout. Early versions window the attention (``sliding_window``): transformers' modules
+and the decode engine attend to the window's last positions only."""
 
 from transformers import MistralConfig, MistralForCausalLM
 

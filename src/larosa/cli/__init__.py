@@ -14,7 +14,7 @@ import torch
 import transformers
 
 from ..api import describe, sparsify, unsparsify
-from ..arch import adapter_for
+from ..arch import adapter_class, adapter_for
 from ..calibrate import calibrate
 from ..compare import Comparison, run
 from ..data import load_text, token_windows
@@ -22,7 +22,7 @@ from ..errors import LarosaError
 from ..eval import perplexity, perplexity_streamed
 from ..eval.tasks import evaluate_tasks, parse_tasks, resolve_task_data
 from ..eval.tasks import table as tasks_table
-from ..fold import FoldedSettings, fold_streamed, save_folded
+from ..fold import FoldedSettings, check_form, fold_streamed, save_folded
 from ..io import check_output_dir, check_output_file, deliver, prepare_dir, write_report
 from ..models import DTYPES, check_context, default_device, default_dtype, load_config, load_lazy, load_model
 from ..rotations import Rotations, config_hash, is_rotations_file
@@ -315,7 +315,8 @@ COMMANDS = {"calibrate": _cmd_calibrate, "eval": _cmd_eval, "sparsify": _cmd_spa
 
 def _check_before_work(a: argparse.Namespace) -> None:
     """What can be checked before a model loads: every text spec (read, decoded, parsed), the rotations file's
-    header and the plan file, and that the windows fit the model's context."""
+    header and the plan file, that the windows fit the model's context, and that its family folds in the form
+    asked."""
     for spec in {getattr(a, "data", None), getattr(a, "calib_data", None)} - {None}:
         load_text(spec)
     if getattr(a, "rotations", None):
@@ -323,10 +324,13 @@ def _check_before_work(a: argparse.Namespace) -> None:
     if getattr(a, "plan", None):
         load_plans(a.plan)
     lengths = {getattr(a, "seq_len", None), _calib_seq_len(a) if getattr(a, "calib_data", None) else None} - {None}
-    if lengths and getattr(a, "model", None):
+    folds = getattr(a, "rotations", None) and (a.command == "sparsify" or getattr(a, "mode", None) == "folded")
+    if (lengths or folds) and getattr(a, "model", None):
         config = load_config(a.model)
         for seq_len in sorted(lengths):
             check_context(config, seq_len)
+        if folds:
+            check_form(adapter_class(config), a.form)
 
 
 def main(argv: list[str] | None = None) -> int:

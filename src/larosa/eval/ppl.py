@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..arch import adapter_for
+from ..arch import adapter_for, soft_cap
 from ..errors import LarosaError
 from ..models import check_context, resident
 from ..sparsity import sites
@@ -83,10 +83,10 @@ def perplexity_streamed(model: nn.Module, windows: torch.Tensor, config: LaRoSaC
     device = hidden.device
     # The output head: the embedding itself where the model ties them (a lazy model's lm_head is never loaded).
     head = model.get_input_embeddings() if model.config.tie_word_embeddings else model.get_output_embeddings()
-    nll, tokens = 0.0, 0
+    nll, tokens, cap = 0.0, 0, adapter.logit_softcap()
     with resident(model, adapter.final_norm(), device), resident(model, head, device):
         for j in range(hidden.shape[0]):
-            logits = F.linear(adapter.final_norm()(hidden[j : j + 1]), head.weight)[0, :-1]
+            logits = soft_cap(F.linear(adapter.final_norm()(hidden[j : j + 1]), head.weight), cap)[0, :-1]
             check_finite(logits, "the output head", model)
             nll += F.cross_entropy(logits.float(), windows[j, 1:].to(device), reduction="sum").item()
             tokens += windows.shape[1] - 1

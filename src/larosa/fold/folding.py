@@ -38,6 +38,15 @@ from .hf import folded_class
 from .schema import FoldedSettings
 
 
+def check_form(family: type[Adapter], form: str) -> None:
+    """The residual form carries the residual stream in a rotated basis, which a family with gained norms on its
+    blocks' outputs does not allow (:attr:`Adapter.rotatable_residual`); the input form folds every family."""
+    if form == "residual" and not family.rotatable_residual:
+        raise LarosaError(f"{family.model_types[0]} normalises each block's output with a gained RMSNorm before the "
+                          "residual add, so its residual stream cannot be rotated and the residual form cannot fold "
+                          "it: fold it in the input form (--form input; form='input' in Python)")
+
+
 def _set(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
     linear.weight.data = weight.to(linear.weight.dtype)
     if bias is not None:
@@ -71,6 +80,7 @@ class _Folding:
             raise LarosaError("this model is already folded")
         adapter = adapter_for(model)
         folded_class(type(adapter))  # an architecture that cannot be folded fails here
+        check_form(type(adapter), config.form)
         config.check_model(model)
         if config.rotations.signal != "gainfree" and config.form == "residual":
             warnings.warn("these rotations come from the gain-included signal, but folded Top-K sees the gain-free "
@@ -99,22 +109,22 @@ class _Folding:
         form's residual is in the model's basis: the head and the norm stay)."""
         if self.form == "input":
             return weight.detach().clone()
-        folded = (_f64(weight) * _f64(final_norm.weight) @ self.qs[-1][1].double()).to(weight.dtype)
-        final_norm.weight.fill_(1.0)
+        folded = (_f64(weight) * _f64(self.adapter.gain(final_norm)) @ self.qs[-1][1].double()).to(weight.dtype)
+        self.adapter.set_unit_gain(final_norm)
         return folded
 
     def _block_input(self, norm: nn.Module, linears, q: torch.Tensor, n: torch.Tensor | None) -> torch.Tensor | None:
         """Gain and Q into the projections that read a block's input; the norm's gain is set to 1. Returns the
         input form's transform of the normed input (as a Linear weight), None in the residual form. A weighted
         objective's n scales the transform by n and the weights by 1/n."""
-        gain = _f64(norm.weight)
+        gain = _f64(self.adapter.gain(norm))
         in_signal = self.form == "input" and self.config.rotations.signal == "gain"  # the transform keeps the gain
         scale = torch.ones_like(gain) if in_signal else gain
         if n is not None:
             scale = scale / n.double()
         for lin in linears:
             _set(lin, _f64(lin.weight) * scale @ q)
-        norm.weight.fill_(1.0)
+        self.adapter.set_unit_gain(norm)
         if self.form == "residual":
             return None
         row = gain if in_signal else torch.ones_like(gain)  # z = n(h) diag(g) Q  (or n(h) Q), times diag(n)

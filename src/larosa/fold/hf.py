@@ -41,12 +41,15 @@ class FoldedDecoderLayer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
         a, h = self.family, hidden_states
+        attn_out, mlp_out = a.out_norms(self)
         x = a.attn_norm(self)(h)
-        h = h + a.attend(self, x if self.attn_transform is None else self.attn_transform(x), **kwargs)
+        y = a.attend(self, x if self.attn_transform is None else self.attn_transform(x), **kwargs)
+        h = h + (y if attn_out is None else attn_out(y))
         if self.mid_adapter is not None:
             h = self.mid_adapter(h)
         x = a.mlp_norm(self)(h)
-        h = h + a.mlp(self)(x if self.mlp_transform is None else self.mlp_transform(x))
+        y = a.mlp(self)(x if self.mlp_transform is None else self.mlp_transform(x))
+        h = h + (y if mlp_out is None else mlp_out(y))
         if self.out_adapter is not None:
             h = self.out_adapter(h)
         return h

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..arch import adapter_for
+from ..arch import adapter_for, soft_cap
 from ..errors import LarosaError
 from ..fold import FoldedSettings
 from ..kernels import pdl_supported, threshold_state
@@ -89,13 +89,20 @@ class Proj(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, weight: torch.Tensor, eps: float):
+    """x / rms(x) times a gain, in float32; the gain multiplies after the cast back to x's dtype (Llama) or, with
+    ``gain_in_float32``, before it (Gemma): each as the family's own norm rounds."""
+
+    def __init__(self, gain: torch.Tensor, eps: float, gain_in_float32: bool = False):
         super().__init__()
-        self.weight, self.eps = nn.Parameter(weight, requires_grad=False), eps
+        self.weight, self.eps = nn.Parameter(gain, requires_grad=False), eps
+        self.gain_in_float32 = gain_in_float32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.gain_in_float32:
+            return (normed * self.weight).to(x.dtype)
+        return normed.to(x.dtype) * self.weight
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -127,26 +134,39 @@ class Shape:
     n_kv_heads: int
     head_dim: int
     intermediate: int
+    scale: float  # of the query-key dot products
+
+
+@dataclass(frozen=True)
+class Attention:
+    """Where one layer's attention looks: its rotary table (an index into the model's) and its window, if any."""
+
+    rotary: int = 0
+    window: int | None = None
 
 
 class Layer(nn.Module):
     def __init__(self, shape: Shape, attn_norm, qkv: Proj, o: Proj, mlp_norm, gate_up: Proj, down: Proj,
                  mid_adapter: torch.Tensor | None, out_adapter: torch.Tensor | None, act,
                  transforms: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
-                 qk_norms: tuple[RMSNorm, RMSNorm] | None = None):
+                 qk_norms: tuple[RMSNorm, RMSNorm] | None = None,
+                 out_norms: tuple[RMSNorm | None, RMSNorm | None] = (None, None), attention: Attention = Attention()):
         super().__init__()
-        self.shape, self.act = shape, act
+        self.shape, self.act, self.attention = shape, act, attention
         self.attn_norm, self.qkv, self.o, self.mlp_norm, self.gate_up, self.down = (
             attn_norm, qkv, o, mlp_norm, gate_up, down)
         self.mid_adapter = None if mid_adapter is None else Proj(mid_adapter)
         self.out_adapter = None if out_adapter is None else Proj(out_adapter)
         # the input form's d x d transforms of each block's normed input
         self.attn_transform, self.mlp_transform = (None if w is None else Proj(w) for w in transforms)
-        self.q_norm, self.k_norm = qk_norms or (None, None)  # per head, where the family has them (Qwen3)
+        self.q_norm, self.k_norm = qk_norms or (None, None)  # per head, where the family has them (Qwen3, Gemma 3)
+        self.attn_out_norm, self.mlp_out_norm = out_norms  # on the blocks' outputs, where the family has them (Gemma 3)
         self.cache: KVCache | None = None  # set by Transformer, which knows the cache length
 
     def forward(self, h, cos, sin, pos, mask, kv_len: int | None = None):
-        s = self.shape
+        """``cos``/``sin``: this layer's rotary table at ``pos``; ``mask``: [t, cache] keys each token may see (its
+        window applied); ``kv_len``: attend to the first keys only, as transformers does (see Transformer)."""
+        s, window = self.shape, self.attention.window
         t = h.shape[0]
         x = self.attn_norm(h)
         q, k, v = self.qkv(x if self.attn_transform is None else self.attn_transform(x)).split(
@@ -160,30 +180,45 @@ class Layer(nn.Module):
         k_cache, v_cache = self.cache.update(pos, k, v)
         if kv_len is None:  # the whole static cache, masked: one shape for every step (CUDA graphs)
             attn = F.scaled_dot_product_attention(q[None], k_cache[None], v_cache[None], attn_mask=mask[None, None],
-                                                  scale=s.head_dim**-0.5, enable_gqa=True)
+                                                  scale=s.scale, enable_gqa=True)
+        elif window is not None and kv_len > window:  # the written keys, through the window
+            attn = F.scaled_dot_product_attention(q[None], k_cache[None, :, :kv_len], v_cache[None, :, :kv_len],
+                                                  attn_mask=mask[None, None, :, :kv_len], scale=s.scale,
+                                                  enable_gqa=True)
         else:  # the keys written so far, read as transformers' own attention reads them: its numbers, bit for bit
             attn = F.scaled_dot_product_attention(q[None], k_cache[None, :, :kv_len], v_cache[None, :, :kv_len],
-                                                  is_causal=t > 1, scale=s.head_dim**-0.5, enable_gqa=True)
-        h = h + self.o(attn[0].transpose(0, 1).reshape(t, -1))
+                                                  is_causal=t > 1, scale=s.scale, enable_gqa=True)
+        y = self.o(attn[0].transpose(0, 1).reshape(t, -1))
+        h = h + (y if self.attn_out_norm is None else self.attn_out_norm(y))
         if self.mid_adapter is not None:
             h = self.mid_adapter(h)
         x = self.mlp_norm(h)
         gate, up = self.gate_up(x if self.mlp_transform is None else self.mlp_transform(x)).chunk(2, dim=-1)
-        h = h + self.down(self.act(gate) * up)
+        y = self.down(self.act(gate) * up)
+        h = h + (y if self.mlp_out_norm is None else self.mlp_out_norm(y))
         if self.out_adapter is not None:
             h = self.out_adapter(h)
         return h
 
 
 class Transformer(nn.Module):
-    """Embedding, layers, final norm, lm_head; a static KV cache of ``max_seq`` positions."""
+    """Embedding (times ``embed_scale``, where the family scales it), layers, final norm, lm_head (its logits soft
+    capped at ``logit_softcap``, where the family caps them); a static KV cache of ``max_seq`` positions. ``cos``
+    and ``sin`` are [tables, positions, head_dim]: each layer reads the table its :class:`Attention` names."""
 
-    def __init__(self, embedding, layers, final_norm, lm_head, cos, sin, max_seq: int):
+    def __init__(self, embedding, layers, final_norm, lm_head, cos, sin, max_seq: int,
+                 embed_scale: float | None = None, logit_softcap: float | None = None):
         super().__init__()
         self.embedding = nn.Parameter(embedding, requires_grad=False)
         self.layers, self.final_norm, self.lm_head = nn.ModuleList(layers), final_norm, lm_head
-        self.register_buffer("cos", cos[:max_seq], persistent=False)
-        self.register_buffer("sin", sin[:max_seq], persistent=False)
+        self.register_buffer("cos", cos[:, :max_seq], persistent=False)
+        self.register_buffer("sin", sin[:, :max_seq], persistent=False)
+        # the scale in the embedding's dtype, as transformers multiplies by it
+        scale = None if embed_scale is None else torch.tensor(embed_scale).to(embedding.device, embedding.dtype)
+        self.register_buffer("embed_scale", scale, persistent=False)
+        self.logit_softcap = logit_softcap
+        self.windows = sorted({layer.attention.window for layer in self.layers} - {None})
+        self.register_buffer("positions", torch.arange(max_seq, device=embedding.device), persistent=False)
         for layer in self.layers:
             s = layer.shape
             layer.cache = KVCache(s.n_kv_heads, max_seq, s.head_dim, embedding.dtype, embedding.device)
@@ -194,15 +229,21 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Logits for ``tokens`` (1-D) at cache positions ``pos`` (1-D, same length, consecutive)."""
         h = self.embedding[tokens]
-        cos, sin, mask = self.cos[pos][None], self.sin[pos][None], self.causal[pos]
+        if self.embed_scale is not None:
+            h = h * self.embed_scale
+        cos, sin = self.cos[:, pos], self.sin[:, pos]
+        masks = {None: self.causal[pos]}  # per window: the keys each token sees
+        for w in self.windows:
+            masks[w] = masks[None] & (pos[:, None] - self.positions < w)
         # Off CUDA there is no graph to keep one shape for: attend to the written keys only (a prefill from 0, or
         # one token), as transformers does. On CUDA the static, masked cache keeps the decode step capturable.
         kv_len = None
         if not tokens.is_cuda and (tokens.numel() == 1 or int(pos[0]) == 0):
             kv_len = int(pos[-1]) + 1
         for layer in self.layers:
-            h = layer(h, cos, sin, pos, mask, kv_len)
-        return self.lm_head(self.final_norm(h)).float()
+            a = layer.attention
+            h = layer(h, cos[a.rotary], sin[a.rotary], pos, masks[a.window], kv_len)
+        return soft_cap(self.lm_head(self.final_norm(h)), self.logit_softcap).float()
 
     @classmethod
     @torch.no_grad()
@@ -211,10 +252,10 @@ class Transformer(nn.Module):
         ``select`` ("dense", "topk" or "threshold") overrides how its sites select (default: as saved)."""
         adapter = adapter_for(model)
         dims = adapter.dims
-        window = adapter.sliding_window()
-        if window is not None and max_seq > window:
-            raise LarosaError(f"this model windows its attention to {window} positions and the engine attends to "
-                              f"every cached one: at most {window} positions (prompt and new tokens), not {max_seq}")
+        extras = adapter.attention_extras()
+        if extras is not None:
+            raise LarosaError(f"this model's attention has {extras}, which the decode engine does not compute; "
+                              "run transformers' own generate on it")
         folded = FoldedSettings.of(model.config)
         select = select or (folded.select if folded else "dense")
         if select != "dense" and folded is None:
@@ -224,10 +265,16 @@ class Transformer(nn.Module):
         configs = [None] * dims.n_layers if select == "dense" else list(folded.levels)
         thresholds = folded.thresholds if select == "threshold" else [{}] * dims.n_layers
         sizes = site_sizes(dims)
-        shape = Shape(dims.hidden, dims.n_heads, dims.n_kv_heads, dims.head_dim, dims.intermediate)
+        shape = Shape(dims.hidden, dims.n_heads, dims.n_kv_heads, dims.head_dim, dims.intermediate,
+                      adapter.attention_scale())
         eps, act = adapter.norm_eps(), adapter.activation()
+
+        def norm(module: nn.Module | None) -> RMSNorm | None:
+            return None if module is None else RMSNorm(adapter.gain(module).clone(), eps, adapter.gain_in_float32)
+
+        kinds = list(dict.fromkeys(adapter.rotary_kind(i) for i in range(dims.n_layers)))  # the rotary tables
         layers = []
-        for layer, config, t in zip(adapter.layers(), configs, thresholds):
+        for i, (layer, config, t) in enumerate(zip(adapter.layers(), configs, thresholds)):
             kept = {} if config is None else {site: keep_count(s, sizes[site]) for site, s in config.sites().items()}
             scale = {name: site.scale for name, site in (sites.of(layer) or {}).items() if site.scale is not None}
             offset = {name: site.offset for name, site in (sites.of(layer) or {}).items() if site.offset is not None}
@@ -240,12 +287,12 @@ class Transformer(nn.Module):
             norms = adapter.qk_norms(layer)
             layers.append(Layer(
                 shape,
-                RMSNorm(adapter.attn_norm(layer).weight.clone(), eps),
+                norm(adapter.attn_norm(layer)),
                 Proj(torch.cat([q.weight, k.weight, v.weight]), qkv_bias, kept.get("attn_in"), scale.get("attn_in"),
                      t.get("attn_in"), offset.get("attn_in")),
                 Proj(adapter.o_proj(layer).weight.clone(), adapter.o_proj(layer).bias, kept.get("o_in"),
                      scale.get("o_in"), t.get("o_in"), offset.get("o_in")),
-                RMSNorm(adapter.mlp_norm(layer).weight.clone(), eps),
+                norm(adapter.mlp_norm(layer)),
                 Proj(torch.cat([gate.weight, up.weight]), None, kept.get("mlp_in"), scale.get("mlp_in"),
                      t.get("mlp_in"), offset.get("mlp_in")),
                 Proj(adapter.down_proj(layer).weight.clone(), adapter.down_proj(layer).bias, kept.get("down_in"),
@@ -253,13 +300,17 @@ class Transformer(nn.Module):
                 *[None if a is None else a.weight.clone() for a in adapters],
                 act,
                 tuple(None if m is None else m.weight for m in transforms),
-                None if norms is None else tuple(RMSNorm(n.weight.clone(), eps) for n in norms),
+                None if norms is None else tuple(norm(n) for n in norms),
+                tuple(norm(n) for n in adapter.out_norms(layer)),
+                Attention(kinds.index(adapter.rotary_kind(i)), adapter.sliding_window(i)),
             ))
         embedding = model.get_input_embeddings().weight
-        cos, sin = adapter.rotary(torch.arange(max_seq, device=embedding.device), embedding.dtype)
+        positions = torch.arange(max_seq, device=embedding.device)
+        tables = [adapter.rotary(positions, embedding.dtype, kind) for kind in kinds]
+        cos, sin = (torch.stack(parts) for parts in zip(*tables))
         head = model.get_output_embeddings()
-        return cls(embedding.clone(), layers, RMSNorm(adapter.final_norm().weight.clone(), eps),
-                   Proj(head.weight.clone(), head.bias), cos, sin, max_seq)
+        return cls(embedding.clone(), layers, norm(adapter.final_norm()), Proj(head.weight.clone(), head.bias), cos,
+                   sin, max_seq, adapter.embed_scale(), adapter.logit_softcap())
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,

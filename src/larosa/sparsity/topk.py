@@ -282,7 +282,7 @@ def _site_inputs(adapter: Adapter, layer: nn.Module, rotations: Rotations | None
     if rotations is not None:
         rot = tuple(q.to(w.device, w.dtype) for q in qs)
         if rotations.signal == "gainfree":
-            gains = (adapter.attn_norm(layer).weight.detach(), adapter.mlp_norm(layer).weight.detach())
+            gains = tuple(adapter.gain(n).to(w.dtype) for n in (adapter.attn_norm(layer), adapter.mlp_norm(layer)))
         if ns is not None:
             norms = tuple(n.to(w.device, w.dtype) for n in ns)
     inputs = {"rotations": rot, "gains": gains, "norms": norms}
