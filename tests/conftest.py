@@ -1,4 +1,4 @@
-"""Tiny random Llama and Qwen2 models, built here, and a tokenizer trained on the fly: no hub, no downloads."""
+"""Tiny random models of every family, built here, and a tokenizer trained on the fly: no hub, no downloads."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ if not torch.cuda.is_available():
     # Triton kernels run on the CPU through Triton's interpreter, which must be on before triton is imported
     # (transformers' model modules import it).
     os.environ.setdefault("TRITON_INTERPRET", "1")
-from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config,
-                          Qwen3Config)
+from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, Phi3Config, PreTrainedTokenizerFast,
+                          Qwen2Config, Qwen3Config)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -36,6 +36,9 @@ def tiny_config(arch: str, tie: bool = False, vocab: int = 96):
         return MistralConfig(**common, sliding_window=128)
     if arch == "qwen3":
         return Qwen3Config(**common, head_dim=16)
+    if arch == "phi3":  # rotary on half of each head, as Phi-4-mini's on three quarters; no token ids past vocab
+        return Phi3Config(**common, partial_rotary_factor=0.5, pad_token_id=None, bos_token_id=None,
+                          eos_token_id=None)
     raise ValueError(arch)
 
 

@@ -1,18 +1,21 @@
 """Every supported family beyond Llama and Qwen2, on tiny random configs built here: what the issue of more families
-asks of each (Mistral: a sliding window; Qwen3: per-head QK-norm)."""
+asks of each (Mistral: a sliding window; Qwen3: per-head QK-norm; Phi-3: fused q|k|v and gate|up weights, a partial
+rotary embedding, longrope)."""
 
 import copy
 
 import pytest
 import torch
-from conftest import random_windows, tiny_model
-from transformers import AutoModelForCausalLM
+import torch.nn.functional as F
+from conftest import random_windows, tiny_config, tiny_model
+from transformers import AutoModelForCausalLM, Phi3Config
 
 import larosa
 from larosa import LaRoSaConfig
 from larosa.runtime import Engine, Transformer
+from larosa.sparsity import sites
 
-FAMILIES = ["mistral", "qwen3"]
+FAMILIES = ["mistral", "qwen3", "phi3"]
 
 
 def _rel(a, b):
@@ -54,13 +57,17 @@ def test_folded_equals_simulate_and_loads_bit_exact(family, scope, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _assert_the_engine_generates_what_transformers_generates(hf, max_seq: int = 32, new_tokens: int = 12):
+    prompt = random_windows(1, seq_len=6)[0]
+    got = Engine(Transformer.from_hf(hf, max_seq=max_seq)).generate(prompt, new_tokens)
+    ref = hf.generate(prompt[None], max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)[0]
+    assert torch.equal(got.tokens, ref)
+
+
 def test_the_engine_generates_what_transformers_generates(family):
     model, rot = family
-    prompt = random_windows(1, seq_len=6)[0]
     for hf in (model, larosa.sparsify(copy.deepcopy(model), LaRoSaConfig(rot, sparsity=0.4, mode="folded"))):
-        got = Engine(Transformer.from_hf(hf, max_seq=32)).generate(prompt, 12)
-        ref = hf.generate(prompt[None], max_new_tokens=12, do_sample=False, pad_token_id=0)[0]
-        assert torch.equal(got.tokens, ref)
+        _assert_the_engine_generates_what_transformers_generates(hf)
 
 
 def test_the_engine_refuses_a_cache_longer_than_mistrals_window():
@@ -68,6 +75,37 @@ def test_the_engine_refuses_a_cache_longer_than_mistrals_window():
     Transformer.from_hf(model, max_seq=128)
     with pytest.raises(larosa.LarosaError, match="windows its attention to 128 positions"):
         Transformer.from_hf(model, max_seq=129)
+
+
+def test_phi3_longrope_decodes_as_transformers_within_the_original_context_and_is_refused_past_it():
+    config = tiny_config("phi3")
+    rope = {**config.rope_parameters, "rope_type": "longrope", "short_factor": [1.0, 1.5, 2.0, 3.0],
+            "long_factor": [2.0, 4.0, 8.0, 16.0]}  # 4 factors: 8 rotated dims a head
+    config = Phi3Config(**{**config.to_dict(), "rope_parameters": rope, "original_max_position_embeddings": 32})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    _assert_the_engine_generates_what_transformers_generates(model, max_seq=32, new_tokens=20)
+    with pytest.raises(larosa.LarosaError, match="longrope: .* at most 32 positions"):
+        Transformer.from_hf(model, max_seq=33)
+
+
+def test_phi3_keeps_its_fused_weights_folded_and_the_peers_sit_on_them(tmp_path):
+    model = tiny_model("phi3")
+    rot = larosa.calibrate(model, random_windows(4, seed=3), signal="gainfree", progress=False)
+    folded = larosa.sparsify(copy.deepcopy(model), LaRoSaConfig(rot, sparsity=0.5, mode="folded", head_rotation=True))
+    loaded = AutoModelForCausalLM.from_pretrained(larosa.save_folded(folded, None, tmp_path / "f"))
+    assert type(loaded).__name__ == "LarosaPhi3ForCausalLM" and set(model.state_dict()) <= set(loaded.state_dict())
+    calib = random_windows(4, seed=5)
+    larosa.sparsify(model, larosa.TealConfig(0.4, calib), progress=False)
+    assert set(sites.of(model.model.layers[0])) == {"q+k+v", "o", "gate+up", "down"}
+    larosa.sparsify(model, larosa.CatsConfig(0.3, calib), progress=False)
+    fused, seen = model.model.layers[0].mlp.gate_up_proj, {}
+    fused.register_forward_hook(lambda m, args, out: seen.update(x=args[0], out=out))  # after the CATS site's hook
+    with torch.no_grad():
+        model(calib[:1])
+        gate, up = F.linear(seen["x"], fused.weight).chunk(2, dim=-1)
+    gate = gate.masked_fill(F.silu(gate).abs() < sites.of(model.model.layers[0])["cats"].threshold, 0)
+    assert (gate == 0).any() and torch.equal(seen["out"], torch.cat([gate, up], dim=-1))  # the up half untouched
 
 
 def test_the_peers_and_the_search_run_on_the_family(family):
