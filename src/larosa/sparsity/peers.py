@@ -128,7 +128,8 @@ def _activation(adapter: Adapter) -> Callable:
 
 # -- attaching sites ----------------------------------------------------------------------------------------
 def _teal_sites(adapter: Adapter, layer: nn.Module, thresholds: dict[str, float]):
-    """One site per projection, on its input: q, k and v (gate and up) may have different thresholds."""
+    """One site per projection, on its input: q, k and v (gate and up) may have different thresholds, unless one
+    fused Linear computes them."""
     projections = _projections(adapter, layer)
     made = {p: ThresholdSite(thresholds[p], linear.weight.numel()) for p, linear in projections.items()}
     return made, [(linear, "input", made[p]) for p, linear in projections.items()]
@@ -250,6 +251,7 @@ def cats(model: nn.Module, config: CatsConfig, *, device: str | None = None, pro
     act = _activation(adapter)
     site_protocol.remove(model)
     start = time.perf_counter()
+
     def gate_tap(adapter: Adapter, layer: nn.Module):
         gate, rows = adapter.projection(layer, "gate")
         return gate, lambda x, out: act(out[..., rows])
