@@ -13,8 +13,8 @@ if not torch.cuda.is_available():
     # Triton kernels run on the CPU through Triton's interpreter, which must be on before triton is imported
     # (transformers' model modules import it).
     os.environ.setdefault("TRITON_INTERPRET", "1")
-from transformers import (AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, PreTrainedTokenizerFast,
-                          Qwen2Config, Qwen3Config)
+from transformers import (AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, Phi3Config,
+                          PreTrainedTokenizerFast, Qwen2Config, Qwen3Config)
 
 from larosa.fold import save_folded  # noqa: E402  (after the Triton switch above)
 from larosa.runtime import Engine, Transformer  # noqa: E402
@@ -44,6 +44,9 @@ def tiny_config(arch: str, tie: bool = False, vocab: int = 96):
         return Gemma3TextConfig(**common, head_dim=32, query_pre_attn_scalar=24, sliding_window=8,
                                 layer_types=["sliding_attention", "full_attention", "sliding_attention"],
                                 final_logit_softcapping=0.5)
+    if arch == "phi3":  # rotary on half of each head, as Phi-4-mini's on three quarters; no token ids past vocab
+        return Phi3Config(**common, partial_rotary_factor=0.5, pad_token_id=None, bos_token_id=None,
+                          eos_token_id=None)
     raise ValueError(arch)
 
 

@@ -1,21 +1,26 @@
 """Every supported family beyond Llama and Qwen2, on tiny random configs built here: what the issue of more families
 asks of each (Mistral: a sliding window; Qwen3: per-head QK-norm; Gemma 3: norms on the blocks' outputs, (1 + w)
-gains, a scaled embedding, GeGLU, windowed and global layers with their own rotary tables, a logit soft cap)."""
+gains, a scaled embedding, GeGLU, windowed and global layers with their own rotary tables, a logit soft cap;
+Phi-3: fused q|k|v and gate|up weights, a partial rotary embedding, longrope)."""
 
 import copy
 import json
 
 import pytest
 import torch
-from conftest import decodes_as_hf, loads_bit_exact, random_windows, relative_error, tiny_model
+import torch.nn.functional as F
+from conftest import decodes_as_hf, loads_bit_exact, random_windows, relative_error, tiny_config, tiny_model
+from transformers import AutoModelForCausalLM, Phi3Config
 
 import larosa
 from larosa import LaRoSaConfig
 from larosa.runtime import Engine, Transformer
+from larosa.sparsity import sites
 
-FAMILIES = ["mistral", "qwen3", "gemma3"]
+FAMILIES = ["mistral", "qwen3", "gemma3", "phi3"]
 # The folded forms each family allows: Gemma 3's gained norms on its blocks' outputs leave no rotatable residual.
-FORMS = {"mistral": ("residual", "input"), "qwen3": ("residual", "input"), "gemma3": ("input",)}
+FORMS = {"mistral": ("residual", "input"), "qwen3": ("residual", "input"), "gemma3": ("input",),
+         "phi3": ("residual", "input")}
 
 
 @pytest.fixture(params=FAMILIES)
@@ -73,16 +78,20 @@ def test_gemma3_folds_the_gain_included_signal_as_simulated():
         assert relative_error(folded(windows).logits, simulated(windows).logits) < 1e-4
 
 
+def _assert_the_engine_generates_what_transformers_generates(hf, max_seq: int = 32, new_tokens: int = 12):
+    prompt = random_windows(1, seq_len=6)[0]
+    got = Engine(Transformer.from_hf(hf, max_seq=max_seq)).generate(prompt, new_tokens)
+    ref = hf.generate(prompt[None], max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)[0]
+    assert torch.equal(got.tokens, ref)
+
+
 def test_the_engine_generates_what_transformers_generates(family):
     """18 positions: past Gemma 3's window of 8, so its windowed layers must drop the oldest keys."""
     arch, model, rot = family
     folded = larosa.sparsify(copy.deepcopy(model), LaRoSaConfig(rot, sparsity=0.4, mode="folded",
                                                                 form=FORMS[arch][0]))
-    prompt = random_windows(1, seq_len=6)[0]
     for hf in (model, folded):
-        got = Engine(Transformer.from_hf(hf, max_seq=32)).generate(prompt, 12)
-        ref = hf.generate(prompt[None], max_new_tokens=12, do_sample=False, pad_token_id=0)[0]
-        assert torch.equal(got.tokens, ref)
+        _assert_the_engine_generates_what_transformers_generates(hf)
         decodes_as_hf(hf, 1e-5)  # and its logits, prefill and decode
 
 
@@ -155,6 +164,37 @@ def test_gemma3_through_the_cli_lazy_calibration_streamed_fold_perplexity_and_ge
     ids = torch.tensor(tok(prompt)["input_ids"])
     ref = loaded.generate(ids[None], max_new_tokens=12, do_sample=False, pad_token_id=0)[0, ids.numel():].tolist()
     assert code == 0 and json.loads(out)["tokens"] == ref
+
+
+def test_phi3_longrope_decodes_as_transformers_within_the_original_context_and_is_refused_past_it():
+    config = tiny_config("phi3")
+    rope = {**config.rope_parameters, "rope_type": "longrope", "short_factor": [1.0, 1.5, 2.0, 3.0],
+            "long_factor": [2.0, 4.0, 8.0, 16.0]}  # 4 factors: 8 rotated dims a head
+    config = Phi3Config(**{**config.to_dict(), "rope_parameters": rope, "original_max_position_embeddings": 32})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    _assert_the_engine_generates_what_transformers_generates(model, max_seq=32, new_tokens=20)
+    with pytest.raises(larosa.LarosaError, match="longrope: .* at most 32 positions"):
+        Transformer.from_hf(model, max_seq=33)
+
+
+def test_phi3_keeps_its_fused_weights_folded_and_the_peers_sit_on_them(tmp_path):
+    model = tiny_model("phi3")
+    rot = larosa.calibrate(model, random_windows(4, seed=3), signal="gainfree", progress=False)
+    folded = larosa.sparsify(copy.deepcopy(model), LaRoSaConfig(rot, sparsity=0.5, mode="folded", head_rotation=True))
+    loaded = AutoModelForCausalLM.from_pretrained(larosa.save_folded(folded, None, tmp_path / "f"))
+    assert type(loaded).__name__ == "LarosaPhi3ForCausalLM" and set(model.state_dict()) <= set(loaded.state_dict())
+    calib = random_windows(4, seed=5)
+    larosa.sparsify(model, larosa.TealConfig(0.4, calib), progress=False)
+    assert set(sites.of(model.model.layers[0])) == {"q+k+v", "o", "gate+up", "down"}
+    larosa.sparsify(model, larosa.CatsConfig(0.3, calib), progress=False)
+    fused, seen = model.model.layers[0].mlp.gate_up_proj, {}
+    fused.register_forward_hook(lambda m, args, out: seen.update(x=args[0], out=out))  # after the CATS site's hook
+    with torch.no_grad():
+        model(calib[:1])
+        gate, up = F.linear(seen["x"], fused.weight).chunk(2, dim=-1)
+    gate = gate.masked_fill(F.silu(gate).abs() < sites.of(model.model.layers[0])["cats"].threshold, 0)
+    assert (gate == 0).any() and torch.equal(seen["out"], torch.cat([gate, up], dim=-1))  # the up half untouched
 
 
 def test_the_peers_and_the_search_run_on_the_family(family):

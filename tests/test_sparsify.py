@@ -114,7 +114,7 @@ def test_unsupported_architecture_names_the_supported_ones():
     from transformers import AutoModelForCausalLM, GPT2Config
 
     gpt2 = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
-    with pytest.raises(larosa.LarosaError, match="unsupported architecture 'gpt2'.*llama, mistral, qwen2, qwen3"):
+    with pytest.raises(larosa.LarosaError, match="unsupported architecture 'gpt2'.*llama, mistral, phi3, qwen2, qwen3"):
         larosa.sparsify(gpt2, LaRoSaConfig(sparsity=0.4))
     with pytest.raises(larosa.LarosaError, match="unsupported architecture"):
         larosa.calibrate(gpt2, random_windows(), progress=False)

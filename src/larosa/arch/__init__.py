@@ -124,7 +124,8 @@ class Adapter:
 
     def rotary(self, positions: torch.Tensor, dtype: torch.dtype,
                kind: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) of the rotary table ``kind`` at ``positions`` ([n] -> [n, head_dim] each)."""
+        """(cos, sin) of the rotary table ``kind`` at ``positions`` ([n] -> [n, r] each: r is head_dim, or
+        the share of it a partial rotary embedding rotates)."""
         probe = torch.zeros(1, dtype=dtype, device=positions.device)
         cos, sin = self.body().rotary_emb(probe, positions[None], *(() if kind is None else (kind,)))
         return cos[0], sin[0]
@@ -155,15 +156,32 @@ class Adapter:
     def mlp(self, layer: nn.Module) -> nn.Module:
         return layer.mlp
 
-    def qkv(self, layer: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+    def qkv(self, layer: nn.Module) -> tuple[nn.Linear, ...]:
+        """The Linears that read the attention input, their outputs concatenated being q | k | v: three, or one
+        where the family fuses them (Phi-3)."""
         a = self.attention(layer)
         return a.q_proj, a.k_proj, a.v_proj
 
     def o_proj(self, layer: nn.Module) -> nn.Linear:
         return self.attention(layer).o_proj
 
-    def gate_up(self, layer: nn.Module) -> tuple[nn.Linear, nn.Linear]:
+    def gate_up(self, layer: nn.Module) -> tuple[nn.Linear, ...]:
+        """The Linears that read the MLP input, their outputs concatenated being gate | up: two, or one fused."""
         return self.mlp(layer).gate_proj, self.mlp(layer).up_proj
+
+    def projection(self, layer: nn.Module, name: str) -> tuple[nn.Linear, slice]:
+        """Where projection ``name`` (q, k, v, gate or up) is computed: its Linear, and its rows of that Linear's
+        output (``slice(None)``: all of them; a fused Linear holds several projections)."""
+        d = self.dims
+        attention = name in ("q", "k", "v")
+        widths = {"q": d.q, "k": d.kv, "v": d.kv} if attention else {"gate": d.intermediate, "up": d.intermediate}
+        linears = self.qkv(layer) if attention else self.gate_up(layer)
+        names = list(widths)
+        if len(linears) == len(names):
+            return linears[names.index(name)], slice(None)
+        (fused,) = linears
+        start = sum(widths[n] for n in names[:names.index(name)])
+        return fused, slice(start, start + widths[name])
 
     def down_proj(self, layer: nn.Module) -> nn.Linear:
         return self.mlp(layer).down_proj
@@ -213,4 +231,4 @@ def adapter_for(model: nn.Module) -> Adapter:
     return adapter_class(getattr(model, "config", None))(model)
 
 
-from . import gemma3, llama, mistral, qwen2, qwen3  # noqa: E402,F401  (registers the families)
+from . import gemma3, llama, mistral, phi3, qwen2, qwen3  # noqa: E402,F401  (registers the families)

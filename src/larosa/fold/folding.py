@@ -147,12 +147,15 @@ class _Folding:
         o = adapter.o_proj(layer)
         o_weight = _f64(o.weight)
         if self.config.head_rotation:
-            v = adapter.qkv(layer)[2]
+            v, rows = adapter.projection(layer, "v")  # v's rows of its Linear (a fused one holds q and k too)
             r = self.config.rotations.q(f"layers.{i}.heads").double()  # [n_kv, hd, hd]
             hd, group = dims.head_dim, dims.n_heads // dims.n_kv_heads
-            v_weight = _f64(v.weight).view(dims.n_kv_heads, hd, -1)
-            v_bias = None if v.bias is None else (_f64(v.bias).view(dims.n_kv_heads, 1, hd) @ r).flatten()
-            _set(v, (r.transpose(1, 2) @ v_weight).flatten(0, 1), v_bias)
+            weight = _f64(v.weight).clone()
+            weight[rows] = (r.transpose(1, 2) @ weight[rows].view(dims.n_kv_heads, hd, -1)).flatten(0, 1)
+            bias = None if v.bias is None else _f64(v.bias).clone()
+            if bias is not None:
+                bias[rows] = (bias[rows].view(dims.n_kv_heads, 1, hd) @ r).flatten()
+            _set(v, weight, bias)
             o_cols = o_weight.view(-1, dims.n_kv_heads, group, hd)
             o_weight = torch.einsum("dgmh,ghk->dgmk", o_cols, r).flatten(1)
         if residual:

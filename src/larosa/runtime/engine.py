@@ -110,6 +110,16 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-b, a), dim=-1)
 
 
+def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x with its first cos.shape[-1] dims turned by the rotary embedding: all of them, or a partial rotary
+    embedding's share, the rest passing through (Phi-4-mini)."""
+    r = cos.shape[-1]
+    if r == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    turned, passed = x[..., :r], x[..., r:]
+    return torch.cat((turned * cos + _rotate_half(turned) * sin, passed), dim=-1)
+
+
 class KVCache(nn.Module):
     """One layer's keys and values for ``max_seq`` positions, in buffers of its own: with one buffer for all
     layers, sliced per layer, torch.compile wrote the whole cache back after every update (about 0.4 ms a token
@@ -176,7 +186,7 @@ class Layer(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(0, 1), k.transpose(0, 1)
         v = v.view(t, s.n_kv_heads, s.head_dim).transpose(0, 1)
-        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        q, k = _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
         k_cache, v_cache = self.cache.update(pos, k, v)
         if kv_len is None:  # the whole static cache, masked: one shape for every step (CUDA graphs)
             attn = F.scaled_dot_product_attention(q[None], k_cache[None], v_cache[None], attn_mask=mask[None, None],
@@ -278,23 +288,21 @@ class Transformer(nn.Module):
             kept = {} if config is None else {site: keep_count(s, sizes[site]) for site, s in config.sites().items()}
             scale = {name: site.scale for name, site in (sites.of(layer) or {}).items() if site.scale is not None}
             offset = {name: site.offset for name, site in (sites.of(layer) or {}).items() if site.offset is not None}
-            q, k, v = adapter.qkv(layer)
-            biases = [p.bias for p in (q, k, v)]
-            qkv_bias = None if biases[0] is None else torch.cat(biases)
-            gate, up = adapter.gate_up(layer)
+            qkv = adapter.qkv(layer)  # q, k and v's Linears, or the one that fuses them (as gate_up)
+            qkv_bias = None if qkv[0].bias is None else torch.cat([p.bias for p in qkv])
             adapters = [getattr(layer, name, None) for name in ("mid_adapter", "out_adapter")]
             transforms = [getattr(layer, name, None) for name in ("attn_transform", "mlp_transform")]
             norms = adapter.qk_norms(layer)
             layers.append(Layer(
                 shape,
                 norm(adapter.attn_norm(layer)),
-                Proj(torch.cat([q.weight, k.weight, v.weight]), qkv_bias, kept.get("attn_in"), scale.get("attn_in"),
+                Proj(torch.cat([p.weight for p in qkv]), qkv_bias, kept.get("attn_in"), scale.get("attn_in"),
                      t.get("attn_in"), offset.get("attn_in")),
                 Proj(adapter.o_proj(layer).weight.clone(), adapter.o_proj(layer).bias, kept.get("o_in"),
                      scale.get("o_in"), t.get("o_in"), offset.get("o_in")),
                 norm(adapter.mlp_norm(layer)),
-                Proj(torch.cat([gate.weight, up.weight]), None, kept.get("mlp_in"), scale.get("mlp_in"),
-                     t.get("mlp_in"), offset.get("mlp_in")),
+                Proj(torch.cat([p.weight for p in adapter.gate_up(layer)]), None, kept.get("mlp_in"),
+                     scale.get("mlp_in"), t.get("mlp_in"), offset.get("mlp_in")),
                 Proj(adapter.down_proj(layer).weight.clone(), adapter.down_proj(layer).bias, kept.get("down_in"),
                      scale.get("down_in"), t.get("down_in"), offset.get("down_in")),
                 *[None if a is None else a.weight.clone() for a in adapters],

@@ -74,24 +74,48 @@ class ThresholdSite(site_protocol.Site):
     """Zeroes the entries whose score is under ``threshold`` and counts the zeros it feeds the weights.
 
     The score is |x| (TEAL), or |act(x)| with x the gate projection's output (CATS): a zeroed pre-activation
-    gives act(0) = 0, so the down_proj input is zero there and the up_proj row is not needed.
+    gives act(0) = 0, so the down_proj input is zero there and the up_proj row is not needed. ``columns`` are
+    the entries it decides, the others passing untouched: the gate's half of a fused gate | up output.
     """
 
-    def __init__(self, threshold: float, weights: int, act: Callable | None = None):
+    def __init__(self, threshold: float, weights: int, act: Callable | None = None, columns: slice = slice(None)):
         super().__init__(weights)
         self.threshold = threshold
         self.act = act
+        self.columns = columns
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        score = x if self.act is None else self.act(x)
-        return self.count(x.masked_fill(score.abs() < self.threshold, 0))
+        decided = x[..., self.columns]
+        score = decided if self.act is None else self.act(decided)
+        kept = self.count(decided.masked_fill(score.abs() < self.threshold, 0))
+        if self.columns == slice(None):
+            return kept
+        x = x.clone()
+        x[..., self.columns] = kept
+        return x
+
+
+def _linear(adapter: Adapter, layer: nn.Module, projection: str) -> nn.Linear:
+    if projection == "o":
+        return adapter.o_proj(layer)
+    if projection == "down":
+        return adapter.down_proj(layer)
+    return adapter.projection(layer, projection)[0]
 
 
 def _projections(adapter: Adapter, layer: nn.Module) -> dict[str, nn.Linear]:
-    q, k, v = adapter.qkv(layer)
-    gate, up = adapter.gate_up(layer)
-    return {"q": q, "k": k, "v": v, "o": adapter.o_proj(layer), "gate": gate, "up": up,
-            "down": adapter.down_proj(layer)}
+    """The layer's Linears, each named by the projections it computes: q, k, v, o, gate, up and down, or their
+    names joined where the family fuses them (``q+k+v``, ``gate+up``). A TEAL threshold acts on a Linear's
+    input, so the projections of one fused Linear share theirs."""
+    names: dict[nn.Linear, list[str]] = {}
+    for p in PROJECTIONS:
+        names.setdefault(_linear(adapter, layer, p), []).append(p)
+    return {"+".join(ps): linear for linear, ps in names.items()}
+
+
+def _input_of(projection: str) -> str:
+    """The signal a (possibly fused) projection reads."""
+    return INPUT_OF[projection.split("+")[0]]
 
 
 def _activation(adapter: Adapter) -> Callable:
@@ -104,16 +128,20 @@ def _activation(adapter: Adapter) -> Callable:
 
 # -- attaching sites ----------------------------------------------------------------------------------------
 def _teal_sites(adapter: Adapter, layer: nn.Module, thresholds: dict[str, float]):
-    """One site per projection, on its input: q, k and v (gate and up) may have different thresholds."""
+    """One site per projection, on its input: q, k and v (gate and up) may have different thresholds, unless one
+    fused Linear computes them."""
     projections = _projections(adapter, layer)
-    made = {p: ThresholdSite(thresholds[p], projections[p].weight.numel()) for p in PROJECTIONS}
-    return made, [(projections[p], "input", made[p]) for p in PROJECTIONS]
+    made = {p: ThresholdSite(thresholds[p], linear.weight.numel()) for p, linear in projections.items()}
+    return made, [(linear, "input", made[p]) for p, linear in projections.items()]
 
 
 def _attach_cats(adapter: Adapter, layer: nn.Module, threshold: float, act: Callable) -> nn.ModuleDict:
-    """One site on the gate projection's output; it gates the up_proj rows and down_proj columns."""
-    gate, up = adapter.gate_up(layer)
-    site = ThresholdSite(threshold, up.weight.numel() + adapter.down_proj(layer).weight.numel(), act)
+    """One site on the gate projection's output (its half of a fused gate | up output); it gates the up rows and
+    down_proj columns."""
+    gate, gate_rows = adapter.projection(layer, "gate")
+    up, up_rows = adapter.projection(layer, "up")
+    site = ThresholdSite(threshold, up.weight[up_rows].numel() + adapter.down_proj(layer).weight.numel(), act,
+                         gate_rows)
     return site_protocol.attach(layer, {"cats": site}, [(gate, "output", site)])
 
 
@@ -133,29 +161,29 @@ def restore(model: nn.Module, settings: dict) -> nn.Module:
         if method == "cats":
             _attach_cats(adapter, layer, plan["cats"]["threshold"], act)
         else:
-            site_protocol.attach(layer, *_teal_sites(adapter, layer, {p: plan[p]["threshold"] for p in PROJECTIONS}))
+            thresholds = {p: plan[p]["threshold"] for p in _projections(adapter, layer)}
+            site_protocol.attach(layer, *_teal_sites(adapter, layer, thresholds))
     site_protocol.install(model, {**settings, "method": method, "mode": "simulate"})
     return model
 
 
 # -- calibration --------------------------------------------------------------------------------------------
 def _teal_plan(values: dict[str, torch.Tensor], sparsity: dict[str, float]) -> dict:
-    return {p: {"sparsity": sparsity[p], "threshold": quantile(values[INPUT_OF[p]], sparsity[p])}
-            for p in PROJECTIONS}
+    return {p: {"sparsity": level, "threshold": quantile(values[_input_of(p)], level)} for p, level in sparsity.items()}
 
 
 def _greedy(adapter: Adapter, target: float, step: float) -> Chooser:
-    """TEAL's block-wise greedy allocation over the seven projections, by layer output error (the thresholds of
-    each trial are the quantiles of that projection's input)."""
+    """TEAL's block-wise greedy allocation over the seven projections (the layer's Linears where some are fused),
+    by layer output error (the thresholds of each trial are the quantiles of that projection's input)."""
 
     def choose(i, layer, call, values, inputs) -> dict:
         weights = {p: m.weight.numel() for p, m in _projections(adapter, layer).items()}
         error = output_error(layer, call, inputs)
-        with site_protocol.attached(layer, *_teal_sites(adapter, layer, dict.fromkeys(PROJECTIONS, 0.0))) as sites:
+        with site_protocol.attached(layer, *_teal_sites(adapter, layer, dict.fromkeys(weights, 0.0))) as sites:
 
             def trial_error(levels: dict[str, float]) -> float:
-                for p in PROJECTIONS:
-                    sites[p].threshold = quantile(values[INPUT_OF[p]], levels[p])
+                for p, level in levels.items():
+                    sites[p].threshold = quantile(values[_input_of(p)], level)
                 return error()
 
             sparsity = greedy_levels(weights, target, step, trial_error)
@@ -164,9 +192,11 @@ def _greedy(adapter: Adapter, target: float, step: float) -> Chooser:
     return choose
 
 
-def _input_tap(projection: str) -> Callable:
+def _input_tap(signal: str) -> Callable:
+    """A tap on ``signal`` (attn_in, o_in, mlp_in or down_in): the input of the first Linear reading it."""
     def tap(adapter: Adapter, layer: nn.Module):
-        return _projections(adapter, layer)[projection], lambda x, out: x
+        linear = next(m for p, m in _projections(adapter, layer).items() if _input_of(p) == signal)
+        return linear, lambda x, out: x
 
     return tap
 
@@ -181,11 +211,10 @@ def teal(model: nn.Module, config: TealConfig, *, device: str | None = None, pro
     site_protocol.refuse_folded(model)
     site_protocol.remove(model)
     start = time.perf_counter()
-    taps = {"attn_in": _input_tap("q"), "o_in": _input_tap("o"), "mlp_in": _input_tap("gate"),
-            "down_in": _input_tap("down")}
+    taps = {signal: _input_tap(signal) for signal in ("attn_in", "o_in", "mlp_in", "down_in")}
 
     def uniform(i, layer, call, values, inputs) -> dict:
-        return _teal_plan(values, dict.fromkeys(PROJECTIONS, config.target))
+        return _teal_plan(values, dict.fromkeys(_projections(adapter, layer), config.target))
 
     choose = _greedy(adapter, config.target, config.step) if config.greedy else uniform
     windows = config.calib
@@ -222,7 +251,12 @@ def cats(model: nn.Module, config: CatsConfig, *, device: str | None = None, pro
     act = _activation(adapter)
     site_protocol.remove(model)
     start = time.perf_counter()
-    taps = {"gate": lambda adapter, layer: (adapter.gate_up(layer)[0], lambda x, out: act(out))}
+
+    def gate_tap(adapter: Adapter, layer: nn.Module):
+        gate, rows = adapter.projection(layer, "gate")
+        return gate, lambda x, out: act(out[..., rows])
+
+    taps = {"gate": gate_tap}
 
     def choose(i, layer, call, values, inputs) -> dict:
         return {"cats": {"sparsity": level, "threshold": quantile(values["gate"], level)}}
