@@ -28,7 +28,9 @@ def test_calibrate_weighted_objective_in_ram_and_lazy_then_fold_in_the_input_for
               "--sparsity", 0.5, "--mode", "folded", "--json", "--quiet")
     code, out, _ = run(capsys, *common, "--form", "input")
     assert code == 0 and json.loads(out)["ppl"] > 0
-    code, _, err = run(capsys, *common)
+    code, by_default, _ = run(capsys, *common)  # the input form, the one that folds these rotations
+    assert code == 0 and json.loads(by_default)["ppl"] == json.loads(out)["ppl"]
+    code, _, err = run(capsys, *common, "--form", "residual")
     assert code == 2 and "--form input" in err
 
 

@@ -146,11 +146,12 @@ def test_gemma3_through_the_cli_lazy_calibration_streamed_fold_perplexity_and_ge
                      "--signal", "gainfree", "--device", "cpu", "--lazy", "--quiet")
     assert code == 0
     sparsify = ("sparsify", model_dir, "--rotations", rot, "--sparsity", 0.4, "--out", folded, "--lazy", "--quiet")
-    with monkeypatch.context() as patched:  # the residual form, by default: refused before the model loads
+    with monkeypatch.context() as patched:  # the residual form, asked for: refused before the model loads
         patched.setattr(larosa.cli, "load_lazy", None)
-        code, _, err = run(capsys, *sparsify)
+        code, _, err = run(capsys, *sparsify, "--form", "residual")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--form input" in err and not folded.exists()
-    assert run(capsys, *sparsify, "--form", "input")[0] == 0
+    assert run(capsys, *sparsify)[0] == 0  # by default, the input form
+    assert json.loads((folded / "config.json").read_text())["larosa"]["form"] == "input"
     ppl = ("eval", "ppl", "--data", text, "--seq-len", 32, "--windows", 2, "--json", "--quiet")
     code, out, _ = run(capsys, *ppl[:2], folded, *ppl[2:])
     code_simulated, out_simulated, _ = run(capsys, *ppl[:2], model_dir, *ppl[2:], "--rotations", rot, "--sparsity",

@@ -339,7 +339,7 @@ def test_folded_centring_equals_simulate_and_saves_its_offsets(calibrated, tmp_p
 def test_the_weighted_objective_folds_in_the_input_form_exactly(signal, scope, tmp_path):
     """Rotations of diag(n) XᵀX diag(n) act as diag(n) Q: dense at sparsity 0 simulated and folded, the folded input
     form equal to simulate at 50 % (the layer scope scales both blocks by the attention's n, as its Q is shared), a
-    different selection than plain PCA, and refused by the residual form, which needs an orthogonal transform."""
+    different selection than plain PCA, refused by the residual form, which needs an orthogonal transform, and so folded in the input form by default."""
     model, windows = tiny_model("llama", True), random_windows(2)
     calib = random_windows(4, seed=3)
     rot = larosa.calibrate(model, calib, signal=signal, objective="weighted", progress=False)
@@ -357,6 +357,10 @@ def test_the_weighted_objective_folds_in_the_input_form_exactly(signal, scope, t
         a, b, c = folded(windows).logits, simulated(windows).logits, plain(windows).logits
         assert _rel(a, b) < 1e-4 and _rel(b, c) > 1e-3
     with pytest.raises(larosa.LarosaError, match="--form input"):
-        folding(rot, 0.5, scope=scope)
+        folding(rot, 0.5, scope=scope, form="residual")
+    by_default = fold(copy.deepcopy(model), folding(rot, 0.5, scope=scope))  # the input form, which folds it
+    assert by_default.config.larosa["form"] == "input"
+    with torch.no_grad():
+        assert torch.equal(by_default(windows).logits, a)
     loaded = loads_bit_exact(folded, tmp_path / "f", windows)
     assert loaded.config.larosa["rotations"]["objective"] == "weighted"

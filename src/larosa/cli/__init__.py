@@ -329,7 +329,7 @@ def _check_before_work(a: argparse.Namespace) -> None:
         config = load_config(a.model)
         for seq_len in sorted(lengths):
             check_context(config, seq_len)
-        if folds:
+        if folds and a.form:
             check_form(adapter_class(config), a.form)
 
 

@@ -120,10 +120,11 @@ def _larosa(p: argparse.ArgumentParser, folded_only: bool) -> None:
                         "(default: the plan's, else magnitude)")
     p.add_argument("--head-rotation", action="store_true",
                    help="folded only: rotate the o_proj input per KV head (free at run time)")
-    p.add_argument("--form", choices=FORMS, default="residual",
-                   help="folded only: residual (default) rotates the residual stream, d x d adapters where the basis "
-                        "changes (none in global scope); input transforms each block's normed input by a d x d "
-                        "matrix (two a layer), which folds any scope and the gain-included Q exactly as simulated")
+    p.add_argument("--form", choices=FORMS,
+                   help="folded only: residual rotates the residual stream, d x d adapters where the basis changes "
+                        "(none in global scope); input transforms each block's normed input by a d x d matrix (two a "
+                        "layer), which folds any family, scope and Q exactly as simulated (default: residual where "
+                        "it folds exactly, else input)")
     p.add_argument("--centre", choices=CENTRES,
                    help="centre every site's (rotated) input on a per-coordinate offset, the mean or the median of "
                         "it on --calib-data, before it selects; the weights add it back as a bias")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -31,11 +31,18 @@ from ..arch import Adapter, adapter_for
 from ..errors import LarosaError
 from ..io import staged_dir
 from ..models import nonfinite, resident
+from ..rotations import Rotations
 from ..sparsity import sites
 from ..sparsity.levels import SparsityConfig
 from ..sparsity.topk import LaRoSaConfig, weight_norms
 from .hf import folded_class
 from .schema import FoldedSettings
+
+
+def default_form(family: type[Adapter], rotations: Rotations) -> str:
+    """The residual form (no adapters in global scope) where it folds exactly; else the input form: a family
+    whose blocks normalise their outputs with a gain (Gemma 3), or rotations of the weighted objective."""
+    return "residual" if family.rotatable_residual and rotations.objective == "pca" else "input"
 
 
 def check_form(family: type[Adapter], form: str) -> None:
@@ -80,6 +87,7 @@ class _Folding:
             raise LarosaError("this model is already folded")
         adapter = adapter_for(model)
         folded_class(type(adapter))  # an architecture that cannot be folded fails here
+        config = replace(config, form=config.form or default_form(type(adapter), config.rotations))
         check_form(type(adapter), config.form)
         config.check_model(model)
         if config.rotations.signal != "gainfree" and config.form == "residual":

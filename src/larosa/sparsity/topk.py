@@ -65,7 +65,7 @@ class LaRoSaConfig:
     score: str | None = None
     mode: str = "simulate"
     head_rotation: bool = False
-    form: str = "residual"
+    form: str | None = None
     select: str = "topk"
     calib: torch.Tensor | None = None
     thresholds: Thresholds | None = None
@@ -88,9 +88,9 @@ class LaRoSaConfig:
             raise LarosaError("folded mode needs rotations (--rotations)")
         if self.head_rotation and self.mode != "folded":
             raise LarosaError("head rotation applies to folded mode only (--mode folded)")
-        if self.form not in FORMS:
+        if self.form is not None and self.form not in FORMS:
             raise LarosaError(f"form must be one of {', '.join(FORMS)}, got {self.form!r}")
-        if self.form != "residual" and self.mode != "folded":
+        if self.form == "input" and self.mode != "folded":
             raise LarosaError("the folded form applies to folded mode only (--mode folded)")
         if self.mode == "folded" and self.form == "residual" and self.rotations.objective != "pca":
             raise LarosaError("rotations of the weighted objective transform the input by diag(n) Q, which is not "
