@@ -26,7 +26,7 @@ model, tok = larosa.load_model("builtin:smollm2", device=device, dtype=torch.flo
 calib = larosa.token_windows(tok, f"{data}/calib-wikipedia.txt", 16, 2048)
 evals = larosa.token_windows(tok, f"{data}/wikitext-2-raw-test.txt", windows, 2048)
 rotations = larosa.Rotations.load(rot_path)
-probe = evals[:1, :128]
+probe = evals[:1, :128].to(device)
 with torch.no_grad():
     reference = model(probe).logits
 folded = larosa.sparsify(model, larosa.LaRoSaConfig(rotations, sparsity=0.0, scope="global", mode="folded"))
@@ -50,8 +50,8 @@ for greedy in (True, False):
         start = time.perf_counter()
         larosa.sparsify(plain, larosa.TealConfig(t, calib, greedy=greedy), device=device, progress=False)
         r = larosa.perplexity(plain, evals, batch_size=4, progress=False)
-        r.update(method="rotated-teal-greedy" if greedy else "rotated-teal", target=t,
-                 seconds=round(time.perf_counter() - start, 1), **larosa.describe(plain))
+        r.update({**larosa.describe(plain), "method": "rotated-teal-greedy" if greedy else "rotated-teal",
+                  "target": t, "seconds": round(time.perf_counter() - start, 1)})
         larosa.unsparsify(plain)
         rows.append(r)
         print(r["method"], t, round(r["ppl"], 3), r.get("measured_param_weighted"), flush=True)
