@@ -3,7 +3,7 @@
 ``residual``: the residual stream of layer l is carried in basis Q_l, so no block input is rotated at run time;
 Top-K runs directly on the gain-free norm output. The only online rotation left is a d x d residual adapter where
 the basis changes: none for the ``global`` scope, one per layer for ``layer``, two for ``block``. The equations are
-in docs/method.md (shared with the project).
+in docs/method.md.
 
 ``input``: the residual stream stays in the model's basis and each block's normed input n(h) is transformed by one
 d x d matrix, diag(g) Q for Q of the gain-included signal (Q alone for the gain-free one, whose gain goes into the
