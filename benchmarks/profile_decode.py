@@ -27,7 +27,8 @@ from larosa.sparsity import DEFAULT_SCOPE
 FAMILIES = [("fused elementwise (inductor)", ("triton_",)), ("Top-K select", ("_select", "_threshold", "_compact")),
             ("sparse GEMV", ("_gather_gemv", "_topk_gemv", "_sum_splits")),
             ("cuBLAS GEMV/GEMM", ("gemv", "gemm", "xmma", "cutlass", "splitK", "sm90", "nvjet")),
-            ("attention", ("fmha", "attention", "flash", "softmax")), ("copy / index", ("copy", "index", "elementwise"))]
+            ("attention", ("fmha", "attention", "flash", "softmax")),
+            ("copy / index", ("copy", "index", "elementwise"))]
 
 
 def family(name: str) -> str:

@@ -4,8 +4,9 @@ The folded global form at sparsity 0 is a plain model of the same family with ro
 the basis of one gain-free Q, norm gains folded, no adapters), so TEAL can sit on it unchanged: rotation
 concentrates each projection's input, greedy allocation spends sparsity where it hurts least.
 
-    python benchmarks/rotated_teal.py ROTATIONS OUT.json [TARGETS] [--device cuda]
-(LAROSA_SHARED_DATA: the folder with wikitext-2-raw-test.txt and calib-wikipedia.txt)
+    python benchmarks/rotated_teal.py ROTATIONS|none OUT.json [TARGETS]
+ROTATIONS "none": TEAL on the model as it is, in the same harness. Environment: LAROSA_SHARED_DATA (the folder with
+wikitext-2-raw-test.txt and calib-wikipedia.txt), WINDOWS (evaluation windows, 40), CALIB_WINDOWS (TEAL's, 16).
 """
 
 import json
@@ -23,34 +24,42 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 data = os.environ.get("LAROSA_SHARED_DATA", "../shared/data")
 windows = int(os.environ.get("WINDOWS", 40))
 model, tok = larosa.load_model("builtin:smollm2", device=device, dtype=torch.float32)
-calib = larosa.token_windows(tok, f"{data}/calib-wikipedia.txt", 16, 2048)
+calib = larosa.token_windows(tok, f"{data}/calib-wikipedia.txt", int(os.environ.get("CALIB_WINDOWS", 16)), 2048)
 evals = larosa.token_windows(tok, f"{data}/wikitext-2-raw-test.txt", windows, 2048)
-rotations = larosa.Rotations.load(rot_path)
-probe = evals[:1, :128].to(device)
-with torch.no_grad():
-    reference = model(probe).logits
-folded = larosa.sparsify(model, larosa.LaRoSaConfig(rotations, sparsity=0.0, scope="global", mode="folded"))
-config = folded.config.to_dict()
-config = type(model.config)(**{k: v for k, v in config.items() if k not in ("larosa", "model_type", "architectures")})
-plain = type(model)(config).to(device)  # the same family, untied, its own (unit-gain) norms: no sites at all
-missing, unexpected = plain.load_state_dict(folded.state_dict(), strict=False)
-assert not unexpected and all(k.endswith("layernorm.weight") or k.endswith("norm.weight") for k in missing), missing
-for name, p in plain.named_parameters():
-    if name in missing:
-        assert torch.all(folded.state_dict().get(name, torch.ones_like(p)) == 1)
-plain.eval()
-with torch.no_grad():  # the rotated model computes the dense one's logits
-    error = ((plain(probe).logits - reference).abs().max() / reference.abs().max()).item()
-assert error < 1e-4, error
-del folded, model
-rows = [{"method": "rotated-dense", **larosa.perplexity(plain, evals, batch_size=4, progress=False)}]
+
+
+def rotated(model):
+    """The folded global form at sparsity 0 as a plain model of the family (checked: the dense logits)."""
+    rotations = larosa.Rotations.load(rot_path)
+    probe = evals[:1, :128].to(device)
+    with torch.no_grad():
+        reference = model(probe).logits
+    folded = larosa.sparsify(model, larosa.LaRoSaConfig(rotations, sparsity=0.0, scope="global", mode="folded"))
+    drop = ("larosa", "model_type", "architectures")
+    config = type(model.config)(**{k: v for k, v in folded.config.to_dict().items() if k not in drop})
+    plain = type(model)(config).to(device)  # the same family, untied, its own (unit-gain) norms: no sites at all
+    missing, unexpected = plain.load_state_dict(folded.state_dict(), strict=False)
+    assert not unexpected and all(k.endswith("layernorm.weight") or k.endswith("norm.weight") for k in missing), missing
+    for name, p in plain.named_parameters():
+        if name in missing:
+            assert torch.all(folded.state_dict().get(name, torch.ones_like(p)) == 1)
+    plain.eval()
+    with torch.no_grad():  # the rotated model computes the dense one's logits
+        error = ((plain(probe).logits - reference).abs().max() / reference.abs().max()).item()
+    assert error < 1e-4, error
+    return plain
+
+
+plain = model if rot_path == "none" else rotated(model)
+prefix = "" if rot_path == "none" else "rotated-"
+rows = [{"method": prefix + "dense", **larosa.perplexity(plain, evals, batch_size=4, progress=False)}]
 print(rows[-1]["ppl"], flush=True)
 for greedy in (True, False):
     for t in targets:
         start = time.perf_counter()
         larosa.sparsify(plain, larosa.TealConfig(t, calib, greedy=greedy), device=device, progress=False)
         r = larosa.perplexity(plain, evals, batch_size=4, progress=False)
-        r.update({**larosa.describe(plain), "method": "rotated-teal-greedy" if greedy else "rotated-teal",
+        r.update({**larosa.describe(plain), "method": prefix + ("teal-greedy" if greedy else "teal"),
                   "target": t, "seconds": round(time.perf_counter() - start, 1)})
         larosa.unsparsify(plain)
         rows.append(r)

@@ -216,6 +216,30 @@ def test_transformers_generate_on_cuda_takes_the_engine():
     out = folded.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0)
     key, engine = folded.__dict__[hf_path.ENGINE]
     assert out.shape == (1, 17) and engine.graph is not None and engine.model.layers[0].qkv.k is not None
+    q_proj = folded.model.layers[0].self_attn.q_proj  # a row slice of the engine's input-major q|k|v, transposed
+    assert q_proj.weight.data_ptr() == engine.model.layers[0].qkv.weight.data_ptr()
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_the_engine_and_the_model_keep_one_copy_of_the_weights(arch):
+    """transformers' generate keeps the model and builds an engine beside it: the model's projections become views
+    of the engine's joined q|k|v and gate|up matrices (Phi-3's fused ones whole), o, down, embedding and head the
+    same tensors, and the model computes what it computed."""
+    import larosa.runtime.hf as hf_path
+
+    model = tiny_model(arch)
+    rot = larosa.calibrate(model, random_windows(4, seed=3), signal="gainfree", progress=False)
+    folded = larosa.sparsify(model, larosa.LaRoSaConfig(rot, sparsity=0.5, mode="folded"))
+    windows = random_windows(2)
+    with torch.no_grad():
+        before = folded(windows).logits
+    engine = hf_path.engine_for(folded, 32)
+    ours = {p.untyped_storage().data_ptr() for p in engine.model.parameters()}
+    theirs = {name: p.untyped_storage().data_ptr() for name, p in folded.named_parameters() if "norm" not in name}
+    assert set(theirs.values()) <= ours, [name for name, ptr in theirs.items() if ptr not in ours]
+    with torch.no_grad():
+        assert torch.equal(folded(windows).logits, before)
+    decodes_as_hf(folded, 1e-5)
 
 
 def test_engine_runs_the_input_form_like_the_hf_model():

@@ -339,7 +339,8 @@ def test_folded_centring_equals_simulate_and_saves_its_offsets(calibrated, tmp_p
 def test_the_weighted_objective_folds_in_the_input_form_exactly(signal, scope, tmp_path):
     """Rotations of diag(n) XᵀX diag(n) act as diag(n) Q: dense at sparsity 0 simulated and folded, the folded input
     form equal to simulate at 50 % (the layer scope scales both blocks by the attention's n, as its Q is shared), a
-    different selection than plain PCA, refused by the residual form, which needs an orthogonal transform, and so folded in the input form by default."""
+    different selection than plain PCA, refused by the residual form, which needs an orthogonal transform, and so
+    folded in the input form by default."""
     model, windows = tiny_model("llama", True), random_windows(2)
     calib = random_windows(4, seed=3)
     rot = larosa.calibrate(model, calib, signal=signal, objective="weighted", progress=False)

@@ -259,7 +259,8 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def from_hf(cls, model: nn.Module, max_seq: int, select: str | None = None) -> "Transformer":
         """From a dense or folded Hugging Face model; a folded one brings its own sparsity and adapters, and
-        ``select`` ("dense", "topk" or "threshold") overrides how its sites select (default: as saved)."""
+        ``select`` ("dense", "topk" or "threshold") overrides how its sites select (default: as saved). Weights
+        the engine keeps as the model has them are the model's own tensors, not copies."""
         adapter = adapter_for(model)
         dims = adapter.dims
         extras = adapter.attention_extras()
@@ -298,14 +299,14 @@ class Transformer(nn.Module):
                 norm(adapter.attn_norm(layer)),
                 Proj(torch.cat([p.weight for p in qkv]), qkv_bias, kept.get("attn_in"), scale.get("attn_in"),
                      t.get("attn_in"), offset.get("attn_in")),
-                Proj(adapter.o_proj(layer).weight.clone(), adapter.o_proj(layer).bias, kept.get("o_in"),
+                Proj(adapter.o_proj(layer).weight, adapter.o_proj(layer).bias, kept.get("o_in"),
                      scale.get("o_in"), t.get("o_in"), offset.get("o_in")),
                 norm(adapter.mlp_norm(layer)),
                 Proj(torch.cat([p.weight for p in adapter.gate_up(layer)]), None, kept.get("mlp_in"),
                      scale.get("mlp_in"), t.get("mlp_in"), offset.get("mlp_in")),
-                Proj(adapter.down_proj(layer).weight.clone(), adapter.down_proj(layer).bias, kept.get("down_in"),
+                Proj(adapter.down_proj(layer).weight, adapter.down_proj(layer).bias, kept.get("down_in"),
                      scale.get("down_in"), t.get("down_in"), offset.get("down_in")),
-                *[None if a is None else a.weight.clone() for a in adapters],
+                *[None if a is None else a.weight for a in adapters],
                 act,
                 tuple(None if m is None else m.weight for m in transforms),
                 None if norms is None else tuple(norm(n) for n in norms),
@@ -317,7 +318,7 @@ class Transformer(nn.Module):
         tables = [adapter.rotary(positions, embedding.dtype, kind) for kind in kinds]
         cos, sin = (torch.stack(parts) for parts in zip(*tables))
         head = model.get_output_embeddings()
-        return cls(embedding.clone(), layers, norm(adapter.final_norm()), Proj(head.weight.clone(), head.bias), cos,
+        return cls(embedding, layers, norm(adapter.final_norm()), Proj(head.weight, head.bias), cos,
                    sin, max_seq, adapter.embed_scale(), adapter.logit_softcap())
 
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..arch import adapter_for
 from ..fold.hf import FoldedCausalLM
-from .engine import Engine, Transformer
+from .engine import Engine, Proj, Transformer
 
 ENGINE = "_larosa_engine"  # the engine a model keeps between generate calls
 CACHE_STEP = 256  # the engine's cache is sized in steps of this many positions: one compile serves many lengths
@@ -27,8 +28,31 @@ def engine_for(model: nn.Module, max_length: int) -> Engine:
         max_seq = -(-max_length // CACHE_STEP) * CACHE_STEP
         limit = getattr(model.config, "max_position_embeddings", None)
         transformer = Transformer.from_hf(model, max_seq=min(max_seq, limit or max_seq))
+        share_weights(model, transformer)
         built = model.__dict__[ENGINE] = key, Engine(transformer, compile=weight.device.type == "cuda")
     return built[1]
+
+
+def share_weights(model: nn.Module, transformer: Transformer) -> None:
+    """Point the model's projections at the engine's weights, so that the model and its engine keep one copy of
+    them, not two (a 7B model would otherwise hold 27 GB in bf16). The engine joins q, k, v (and gate, up) into one
+    matrix and keeps a sparse one input-major for its kernels: the model sees row slices of it, transposed where
+    input-major, which its matmuls read as they are. Weights the engine rescaled (weight-aware scores) stay apart."""
+    adapter = adapter_for(model)
+    for layer, mine in zip(adapter.layers(), transformer.layers):
+        for linears, proj in ((adapter.qkv(layer), mine.qkv), ((adapter.o_proj(layer),), mine.o),
+                              (adapter.gate_up(layer), mine.gate_up), ((adapter.down_proj(layer),), mine.down)):
+            _share(linears, proj)
+
+
+def _share(linears, proj: Proj) -> None:
+    if proj.scale is not None:
+        return
+    weight, start = proj.weight.T if proj.input_major else proj.weight, 0  # [d_out, d_in]
+    for linear in linears:
+        rows = linear.weight.shape[0]
+        linear.weight = nn.Parameter(weight[start:start + rows], requires_grad=False)
+        start += rows
 
 
 @torch.no_grad()
