@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from conftest import random_windows, saved_tiny, tiny_model
@@ -228,3 +230,29 @@ def test_streamed_perplexity_equals_the_whole_model_forward(tmp_path, arch, tie)
             assert got["measured_param_weighted"] == pytest.approx(want["measured_param_weighted"], abs=1e-9)
             assert got["site_sparsity"] == pytest.approx(want["site_sparsity"])
     assert all(p.device.type == "meta" for p in lazy.parameters())
+
+
+def test_a_norm_gain_of_zero_calibrates_the_gain_free_signal_and_folds():
+    """Real Gemma 3 270M has a norm gain of exactly 0: the gain-free signal n(h) is taken from the norm's input
+    (dividing the gained output by the gain cannot recover that entry), so Q does not depend on that norm's gain;
+    the folded model is still the dense one at sparsity 0 and simulate mode gives no NaN."""
+    from test_fold import folding
+
+    from larosa.fold import fold
+
+    model, windows = tiny_model("llama"), random_windows(2)
+    calib = random_windows(4, seed=3)
+    gains = model.model.layers[0].post_attention_layernorm.weight.data
+    gains[3] = 0.5
+    before = larosa.calibrate(model, calib, signal="gainfree", progress=False)
+    gains[3] = 0.0
+    rot = larosa.calibrate(model, calib, signal="gainfree", progress=False)
+    a, b = before.tensors["layers.0.mlp"], rot.tensors["layers.0.mlp"]  # the MLP input of layer 0: n(h) alike
+    torch.testing.assert_close(rot.tensors["layers.0.mlp.eigvals"], before.tensors["layers.0.mlp.eigvals"])
+    torch.testing.assert_close(a * a, b * b, rtol=1e-4, atol=1e-5)  # eigenvectors up to sign
+    with torch.no_grad():
+        dense = model(windows).logits
+        zero = fold(copy.deepcopy(model), folding(rot, 0.0))(windows).logits
+        assert ((zero - dense).abs().max() / dense.abs().max()).item() < 1e-4
+        simulated = larosa.sparsify(copy.deepcopy(model), larosa.LaRoSaConfig(rot, sparsity=0.5))
+        assert torch.isfinite(simulated(windows).logits).all()

@@ -52,12 +52,11 @@ def _row_norms(linears, gain: torch.Tensor | None) -> torch.Tensor:
     return norms.clamp_min(1e-6 * float(norms.mean()))
 
 
-def _gain_free(xtx: torch.Tensor, gain: torch.Tensor, where: str) -> torch.Tensor:
-    """XᵀX of n(h) from XᵀX of n(h) ⊙ γ: divide by γ γᵀ (exact; impossible only where a gain is zero)."""
-    gain = gain.detach().double().cpu()
-    if (gain == 0).any():
-        raise LarosaError(f"{where} has zero norm gains; the gain-free signal cannot be recovered")
-    return xtx / torch.outer(gain, gain)
+def _gain_free(h: torch.Tensor, eps: float) -> torch.Tensor:
+    """n(h), the RMS-normalised norm input without its gain: taken from the input, not by dividing the gained
+    output's moments by γ γᵀ, which fails where a gain is 0 (real Gemma 3 270M has one in layer 0)."""
+    hf = h.float()
+    return hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
 
 
 @torch.no_grad()
@@ -96,12 +95,17 @@ def calibrate(
     fingerprint = weights_fingerprint(model)
     tensors: dict[str, torch.Tensor] = {}
     pooled = torch.zeros(dims.hidden, dims.hidden, dtype=torch.float64)
+    eps = adapter.norm_eps()
+
+    def taken(args: tuple, out: torch.Tensor) -> torch.Tensor:  # the signal X of a norm's output
+        return out if signal == "gain" else _gain_free(args[0], eps)
+
     for i, layer, call, hidden in passes(model, windows, "calibrating", device, progress):
         moments = {"attn": SecondMoment(), "mlp": SecondMoment(),
                    "heads": SecondMoment(dims.n_kv_heads, dims.n_heads // dims.n_kv_heads)}
         handles = [
-            adapter.attn_norm(layer).register_forward_hook(lambda m, a, out: moments["attn"].add(out)),
-            adapter.mlp_norm(layer).register_forward_hook(lambda m, a, out: moments["mlp"].add(out)),
+            adapter.attn_norm(layer).register_forward_hook(lambda m, a, out: moments["attn"].add(taken(a, out))),
+            adapter.mlp_norm(layer).register_forward_hook(lambda m, a, out: moments["mlp"].add(taken(a, out))),
             adapter.o_proj(layer).register_forward_pre_hook(lambda m, a: moments["heads"].add(a[0])),
         ]
         advance(layer, call, hidden, [h.remove for h in handles], index=i)
@@ -110,8 +114,6 @@ def calibrate(
         linears = {"attn": adapter.qkv(layer), "mlp": adapter.gate_up(layer)}
         for block in ("attn", "mlp"):
             xtx = moments[block].xtx.cpu()
-            if signal == "gainfree":
-                xtx = _gain_free(xtx, gains[block], f"layer {i} {block} norm")
             if objective == "weighted":
                 norms = _row_norms(linears[block], gains[block] if signal == "gainfree" else None)
                 xtx = xtx * torch.outer(norms, norms)

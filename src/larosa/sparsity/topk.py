@@ -177,7 +177,9 @@ class TopKSite(site_protocol.Site):
     """One site: optional rotation in, Top-K (or a threshold), rotation back.
 
     With ``gain``, Top-K runs on the gain-free signal: the input is divided by the norm gain before the rotation
-    and multiplied back after, which is what the folded model computes. With ``threshold``, every entry whose
+    and multiplied back after, which is what the folded model computes (where a gain is exactly 0, as in one of
+    real Gemma 3 270M's norms, the site cannot recover that entry and ranks it as 0; the folded model ranks its
+    true value; the output ignores it either way, its weight column being 0). With ``threshold``, every entry whose
     score is at or above it is kept instead of exactly k. While ``sample`` is set, the scores are sampled (the
     calibration of thresholds).
     """
@@ -194,13 +196,14 @@ class TopKSite(site_protocol.Site):
         self.rows: RowSample | None = None  # set while offsets are calibrated
         self.register_buffer("rotation", rotation, persistent=False)
         self.register_buffer("gain", gain, persistent=False)
+        self.zero_gain = gain is not None and bool((gain == 0).any())
         self.register_buffer("norms", norms, persistent=False)  # a weighted objective's scaling before the rotation
         self.register_buffer("scale", scale)  # weight-aware scores; saved with a folded model
         self.register_buffer("offset", offset)  # centring; saved with a folded model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gain is not None:
-            x = x / self.gain
+            x = torch.where(self.gain != 0, x / self.gain, 0.0) if self.zero_gain else x / self.gain
         if self.norms is not None:
             x = x * self.norms
         if self.rotation is not None:
