@@ -184,3 +184,29 @@ def test_eval_tasks_on_a_model_giving_nan_is_an_error(lm_dir, task_data, capsys)
     assert code == 2 and out == "" and err.strip().splitlines()[-1] == (
         "larosa: error: the model gives NaN or Inf: its model.layers.1.mlp.down_proj.weight holds NaN or Inf (a "
         "broken checkpoint: download or save the model again)")
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "phi3"])
+def test_eval_tasks_runs_the_families_that_differ_most(arch, task_data, tmp_path, capsys):
+    """Gemma 3 (output norms: folded in the input form, its default) and Phi-3 (fused weights): dense, simulated
+    and folded through lm-eval, the folded model choosing as simulate mode does for the same Q."""
+    path = tmp_path / arch
+    tokenizer = train_tokenizer(TEXT)
+    tokenizer.eos_token = "<unk>"
+    tiny_model(arch, vocab=len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    (tmp_path / "text.txt").write_text(TEXT, encoding="utf-8")
+    rot = tmp_path / "rot.safetensors"
+    assert run(capsys, "calibrate", path, "--data", tmp_path / "text.txt", "--out", rot, "--windows", 4,
+               "--seq-len", 32, "--signal", "gainfree", "--quiet")[0] == 0
+    settings = ("--rotations", rot, "--sparsity", 0.4, "--scope", "global")
+    assert run(capsys, "sparsify", path, *settings, "--out", tmp_path / "folded", "--quiet")[0] == 0
+    common = ("--tasks", "boolq", "--task-data", task_data, "--limit", 4, "--json")
+    dense = json.loads(run(capsys, "eval", "tasks", path, *common)[1])
+    simulated = json.loads(run(capsys, "eval", "tasks", path, *common, *settings)[1])
+    folded = json.loads(run(capsys, "eval", "tasks", tmp_path / "folded", *common)[1])
+    assert [r["mode"] for r in (dense, simulated, folded)] == ["dense", "simulate", "folded"]
+    assert folded["param_weighted_sparsity"] == pytest.approx(simulated["param_weighted_sparsity"])
+    assert folded["param_weighted_sparsity"] > 0.3
+    assert folded["tasks"]["boolq"]["acc"] == simulated["tasks"]["boolq"]["acc"]
+    assert 0 <= dense["tasks"]["boolq"]["acc"] <= 1 and folded["tasks"]["boolq"]["n"] == 4
