@@ -6,11 +6,11 @@
 # the --select threshold variants of the two LaRoSa rows. Each run is written atomically to OUT/NAME.json (its
 # wall seconds to OUT/NAME.wall, its stderr to OUT/NAME.log) and skipped when done; a failed run is logged, marked
 # OUT/NAME.failed (skipped on resume unless RETRY=1) and the others go on (exit status 1 at the end).
-# Gemma 3 270M has zero pre-feedforward norm gains, so `calibrate --signal gainfree` refuses it; the folded rows
-# from the gained PCA (folded-global-gain-*) stand in for the folded default there.
+# Gemma 3 270M has pre-feedforward norm gains of exactly 0 (17 of 18 layers): calibrate takes the gain-free
+# signal from the norms' inputs, so the folded default runs (larosa before 2026-11-30 refused it).
 #   bash benchmarks/ppl_gemma3.sh OUT [TARGETS]
 #   env: MODEL (default: built by benchmarks/gemma3_270m.py under CKPT=/work/gemma-ckpt), WINDOWS=8,
-#        CALIB_WINDOWS=8, SEQ_LEN=1024, THRESHOLD=1 (0 skips the threshold rows), NICE=19,
+#        CALIB_WINDOWS=8, SEQ_LEN=1024, TEAL=1 / THRESHOLD=1 (0 skips the TEAL / threshold rows), NICE=19,
 #        LAROSA_DEVICE_ARGS (default "--device cpu --dtype float32"), LAROSA (the larosa command)
 set -uo pipefail
 out=${1:-runs/gemma3}
@@ -60,11 +60,13 @@ run dense
 for t in $targets; do
   run "simulate-block-gain-$t" "${sim[@]}" --target "$t"
   run "folded-default-$t" "${folded[@]}" --target "$t"
-  run "teal-greedy-$t" --method teal-greedy --target "$t" "${calib[@]}"
-  # stand-in for the folded default when the gain-free signal cannot be calibrated (a zero norm gain): the same
-  # folded global / input-form model from the gained PCA
   run "folded-global-gain-$t" --rotations "$out/rotations-gain.safetensors" --mode folded --target "$t"
 done
+if [ "${TEAL:-1}" = 1 ]; then  # last of the main rows: its greedy calibration is the slowest on a CPU (~45 min)
+  for t in $targets; do
+    run "teal-greedy-$t" --method teal-greedy --target "$t" "${calib[@]}"
+  done
+fi
 if [ "${THRESHOLD:-1}" = 1 ]; then
   for t in $targets; do
     run "simulate-block-gain-threshold-$t" "${sim[@]}" --target "$t" --select threshold "${calib[@]}"

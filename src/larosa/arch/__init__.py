@@ -103,9 +103,9 @@ class Adapter:
         """The gain an RMSNorm multiplies the normalised input by (what folding moves into the weights)."""
         return norm.weight.detach()
 
-    def set_unit_gain(self, norm: nn.Module) -> None:
-        """Make ``norm`` multiply by 1, once its gain is in the weights."""
-        norm.weight.data.fill_(1.0)
+    def set_gain(self, norm: nn.Module, gain: torch.Tensor | float) -> None:
+        """Make ``norm`` multiply by ``gain`` (1 once its gain is in the weights)."""
+        norm.weight.data.copy_(torch.as_tensor(gain, dtype=norm.weight.dtype).expand_as(norm.weight))
 
     # -- whole-model modules ----------------------------------------------------------------------------
     def body(self) -> nn.Module:

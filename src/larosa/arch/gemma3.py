@@ -45,8 +45,8 @@ class Gemma3Adapter(Adapter):
     def gain(self, norm: nn.Module) -> torch.Tensor:
         return 1.0 + norm.weight.detach().float()
 
-    def set_unit_gain(self, norm: nn.Module) -> None:
-        norm.weight.data.zero_()
+    def set_gain(self, norm: nn.Module, gain: torch.Tensor | float) -> None:
+        norm.weight.data.copy_((torch.as_tensor(gain, dtype=torch.float32) - 1.0).expand_as(norm.weight))
 
     def rotary_kind(self, i: int) -> str:
         return self.config.layer_types[i]

@@ -118,7 +118,7 @@ class _Folding:
         if self.form == "input":
             return weight.detach().clone()
         folded = (_f64(weight) * _f64(self.adapter.gain(final_norm)) @ self.qs[-1][1].double()).to(weight.dtype)
-        self.adapter.set_unit_gain(final_norm)
+        self.adapter.set_gain(final_norm, 1.0)
         return folded
 
     def _block_input(self, norm: nn.Module, linears, q: torch.Tensor, n: torch.Tensor | None) -> torch.Tensor | None:
@@ -132,9 +132,11 @@ class _Folding:
             scale = scale / n.double()
         for lin in linears:
             _set(lin, _f64(lin.weight) * scale @ q)
-        self.adapter.set_unit_gain(norm)
         if self.form == "residual":
+            self.adapter.set_gain(norm, 1.0)
             return None
+        # The input form keeps 0 where a gain is 0: the gain-free signal is n(h) there too (larosa.calibrate).
+        self.adapter.set_gain(norm, (gain != 0).to(torch.float32))
         row = gain if in_signal else torch.ones_like(gain)  # z = n(h) diag(g) Q  (or n(h) Q), times diag(n)
         if n is not None:
             row = row * n.double()

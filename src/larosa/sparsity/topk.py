@@ -177,11 +177,11 @@ class TopKSite(site_protocol.Site):
     """One site: optional rotation in, Top-K (or a threshold), rotation back.
 
     With ``gain``, Top-K runs on the gain-free signal: the input is divided by the norm gain before the rotation
-    and multiplied back after, which is what the folded model computes (where a gain is exactly 0, as in one of
-    real Gemma 3 270M's norms, the site cannot recover that entry and ranks it as 0; the folded model ranks its
-    true value; the output ignores it either way, its weight column being 0). With ``threshold``, every entry whose
-    score is at or above it is kept instead of exactly k. While ``sample`` is set, the scores are sampled (the
-    calibration of thresholds).
+    and multiplied back after, which is what the folded model computes (where a gain is exactly 0, as in real
+    Gemma 3 270M's norms, the entry is ranked as 0, as calibration and the input form take it; the residual
+    form, whose norm sees a rotated stream, ranks its true value; the output ignores it either way). With
+    ``threshold``, every entry whose score is at or above it is kept instead of exactly k. While ``sample`` is set,
+    the scores are sampled (the calibration of thresholds).
     """
 
     def __init__(self, size: int, sparsity: float, rotation: torch.Tensor | None = None,
