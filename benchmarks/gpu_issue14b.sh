@@ -13,4 +13,5 @@ timeout $((deadline - SECONDS)) python3 benchmarks/rotated_teal.py $rot $OUT/rot
 left=$((deadline - SECONDS))
 [ $left -gt 60 ] && WINDOWS=40 timeout $left bash benchmarks/ppl_objective.sh $r/objective "0.4 0.5" > $r/objective.log 2>&1
 tar czf $OUT/objective.tgz --exclude='*.safetensors' -C $r objective objective.log
-for f in $r/objective/*.json; do [ -s $f ] && echo "$(basename $f) $(python3 -c "import json,sys;d=json.load(open('$f'));print(round(d['ppl'],3), round(d.get('measured_param_weighted',0),3))")"; done
+# the evaluations (not the rotations reports, rotations-*.json), one line each
+for f in $r/objective/[!r]*.json; do [ -s $f ] && echo "$(basename $f) $(python3 -c "import json,sys;d=json.load(open('$f'));print(round(d['ppl'],3), round(d.get('measured_param_weighted',0),3))")"; done

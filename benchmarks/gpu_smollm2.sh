@@ -19,7 +19,7 @@ LAROSA_ARGS="$args" bash benchmarks/ppl_select.sh $r/ppl > /dev/null 2>&1
 python3 - "$r/ppl" > "$OUT/ppl_select.md" <<'PY'
 import json, sys, pathlib
 d = pathlib.Path(sys.argv[1])
-rows = {p.stem: json.loads(p.read_text()) for p in d.glob("*.json") if p.stem != "calibrate"}
+rows = {p.stem: json.loads(p.read_text()) for p in d.glob("*.json") if not p.stem.startswith("rotations")}
 print("| run | PPL | param-weighted (configured) | measured |")
 print("|---|---:|---:|---:|")
 for name in sorted(rows):

@@ -7,21 +7,10 @@
 set -euo pipefail
 out=${1:-runs/ppl_objective}
 targets=${2:-"0.4 0.5"}
-data=${LAROSA_SHARED_DATA:-../shared/data}
-args=${LAROSA_ARGS:-}
-mkdir -p "$out"
+source "$(dirname "$0")/smollm2_ppl.sh"
 for rot in pca:gain pca:gainfree weighted:gain weighted:gainfree; do
-  file=$out/rotations-${rot%:*}-${rot#*:}.safetensors
-  [ -s "$file" ] || larosa calibrate builtin:smollm2 --objective "${rot%:*}" --signal "${rot#*:}" $args \
-    --data "$data/calib-wikipedia.txt" --windows 16 --seq-len 2048 --out "$file" --json --quiet > /dev/null
+  calibrate_once "$out/rotations-${rot%:*}-${rot#*:}.safetensors" --objective "${rot%:*}" --signal "${rot#*:}"
 done
-run() {  # NAME ARGS...: one evaluation, written atomically, skipped when done
-  local name=$1; shift
-  [ -s "$out/$name.json" ] && return 0
-  larosa eval ppl builtin:smollm2 --data "$data/wikitext-2-raw-test.txt" --windows "${WINDOWS:-40}" --json --quiet \
-    $args "$@" > "$out/$name.json.tmp"
-  mv "$out/$name.json.tmp" "$out/$name.json"
-}
 run dense
 for t in $targets; do
   run "default-$t" --rotations "$out/rotations-pca-gainfree.safetensors" --target "$t" --mode folded

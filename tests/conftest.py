@@ -102,6 +102,15 @@ def decodes_as_hf(hf, tol: float, prefill: int = 12, total: int = 20) -> Engine:
     return engine
 
 
+def generates_as_hf(hf, max_seq: int = 32, new_tokens: int = 12):
+    """The engine's greedy generation from a 6-token prompt, asserted equal to transformers' token for token."""
+    prompt = random_windows(1, seq_len=6)[0]
+    got = Engine(Transformer.from_hf(hf, max_seq=max_seq)).generate(prompt, new_tokens)
+    ref = hf.generate(prompt[None], max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)[0]
+    assert torch.equal(got.tokens, ref)
+    return got
+
+
 def train_tokenizer(text: str, vocab: int = 96) -> PreTrainedTokenizerFast:
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 

@@ -5,14 +5,10 @@ import json
 
 import pytest
 import torch
-from conftest import decodes_as_hf, random_windows, tiny_model
+from conftest import decodes_as_hf, generates_as_hf, random_windows, relative_error, tiny_model
 
 import larosa
 from larosa.runtime import Engine, Transformer
-
-
-def _rel(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.fixture(params=[("llama", False), ("qwen2", True)], ids=["llama", "qwen2"])
@@ -33,9 +29,9 @@ def test_prefill_then_decode_matches_the_hf_model(pair, which):
         ref = hf(tokens[None]).logits[0]
     engine = Engine(Transformer.from_hf(hf, max_seq=32))
     prefill = engine.model(tokens[:12], torch.arange(12))
-    assert _rel(prefill, ref[:12]) < 1e-4
+    assert relative_error(prefill, ref[:12]) < 1e-4
     for pos in range(12, 20):  # one token at a time through the cache, as decode runs
-        assert _rel(engine.step(tokens[pos : pos + 1], pos), ref[pos : pos + 1]) < 1e-4
+        assert relative_error(engine.step(tokens[pos : pos + 1], pos), ref[pos : pos + 1]) < 1e-4
 
 
 def test_engine_runs_weight_aware_scores_and_per_layer_plans_like_the_hf_model():
@@ -51,8 +47,8 @@ def test_engine_runs_weight_aware_scores_and_per_layer_plans_like_the_hf_model()
         ref, other = folded(tokens[None]).logits[0], magnitude(tokens[None]).logits[0]
     engine = Transformer.from_hf(folded, max_seq=16)
     assert [layer.qkv.k for layer in engine.layers] == [45, 26, None]
-    assert _rel(engine(tokens, torch.arange(12)), ref) < 1e-4
-    assert _rel(other, ref) > 1e-3  # the scores matter, so the match above is not trivial
+    assert relative_error(engine(tokens, torch.arange(12)), ref) < 1e-4
+    assert relative_error(other, ref) > 1e-3  # the scores matter, so the match above is not trivial
 
 
 def test_folded_engine_is_sparse_where_the_config_says(pair):
@@ -73,12 +69,10 @@ def test_folded_engine_is_sparse_where_the_config_says(pair):
 
 def test_generate_is_greedy_and_matches_hf_generate(pair):
     hf = pair[1]
-    prompt = random_windows(1, seq_len=6)[0]
-    got = Engine(Transformer.from_hf(hf, max_seq=32)).generate(prompt, 10)
-    ref = hf.generate(prompt[None], max_new_tokens=10, do_sample=False, pad_token_id=0)[0]
-    assert torch.equal(got.tokens, ref) and got.tokens_per_s > 0 and got.new_tokens == 10
+    got = generates_as_hf(hf, new_tokens=10)
+    assert got.tokens_per_s > 0 and got.new_tokens == 10
     with pytest.raises(ValueError, match="exceed the cache"):
-        Engine(Transformer.from_hf(hf, max_seq=8)).generate(prompt, 10)
+        Engine(Transformer.from_hf(hf, max_seq=8)).generate(random_windows(1, seq_len=6)[0], 10)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -97,7 +91,7 @@ def test_cuda_graph_decode_with_the_kernels_matches_the_hf_model(pair, dtype, co
     assert engine.graph is not None
     engine.model(tokens[:12], torch.arange(12, device="cuda"))
     for pos in range(12, 20):
-        assert _rel(engine.step(tokens[pos : pos + 1], pos), ref[pos : pos + 1]) < tol
+        assert relative_error(engine.step(tokens[pos : pos + 1], pos), ref[pos : pos + 1]) < tol
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -120,7 +114,7 @@ def test_cuda_graph_decode_with_calibrated_thresholds_matches_the_hf_model(compi
     assert engine.model.layers[0].qkv.state is not None  # the kernel path, not the torch one
     engine.model(tokens[:12], torch.arange(12, device="cuda"))
     for pos in range(12, 20):
-        assert _rel(engine.step(tokens[pos : pos + 1], pos), ref[pos : pos + 1]) < 0.15
+        assert relative_error(engine.step(tokens[pos : pos + 1], pos), ref[pos : pos + 1]) < 0.15
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

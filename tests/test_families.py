@@ -9,12 +9,13 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import decodes_as_hf, loads_bit_exact, random_windows, relative_error, tiny_config, tiny_model
+from conftest import (decodes_as_hf, generates_as_hf, loads_bit_exact, random_windows, relative_error, tiny_config,
+                      tiny_model)
 from transformers import AutoModelForCausalLM, Phi3Config
 
 import larosa
 from larosa import LaRoSaConfig
-from larosa.runtime import Engine, Transformer
+from larosa.runtime import Transformer
 from larosa.sparsity import sites
 
 FAMILIES = ["mistral", "qwen3", "gemma3", "phi3"]
@@ -78,20 +79,13 @@ def test_gemma3_folds_the_gain_included_signal_as_simulated():
         assert relative_error(folded(windows).logits, simulated(windows).logits) < 1e-4
 
 
-def _assert_the_engine_generates_what_transformers_generates(hf, max_seq: int = 32, new_tokens: int = 12):
-    prompt = random_windows(1, seq_len=6)[0]
-    got = Engine(Transformer.from_hf(hf, max_seq=max_seq)).generate(prompt, new_tokens)
-    ref = hf.generate(prompt[None], max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)[0]
-    assert torch.equal(got.tokens, ref)
-
-
 def test_the_engine_generates_what_transformers_generates(family):
     """18 positions: past Gemma 3's window of 8, so its windowed layers must drop the oldest keys."""
     arch, model, rot = family
     folded = larosa.sparsify(copy.deepcopy(model), LaRoSaConfig(rot, sparsity=0.4, mode="folded",
                                                                 form=FORMS[arch][0]))
     for hf in (model, folded):
-        _assert_the_engine_generates_what_transformers_generates(hf)
+        generates_as_hf(hf)
         decodes_as_hf(hf, 1e-5)  # and its logits, prefill and decode
 
 
@@ -174,7 +168,7 @@ def test_phi3_longrope_decodes_as_transformers_within_the_original_context_and_i
     config = Phi3Config(**{**config.to_dict(), "rope_parameters": rope, "original_max_position_embeddings": 32})
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    _assert_the_engine_generates_what_transformers_generates(model, max_seq=32, new_tokens=20)
+    generates_as_hf(model, max_seq=32, new_tokens=20)
     with pytest.raises(larosa.LarosaError, match="longrope: .* at most 32 positions"):
         Transformer.from_hf(model, max_seq=33)
 

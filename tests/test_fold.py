@@ -4,7 +4,7 @@ import sys
 
 import pytest
 import torch
-from conftest import loads_bit_exact, random_windows, saved_tiny, tiny_model
+from conftest import loads_bit_exact, random_windows, relative_error, saved_tiny, tiny_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -16,10 +16,6 @@ from larosa.io import CHECKSUMS, verify_checksums
 
 def folding(rot, sparsity, **how) -> LaRoSaConfig:
     return LaRoSaConfig(rot, sparsity=sparsity, mode="folded", **how)
-
-
-def _rel(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +40,7 @@ def test_folded_at_sparsity_zero_equals_dense(calibrated, arch, scope, head_rota
     with torch.no_grad():
         dense = model(windows).logits
         folded = fold(copy.deepcopy(model), folding(rot, 0.0, scope=scope, head_rotation=head_rotation))
-        assert _rel(folded(windows).logits, dense) < 1e-4
+        assert relative_error(folded(windows).logits, dense) < 1e-4
     assert type(folded).__name__.startswith("Larosa")
     adapters = [m for n, m in folded.named_modules() if n.endswith("_adapter") and m is not None]
     assert len(adapters) == {"global": 0, "layer": 2, "block": 5}[scope]  # 3 layers
@@ -64,8 +60,8 @@ def test_folded_equals_simulate_when_q_comes_from_the_same_signal(calibrated, sc
         folded = fold(copy.deepcopy(model), folding(rot, 0.5, scope=scope))
         with torch.no_grad():
             a, b, dense = folded(windows).logits, simulated(windows).logits, model(windows).logits
-        assert _rel(a, b) < 1e-4
-        assert _rel(b, dense) > 1e-2  # and sparsity really changed the output
+        assert relative_error(a, b) < 1e-4
+        assert relative_error(b, dense) > 1e-2  # and sparsity really changed the output
         assert larosa.site_sparsity(folded) == pytest.approx(larosa.site_sparsity(simulated))
 
 
@@ -75,7 +71,7 @@ def test_head_rotation_changes_what_o_proj_top_k_sees(calibrated):
     with torch.no_grad():
         plain = fold(copy.deepcopy(model), folding(rot, 0.5))(windows).logits
         heads = fold(copy.deepcopy(model), folding(rot, 0.5, head_rotation=True))(windows).logits
-    assert _rel(heads, plain) > 1e-3
+    assert relative_error(heads, plain) > 1e-3
 
 
 @pytest.fixture
@@ -282,7 +278,7 @@ def test_folded_threshold_selection_equals_simulate_and_survives_save_and_load(c
     folded = fold(copy.deepcopy(model), folding(rot, 0.5, select="threshold", thresholds=thresholds))
     assert folded.config.larosa["select"] == "threshold" and folded.config.larosa["thresholds"] == thresholds
     with torch.no_grad():
-        assert _rel(folded(windows).logits, simulated(windows).logits) < 1e-4
+        assert relative_error(folded(windows).logits, simulated(windows).logits) < 1e-4
     loads_bit_exact(folded, tmp_path / "f", windows)
     # calibrated on the folded model itself (the one call): the same thresholds up to float rounding
     own = larosa.sparsify(copy.deepcopy(model), folding(rot, 0.5, select="threshold", calib=calib), progress=False)
@@ -305,11 +301,11 @@ def test_the_input_form_is_dense_at_zero_and_simulate_at_any_sparsity(signal, sc
         with torch.no_grad():
             dense = model(windows).logits
             zero = fold(copy.deepcopy(model), folding(rot, 0.0, scope=scope, form="input", head_rotation=True))
-            assert _rel(zero(windows).logits, dense) < 1e-4
+            assert relative_error(zero(windows).logits, dense) < 1e-4
             folded = fold(copy.deepcopy(model), folding(rot, 0.5, scope=scope, form="input"))
             simulated = larosa.sparsify(copy.deepcopy(model), LaRoSaConfig(rot, sparsity=0.5, scope=scope))
             a, b = folded(windows).logits, simulated(windows).logits
-            assert _rel(a, b) < 1e-4 and _rel(b, dense) > 1e-2
+            assert relative_error(a, b) < 1e-4 and relative_error(b, dense) > 1e-2
         assert larosa.site_sparsity(folded) == pytest.approx(larosa.site_sparsity(simulated))
         transforms = [n for n, _ in folded.named_modules() if n.endswith("_transform")]
         assert len(transforms) == 6 and not [n for n, m in folded.named_modules() if n.endswith("_adapter") and m]
@@ -328,7 +324,7 @@ def test_folded_centring_equals_simulate_and_saves_its_offsets(calibrated, tmp_p
     folded = larosa.sparsify(copy.deepcopy(model), folding(rot, 0.5, centre="median", calib=calib), progress=False)
     assert folded.config.larosa["centre"] == "median"
     with torch.no_grad():
-        assert _rel(folded(windows).logits, simulated(windows).logits) < 1e-4
+        assert relative_error(folded(windows).logits, simulated(windows).logits) < 1e-4
     loaded = loads_bit_exact(folded, tmp_path / "f", windows)
     assert torch.equal(loaded.model.layers[1].larosa_sites["down_in"].offset,
                        folded.model.layers[1].larosa_sites["down_in"].offset)
@@ -351,12 +347,12 @@ def test_the_weighted_objective_folds_in_the_input_form_exactly(signal, scope, t
     with torch.no_grad():
         dense = model(windows).logits
         zero = larosa.sparsify(copy.deepcopy(model), LaRoSaConfig(rot, sparsity=0.0, scope=scope))
-        assert _rel(zero(windows).logits, dense) < 1e-5
+        assert relative_error(zero(windows).logits, dense) < 1e-5
         simulated = larosa.sparsify(copy.deepcopy(model), LaRoSaConfig(rot, sparsity=0.5, scope=scope))
         folded = fold(copy.deepcopy(model), folding(rot, 0.5, scope=scope, form="input"))
         plain = larosa.sparsify(copy.deepcopy(model), LaRoSaConfig(pca, sparsity=0.5, scope=scope))
         a, b, c = folded(windows).logits, simulated(windows).logits, plain(windows).logits
-        assert _rel(a, b) < 1e-4 and _rel(b, c) > 1e-3
+        assert relative_error(a, b) < 1e-4 and relative_error(b, c) > 1e-3
     with pytest.raises(larosa.LarosaError, match="--form input"):
         folding(rot, 0.5, scope=scope, form="residual")
     by_default = fold(copy.deepcopy(model), folding(rot, 0.5, scope=scope))  # the input form, which folds it

@@ -428,28 +428,3 @@ def test_the_kernels_are_custom_ops_that_compile_into_one_graph():
     want = K.topk_gemv(x, wt, 150) + K.threshold_gemv(x, wt, state)
     assert torch.equal(compiled(x), want) and torch.equal(step(x), want)
     assert workspaces_clean()
-
-
-@needs_triton
-@pytest.mark.parametrize("n_heads, n_kv, hd", [(4, 4, 16), (8, 2, 32), (3, 1, 64)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_attention_matches_softmax_attention_over_the_written_keys(n_heads, n_kv, hd, dtype):
-    """One token against a static cache: only keys 0..pos count (the rest of the cache holds garbage that must not
-    leak in), query heads share their group's KV head, every chunk boundary and a cache not a multiple of it."""
-    g = gen(n_heads * hd)
-    max_seq = 100
-    q = torch.randn(n_heads, hd, generator=g).to(dtype).to(DEVICE)
-    k = torch.randn(n_kv, max_seq, hd, generator=g).to(dtype).to(DEVICE)
-    v = torch.randn(n_kv, max_seq, hd, generator=g).to(dtype).to(DEVICE)
-    scale = hd**-0.5
-    for pos in (0, 31, 32, 63, 64, 99):
-        p = torch.tensor([pos], device=DEVICE)
-        out = K.decode_attention(q, k, v, p, scale, chunk=32)
-        assert out.dtype == dtype and out.shape == (n_heads, hd)
-        ref = K.decode_attention_reference(q, k, v, pos, scale)
-        assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2), pos
-        poisoned = k.clone()
-        poisoned[:, pos + 1:] = float("nan")  # what lies beyond the current position is never read
-        assert torch.equal(K.decode_attention(q, poisoned, v, p, scale, chunk=32), out)
-    with pytest.raises(ValueError, match="shapes do not fit"):
-        K.decode_attention(q, k[:, :, :8].contiguous(), v[:, :, :8].contiguous(), p, scale)

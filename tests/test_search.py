@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import random_windows, saved_tiny, tiny_model
+from conftest import random_windows, relative_error, saved_tiny, tiny_model
 from transformers import AutoModelForCausalLM
 
 import larosa
@@ -17,10 +17,6 @@ from larosa.search import MARGIN, greedy_plan, search
 from larosa.sparsity.levels import SparsityConfig, config_for_target, default_config, greedy_levels, param_weighted
 from larosa.sparsity.plan import load_plans, save_plans, select
 from larosa.sparsity.topk import topk
-
-
-def _rel(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +42,8 @@ def test_folded_equals_simulate_with_weight_aware_scores(calibrated, scope):
                              LaRoSaConfig(rot, sparsity=0.5, scope=scope, score="weight", mode="folded"))
     with torch.no_grad():
         a, b, c = folded(windows).logits, simulated(windows).logits, magnitude(windows).logits
-    assert _rel(a, b) < 1e-4
-    assert _rel(b, c) > 1e-3  # the score really changes the kept set
+    assert relative_error(a, b) < 1e-4
+    assert relative_error(b, c) > 1e-3  # the score really changes the kept set
 
 
 def test_per_layer_plan_sets_each_layers_k_and_survives_save_and_load(calibrated, tmp_path):

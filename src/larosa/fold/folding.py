@@ -122,9 +122,10 @@ class _Folding:
         return folded
 
     def _block_input(self, norm: nn.Module, linears, q: torch.Tensor, n: torch.Tensor | None) -> torch.Tensor | None:
-        """Gain and Q into the projections that read a block's input; the norm's gain is set to 1. Returns the
-        input form's transform of the normed input (as a Linear weight), None in the residual form. A weighted
-        objective's n scales the transform by n and the weights by 1/n."""
+        """Gain and Q into the projections that read a block's input; the norm's gain is set to 1 (in the input
+        form, to 0 where it was 0, as the gain-free signal has it: larosa.calibrate). Returns the input form's
+        transform of the normed input (as a Linear weight), None in the residual form. A weighted objective's n
+        scales the transform by n and the weights by 1/n."""
         gain = _f64(self.adapter.gain(norm))
         in_signal = self.form == "input" and self.config.rotations.signal == "gain"  # the transform keeps the gain
         scale = torch.ones_like(gain) if in_signal else gain
@@ -135,7 +136,6 @@ class _Folding:
         if self.form == "residual":
             self.adapter.set_gain(norm, 1.0)
             return None
-        # The input form keeps 0 where a gain is 0: the gain-free signal is n(h) there too (larosa.calibrate).
         self.adapter.set_gain(norm, (gain != 0).to(torch.float32))
         row = gain if in_signal else torch.ones_like(gain)  # z = n(h) diag(g) Q  (or n(h) Q), times diag(n)
         if n is not None:

@@ -1,8 +1,6 @@
-"""Triton kernels for batch-1 decoding: Top-K selection and the GEMVs that read only the kept weight rows, and the
-attention of one token over a static KV cache. Imports without Triton (``HAVE_TRITON`` is False then); only calling
-a kernel needs it."""
+"""Triton kernels for batch-1 decoding: Top-K selection and the GEMVs that read only the kept weight rows. Imports
+without Triton (``HAVE_TRITON`` is False then); only calling a kernel needs it."""
 
-from .attention import decode_attention, decode_attention_reference
 from .topk_gemv import (
     HAVE_TRITON,
     MAX_D_IN,
@@ -25,8 +23,6 @@ from .topk_gemv import (
 
 __all__ = [
     "HAVE_TRITON",
-    "decode_attention",
-    "decode_attention_reference",
     "MAX_D_IN",
     "fused_config",
     "gemv_config",
