@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Issue 13 on the device machine, in stages (comma list, in order), results tarred to $OUT/r.tgz:
+#   ab       benchmarks/ab_fused.py: the fused GEMV's layouts, per Llama shape, s = 0.4 / 0.5
+#   tests    the kernel and engine tests on the GPU
+#   l2g l2l l3g l3l   larosa bench decode: Llama-2-7B / Llama-3-8B shapes, global / layer scope, 25 / 40 / 50 %
+#   prof     benchmarks/profile_decode.py: Llama-2-7B global, dense and 50 %, threshold and exact Top-K
+#   bash benchmarks/gpu_issue13.sh ab,tests,l2g
+set -uo pipefail
+source benchmarks/device_env.sh || exit 1
+res=$OUT/r
+mkdir -p "$res"
+decode() {  # NAME CONFIG SCOPE
+  larosa bench decode --config "$2" --scope "$3" --repeats 2 --out "$res/decode-$1" 2>&1 | grep -v "^\s*$" | tail -15
+}
+for stage in ${1//,/ }; do
+  echo "== $stage $(date +%T)"
+  case $stage in
+    ab) python3 benchmarks/ab_fused.py "$res/ab.json" 0.4,0.5 2>&1 | tee "$res/ab.log" | grep -v Warn ;;
+    tests) python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_engine.py 2>&1 | tail -15 \
+             | tee "$res/tests.log" ;;
+    l2g) decode llama2-7b-global llama2-7b global ;;
+    l2l) decode llama2-7b-layer llama2-7b layer ;;
+    l3g) decode llama3-8b-global llama3-8b global ;;
+    l3l) decode llama3-8b-layer llama3-8b layer ;;
+    prof) for sel in threshold topk; do
+            python3 benchmarks/profile_decode.py --config llama2-7b --sparsity 0,0.5 --select $sel \
+              --out "$res/profile-$sel" 2>&1 | tail -30
+          done ;;
+    *) echo "unknown stage $stage" ;;
+  esac
+done
+tar czf "$OUT/r.tgz" -C "$OUT" r && rm -rf "$res"
