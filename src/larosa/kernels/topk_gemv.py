@@ -173,13 +173,13 @@ if HAVE_TRITON:
     WS_TICKET = tl.constexpr(32768 + 128)
 
     @triton.jit(do_not_specialize=["k"])
-    def _threshold_kernel(x_ptr, ws_ptr, state_ptr, n, k, SLICE: tl.constexpr, TRIGGER: tl.constexpr):
-        """state = (t, need, eq, cut): t the k-th largest magnitude pattern, need = how many values equal to t
-        to keep (the lowest-index ones), eq = how many there are, cut = the position after the last tie kept.
-        Each program counts its slice; the last one to finish reads the totals and finds t in two small scans
-        (128 coarse bins, then 256 fine ones)."""
-        if TRIGGER:
-            tl.extra.cuda.gdc_launch_dependents()  # let a PDL-launched GEMV start its programs now
+    def _threshold_kernel(x_ptr, ws_ptr, state_ptr, n, k, SLICE: tl.constexpr, PDL: tl.constexpr):
+        """state = (t, need, eq): t the k-th largest magnitude pattern, need = how many values equal to t to
+        keep (the lowest-index ones), eq = how many there are. Each program counts its slice; the last one
+        to finish reads the totals and finds t in two small scans (128 coarse bins, then 256 fine ones)."""
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()  # let the PDL-launched GEMV start its programs now
+            tl.extra.cuda.gdc_wait()  # x, from the kernel before, is visible from here on
         pid = tl.program_id(0)
         offs = pid * SLICE + tl.arange(0, SLICE)
         valid = offs < n
@@ -203,31 +203,19 @@ if HAVE_TRITON:
             f = tl.sum((above2 + h2 >= k).to(tl.int32), 0) - 1
             gt = tl.sum(tl.where(fine == f, above2, 0), 0)
             eq = tl.sum(tl.where(fine == f, h2, 0), 0)
-            t = c * 256 + f
-            cut = _tie_cut(x_ptr, n, t, k - gt, eq, 1024)
-            four = tl.arange(0, 4)
-            state = tl.where(four == 0, t, tl.where(four == 1, k - gt, tl.where(four == 2, eq, cut)))
-            tl.store(state_ptr + four, state)
+            tl.store(state_ptr + tl.arange(0, 4), tl.where(tl.arange(0, 4) == 0, c * 256 + f,
+                     tl.where(tl.arange(0, 4) == 1, k - gt, eq)))
             tl.store(ws_ptr + WS_COARSE + bins, tl.zeros([128], tl.int32))
             tl.store(ws_ptr + WS_TICKET, 0)
 
     @triton.jit
-    def _tie_cut(x_ptr, n, t, need, n_eq, CH: tl.constexpr):
-        """The position just after the need-th value of magnitude pattern t (n when all n_eq are kept): the
-        rule "keep |x| > t, and |x| == t before the cut" then keeps exactly k, ties to the lowest indices, and
-        each GEMV program can apply it to its own positions. In bf16 some of the ~k-th values often tie."""
-        cut = n
-        seen = tl.where(need < n_eq, 0, need)  # nothing to scan when every tie is kept
-        c0 = 0
-        while (c0 < n) & (seen < need):
+    def _ties_before(x_ptr, p0, t, CH: tl.constexpr):
+        """How many of x[0:p0] have magnitude pattern t."""
+        cnt = tl.full([], 0, tl.int32)
+        for c0 in range(0, p0, CH):
             offs = c0 + tl.arange(0, CH)
-            eq = (_magnitude_bits(x_ptr, offs, n, 15) == t).to(tl.int32)
-            run = seen + tl.cumsum(eq, 0)
-            cut = tl.where(seen + tl.sum(eq, 0) >= need, tl.max(tl.where((eq != 0) & (run == need), offs + 1, 0), 0),
-                           cut)
-            seen += tl.sum(eq, 0)
-            c0 += CH
-        return cut
+            cnt += tl.sum((_magnitude_bits(x_ptr, offs, p0, 15) == t).to(tl.int32), 0)
+        return cnt
 
     @triton.jit
     def _compact_kernel(x_ptr, idx_ptr, vals_ptr, ws_ptr, state_ptr, n, SLICE: tl.constexpr):
@@ -255,78 +243,6 @@ if HAVE_TRITON:
 
     @triton.jit
     def _topk_gemv_kernel(
-        x_ptr, wt_ptr, out_ptr, acc_ptr, cnt_ptr, ws_ptr, state_ptr, rows_ptr, n, d_out, stride_w, P,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, ONE_SPLIT: tl.constexpr,
-        PDL: tl.constexpr, CLEAR: tl.constexpr,
-    ):
-        """y = (x with the entries the state drops zeroed) @ wt. Program (pid_n, pid_k) takes columns
-        pid_n * BLOCK_N.. and the positions pid_k, pid_k + S, pid_k + 2 S, .. (S splits, P positions at most):
-        interleaved, so every program gets a like share of the kept rows even where the kept entries crowd the
-        leading coordinates, as they do in a PCA basis. It lists the positions it keeps in its own stretch of
-        rows_ptr, then reads only those rows of wt, BLOCK_K full rows a step. Splits meet by fp32 atomics in a
-        zeroed buffer; the last program of a column block to finish casts it to the output and re-zeroes it, so
-        there is no second launch."""
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        n_split = tl.num_programs(1)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < d_out
-        mine = rows_ptr + (pid_k * tl.num_programs(0) + pid_n).to(tl.int64) * P
-        if PDL:
-            tl.extra.cuda.gdc_wait()  # the threshold kernel's results are visible from here on
-        t = tl.load(state_ptr)
-        cut = tl.load(state_ptr + 3)
-        count = tl.full([], 0, tl.int32)
-        for c0 in range(0, P, CHUNK):
-            i = c0 + tl.arange(0, CHUNK)
-            pos = pid_k + i * n_split
-            valid = (i < P) & (pos < n)
-            xv = tl.load(x_ptr + pos, mask=valid, other=0.0)
-            b = tl.where(valid, xv.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF, -1)
-            keep = (b > t) | ((b == t) & (pos < cut))
-            kept = keep.to(tl.int32)
-            tl.store(mine + count + tl.cumsum(kept, 0) - kept, pos, mask=keep)
-            count += tl.sum(kept, 0)
-            if CLEAR:  # the histogram bins the threshold search filled (none with a given threshold)
-                tl.store(ws_ptr + b, tl.zeros([CHUNK], tl.int32), mask=valid & (pos * 0 + pid_n == 0))
-        tl.debug_barrier()  # the list is written before any thread reads it
-        step = tl.arange(0, BLOCK_K)
-        rows = tl.load(mine + step, mask=step < count, other=0, cache_modifier=".cg")
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for s0 in range(0, count, BLOCK_K):
-            m = s0 + step < count
-            v = tl.load(x_ptr + rows, mask=m, other=0.0).to(tl.float32)
-            w = tl.load(
-                wt_ptr + rows.to(tl.int64)[:, None] * stride_w + offs_n[None, :],
-                mask=m[:, None] & mask_n[None, :],
-                other=0.0,
-                eviction_policy="evict_first",  # each weight byte is read once: keep L2 for the rest
-            )
-            nxt = s0 + BLOCK_K + step
-            rows = tl.load(mine + nxt, mask=nxt < count, other=0, cache_modifier=".cg")  # with this step's rows
-            acc += tl.sum(v[:, None] * w.to(tl.float32), 0)
-        if ONE_SPLIT:
-            tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
-        else:
-            tl.atomic_add(acc_ptr + offs_n, acc, mask=mask_n, sem="relaxed")
-            tl.debug_barrier()
-            ticket = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
-            if ticket == tl.num_programs(1) - 1:
-                y = tl.load(acc_ptr + offs_n, mask=mask_n, volatile=True)
-                tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask_n)
-                tl.store(acc_ptr + offs_n, tl.zeros([BLOCK_N], tl.float32), mask=mask_n)
-                tl.store(cnt_ptr + pid_n, 0)
-
-    @triton.jit
-    def _count_ties(x_ptr, p0, t, CH: tl.constexpr):
-        cnt = tl.full([], 0, tl.int32)
-        for c0 in range(0, p0, CH):
-            offs = c0 + tl.arange(0, CH)
-            cnt += tl.sum((_magnitude_bits(x_ptr, offs, p0, 15) == t).to(tl.int32), 0)
-        return cnt
-
-    @triton.jit
-    def _slices_gemv_kernel(
         x_ptr, wt_ptr, out_ptr, acc_ptr, cnt_ptr, ws_ptr, state_ptr, n, d_out, stride_w, P,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_SPLIT: tl.constexpr, PDL: tl.constexpr,
         CLEAR: tl.constexpr,
@@ -352,7 +268,7 @@ if HAVE_TRITON:
         # Values equal to t: keep the first `need` in index order. Only when some are dropped does a
         # program need to know how many come before its slice.
         tie_end = tl.where(need < n_eq, p0, 0)
-        eq_seen = _count_ties(x_ptr, tie_end, t, 1024)
+        eq_seen = _ties_before(x_ptr, tie_end, t, 1024)
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for _ in range(p0, p1, BLOCK_K):
             valid = rows < p1
@@ -466,7 +382,8 @@ def _num_sms(device: torch.device) -> int:
 # ----------------------------------------------------------------------------------------------- API
 @functools.cache
 def pdl_supported(device: torch.device) -> bool:
-    """Whether ``topk_gemv(..., pdl=True)`` runs on ``device``: a Hopper or newer GPU, a Triton with gdc_wait."""
+    """Whether ``topk_gemv`` / ``threshold_gemv(..., pdl=True)`` run on ``device``: a Hopper or newer GPU, a Triton
+    with gdc_wait."""
     return (HAVE_GDC and not INTERPRETED and device.type == "cuda"
             and torch.cuda.get_device_capability(device)[0] >= 9)
 
@@ -482,20 +399,18 @@ def _workspace(device: torch.device) -> Tensor:
     return ws
 
 
-def _gemv_workspace(device: torch.device, d_out: int, n_blocks: int, n_rows: int) -> tuple[Tensor, Tensor, Tensor]:
+def _gemv_workspace(device: torch.device, d_out: int, n_blocks: int) -> tuple[Tensor, Tensor]:
     """fp32 accumulator [>= d_out] and per-column-block tickets for the fused GEMV, zero between calls (the
-    last program of each column block re-zeroes its part), and the programs' lists of kept rows [>= n_rows].
-    Grows outside graph capture only."""
+    last program of each column block re-zeroes its part). Grows outside graph capture only."""
     key = (device.type, device.index)
-    acc, cnt, rows = _GEMV_WORKSPACES.get(key, (None, None, None))
-    if acc is None or acc.numel() < d_out or cnt.numel() < n_blocks or rows.numel() < n_rows:
+    acc, cnt = _GEMV_WORKSPACES.get(key, (None, None))
+    if acc is None or acc.numel() < d_out or cnt.numel() < n_blocks:
         _no_capture("the GEMV workspace")
         size = max(d_out, 0 if acc is None else acc.numel())
         acc = torch.zeros(size, dtype=torch.float32, device=device)
         cnt = torch.zeros(max(n_blocks, size // 16), dtype=torch.int32, device=device)
-        rows = torch.zeros(max(n_rows, 0 if rows is None else rows.numel()), dtype=torch.int32, device=device)
-        _GEMV_WORKSPACES[key] = (acc, cnt, rows)
-    return acc, cnt, rows
+        _GEMV_WORKSPACES[key] = (acc, cnt)
+    return acc, cnt
 
 
 def _no_capture(what: str) -> None:
@@ -512,13 +427,13 @@ _GEMV_WORKSPACES: dict = {}
 SLICE = 1024  # values a threshold program counts, and a compaction program writes
 
 
-def _threshold(x: Tensor, k: int, trigger: bool = False) -> Tensor:
+def _threshold(x: Tensor, k: int, pdl: bool = False) -> Tensor:
     """int32 [4] on x's device: (t, need, eq) for the 16-bit vector x (see _threshold_kernel). Its consumer (the
     fused GEMV or the compaction) leaves the workspace clean."""
     ws = _workspace(x.device)
     state = torch.empty(4, dtype=torch.int32, device=x.device)
     _threshold_kernel[(_cdiv(x.shape[0], SLICE),)](
-        x, ws, state, x.shape[0], k, SLICE=SLICE, TRIGGER=trigger, num_warps=4
+        x, ws, state, x.shape[0], k, SLICE=SLICE, PDL=pdl, num_warps=4, **({"launch_pdl": True} if pdl else {})
     )
     return state
 
@@ -536,13 +451,13 @@ def topk_threshold(x: Tensor, k: int) -> Tensor:
 def reset_workspaces(device: torch.device) -> None:
     """Zero the kernels' workspaces on ``device`` (after :func:`topk_threshold` was used alone)."""
     _workspace(device).zero_()
-    for t in _GEMV_WORKSPACES.get((device.type, device.index), ())[:2]:
+    for t in _GEMV_WORKSPACES.get((device.type, device.index), ()):
         t.zero_()
 
 
 def workspaces_clean(device: torch.device) -> bool:
     """Whether the kernels left their workspaces zero, as every call must (a check for tests and benchmarks)."""
-    tensors = [_WORKSPACES.get((device.type, device.index)), *_GEMV_WORKSPACES.get((device.type, device.index), ())[:2]]
+    tensors = [_WORKSPACES.get((device.type, device.index)), *_GEMV_WORKSPACES.get((device.type, device.index), ())]
     return all(t is None or not bool(t.abs().sum()) for t in tensors)
 
 
@@ -602,14 +517,15 @@ def gemv_config(k: int, d_out: int, dtype: torch.dtype, device: torch.device) ->
 
 
 def fused_config(d_in: int, d_out: int, dtype: torch.dtype, device: torch.device) -> dict[str, int]:
-    """Launch shape for the fused GEMV: column blocks of 1024, interleaved position sets for about 4 programs
-    per SM, block_k kept rows a step."""
+    """Launch shape for topk_gemv's fused GEMV: column blocks of 1024 and position slices (block_k
+    positions a step, of which a fraction 1 - s is loaded) for about 4 programs per SM. Measured (v2 sweep,
+    H200, s = 0.4 / 0.5, every Llama shape): block_k 16 with 4 programs per SM was best or within 0.1 us."""
     block_n = min(1024 if dtype != torch.float32 else 512, max(16, next_pow2(d_out)))
-    block_k = 8
+    block_k = 16
     n_blocks = _cdiv(d_out, block_n)
     per_sm = 4
     split_k = max(1, min(_cdiv(per_sm * _num_sms(device), n_blocks), _cdiv(d_in, block_k)))
-    return dict(block_n=block_n, block_k=block_k, split_k=split_k, num_warps=4, rows=1)
+    return dict(block_n=block_n, block_k=block_k, split_k=split_k, num_warps=4)
 
 
 def sparse_gemv(
@@ -676,7 +592,8 @@ def topk_gemv(
     For a 16-bit x (``fused``, the default) this is two launches: the threshold search, then a GEMV whose
     programs test |x| against the threshold themselves (no index list, no summing launch). Otherwise
     select_topk then sparse_gemv. ``gemv_kwargs`` (block_n, block_k, split_k, num_warps) tune either GEMV;
-    ``pdl`` launches the fused GEMV as a programmatic dependent launch (Hopper, Triton with gdc_wait)."""
+    ``pdl`` makes both launches programmatic dependent launches (Hopper, Triton with gdc_wait): each is
+    launched while the kernel before it runs and waits for its results inside."""
     _check_weight(wt)
     xf = _flat_vector(x, "x")
     d_in = xf.shape[0]
@@ -690,11 +607,10 @@ def topk_gemv(
         idx, vals = select_topk(xf, k)
         y = sparse_gemv(idx, vals, wt, out, **gemv_kwargs)
         return y.unsqueeze(0) if x.dim() == 2 else y
-    if pdl and not pdl_supported(wt.device):
-        raise RuntimeError("pdl needs a Hopper or newer GPU and a Triton with tl.extra.cuda.gdc_wait")
+    _check_pdl(pdl, wt.device)
     out = _fused_out(xf, wt, out)
     launch = _fused_gemv(xf, wt, out, pdl=pdl, clear=True, **gemv_kwargs)  # checked before anything launches
-    launch(_threshold(xf, k, trigger=pdl))
+    launch(_threshold(xf, k, pdl=pdl))
     return out.unsqueeze(0) if x.dim() == 2 else out
 
 
@@ -706,13 +622,15 @@ def threshold_state(threshold: float, dtype: torch.dtype, device: torch.device |
     if not threshold >= 0:
         raise ValueError(f"threshold must be >= 0, got {threshold}")
     bits = int(torch.tensor([threshold]).to(dtype).view(torch.int16).item()) & 0x7FFF
-    # (t, need, eq, cut) as the threshold search writes it: keep everything above t and every value equal to it.
-    return torch.tensor([bits, 2**31 - 1, 0, 2**31 - 1], dtype=torch.int32, device=device)
+    # (t, need, eq) as the threshold search writes it: keep everything above t and every value equal to it.
+    return torch.tensor([bits, 2**31 - 1, 0, 0], dtype=torch.int32, device=device)
 
 
-def threshold_gemv(x: Tensor, wt: Tensor, state: Tensor, out: Tensor | None = None, **gemv_kwargs: int) -> Tensor:
+def threshold_gemv(x: Tensor, wt: Tensor, state: Tensor, out: Tensor | None = None, *, pdl: bool = False,
+                   **gemv_kwargs: int) -> Tensor:
     """(x with every |x| < threshold zeroed) @ wt for one decode token, in one launch: the fused GEMV with a
-    calibrated threshold (``state`` from :func:`threshold_state`) instead of a search for the k-th largest."""
+    calibrated threshold (``state`` from :func:`threshold_state`) instead of a search for the k-th largest.
+    ``pdl``: as a programmatic dependent launch (see :func:`topk_gemv`)."""
     _check_weight(wt)
     xf = _flat_vector(x, "x")
     if xf.shape[0] != wt.shape[0]:
@@ -721,9 +639,15 @@ def threshold_gemv(x: Tensor, wt: Tensor, state: Tensor, out: Tensor | None = No
         raise TypeError("a threshold GEMV takes a bf16 or fp16 x")
     if state.shape != (4,) or state.dtype != torch.int32:
         raise ValueError("state must be the int32 [4] tensor threshold_state makes")
+    _check_pdl(pdl, wt.device)
     out = _fused_out(xf, wt, out)
-    _fused_gemv(xf, wt, out, pdl=False, clear=False, **gemv_kwargs)(state)
+    _fused_gemv(xf, wt, out, pdl=pdl, clear=False, **gemv_kwargs)(state)
     return out.unsqueeze(0) if x.dim() == 2 else out
+
+
+def _check_pdl(pdl: bool, device: torch.device) -> None:
+    if pdl and not pdl_supported(device):
+        raise RuntimeError("pdl needs a Hopper or newer GPU and a Triton with tl.extra.cuda.gdc_wait")
 
 
 def _fused_out(xf: Tensor, wt: Tensor, out: Tensor | None) -> Tensor:
@@ -748,30 +672,18 @@ def _fused_gemv(xf: Tensor, wt: Tensor, out: Tensor, *, pdl: bool, clear: bool, 
     bn, bk = cfg["block_n"], cfg["block_k"]
     if bn < 16 or bk < 1 or bn & (bn - 1) or bk & (bk - 1):
         raise ValueError(f"block_n (>= 16) and block_k must be powers of two, got {bn} and {bk}")
+    chunk = _cdiv(_cdiv(d_in, max(1, cfg["split_k"])), bk) * bk  # positions a program takes
+    split = _cdiv(d_in, chunk)
     n_blocks = _cdiv(d_out, bn)
+    acc, cnt = _gemv_workspace(wt.device, d_out, n_blocks)
     extra = {"launch_pdl": True} if pdl else {}
-    if cfg["rows"]:
-        per = _cdiv(d_in, max(1, min(cfg["split_k"], d_in)))  # positions a program takes
-        split = _cdiv(d_in, per)
-        acc, cnt, rows = _gemv_workspace(wt.device, d_out, n_blocks, n_blocks * split * per)
-    else:
-        per = _cdiv(_cdiv(d_in, max(1, cfg["split_k"])), bk) * bk
-        split = _cdiv(d_in, per)
-        acc, cnt, rows = _gemv_workspace(wt.device, d_out, n_blocks, 0)
 
     def launch(state: Tensor) -> None:
         need_triton(xf, state)
-        if cfg["rows"]:
-            _topk_gemv_kernel[(n_blocks, split)](
-                xf, wt, out, acc, cnt, _workspace(xf.device), state, rows, d_in, d_out, wt.stride(0), per,
-                BLOCK_N=bn, BLOCK_K=bk, CHUNK=min(1024, next_pow2(per)), ONE_SPLIT=split == 1, PDL=pdl, CLEAR=clear,
-                num_warps=cfg["num_warps"], **extra,
-            )
-        else:
-            _slices_gemv_kernel[(n_blocks, split)](
-                xf, wt, out, acc, cnt, _workspace(xf.device), state, d_in, d_out, wt.stride(0), per, BLOCK_N=bn,
-                BLOCK_K=bk, ONE_SPLIT=split == 1, PDL=pdl, CLEAR=clear, num_warps=cfg["num_warps"], **extra,
-            )
+        _topk_gemv_kernel[(n_blocks, split)](
+            xf, wt, out, acc, cnt, _workspace(xf.device), state, d_in, d_out, wt.stride(0), chunk, BLOCK_N=bn,
+            BLOCK_K=bk, ONE_SPLIT=split == 1, PDL=pdl, CLEAR=clear, num_warps=cfg["num_warps"], **extra,
+        )
 
     return launch
 
