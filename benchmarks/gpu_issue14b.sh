@@ -9,7 +9,7 @@ mkdir -p $r/global
 rot=$r/global/rotations-gainfree.safetensors
 [ -s $rot ] || larosa calibrate builtin:smollm2 --signal gainfree $LAROSA_ARGS --data "$data/calib-wikipedia.txt" \
   --windows 16 --seq-len 2048 --out $rot --json --quiet > /dev/null
-timeout $((deadline - SECONDS)) python3 benchmarks/rotated_teal.py $rot $OUT/rotated_teal.json 2>&1 | grep -v Warn
+timeout $((deadline - SECONDS)) python3 benchmarks/rotated_teal.py $rot $OUT/rotated_teal.json ${TARGETS:-0.25,0.4,0.5} 2>&1 | grep -v Warn
 left=$((deadline - SECONDS))
 [ $left -gt 60 ] && WINDOWS=40 timeout $left bash benchmarks/ppl_objective.sh $r/objective "0.4 0.5" > $r/objective.log 2>&1
 tar czf $OUT/objective.tgz --exclude='*.safetensors' -C $r objective objective.log
