@@ -17,9 +17,9 @@ def topk_gemv(x: Tensor, wt: Tensor, k: int, pdl: bool) -> Tensor:
 
 
 @torch.library.custom_op("larosa::threshold_gemv", mutates_args=())
-def threshold_gemv(x: Tensor, wt: Tensor, state: Tensor, pdl: bool) -> Tensor:
+def threshold_gemv(x: Tensor, wt: Tensor, state: Tensor) -> Tensor:
     """(x with |x| below a calibrated threshold zeroed) @ wt for one token: the fused GEMV alone."""
-    return kernels.threshold_gemv(x, wt, state, pdl=pdl)
+    return kernels.threshold_gemv(x, wt, state)
 
 
 @topk_gemv.register_fake
@@ -28,5 +28,5 @@ def _(x: Tensor, wt: Tensor, k: int, pdl: bool) -> Tensor:
 
 
 @threshold_gemv.register_fake
-def _(x: Tensor, wt: Tensor, state: Tensor, pdl: bool) -> Tensor:
+def _(x: Tensor, wt: Tensor, state: Tensor) -> Tensor:
     return wt.new_empty(wt.shape[1])
