@@ -75,6 +75,39 @@ def test_generate_is_greedy_and_matches_hf_generate(pair):
         Engine(Transformer.from_hf(hf, max_seq=8)).generate(random_windows(1, seq_len=6)[0], 10)
 
 
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_engine_runs_teal_with_a_threshold_per_projection(arch):
+    """A TEAL-sparsified model decodes in the engine as its hooks compute it: q, k and v (gate and up) each under
+    their own threshold in one stacked product (Phi-3's fused Linears share one), token for token."""
+    model = tiny_model(arch)
+    larosa.sparsify(model, larosa.TealConfig(0.5, random_windows(4, seed=5), greedy=True), progress=False)
+    engine = Transformer.from_hf(model, max_seq=32)
+    qkv = engine.layers[0].qkv
+    if arch == "llama":  # three thresholds, as TEAL's greedy allocation set them (not all equal)
+        assert [rows for _, rows in qkv.segments] == [64, 32, 32] and qkv.per_column
+        assert len({t for layer in engine.layers for t, _ in layer.qkv.segments + layer.gate_up.segments}) > 2
+    else:
+        assert len(qkv.segments) == 1 and not qkv.per_column
+    tokens = random_windows(1, seq_len=12)[0]
+    with torch.no_grad():
+        ref = model(tokens[None]).logits[0]
+        dense = Transformer.from_hf(model, max_seq=32, select="dense")(tokens, torch.arange(12))
+    assert relative_error(engine(tokens, torch.arange(12)), ref) < 1e-5
+    assert relative_error(dense, ref) > 1e-3  # the thresholds matter, so the match above is not trivial
+    generates_as_hf(model)
+    with pytest.raises(ValueError, match="TEAL keeps"):
+        Transformer.from_hf(model, max_seq=32, select="topk")
+
+
+def test_engine_refuses_simulated_sites_it_does_not_run():
+    model = tiny_model("llama")
+    rot = larosa.calibrate(model, random_windows(4, seed=3), progress=False)
+    larosa.sparsify(model, larosa.LaRoSaConfig(rot, sparsity=0.5, mode="simulate"))
+    with pytest.raises(larosa.LarosaError, match="simulated sites"):
+        Transformer.from_hf(model, max_seq=16)
+    assert Transformer.from_hf(model, max_seq=16, select="dense").layers[0].qkv.k is None
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype, compile, tol", [(torch.float32, False, 1e-3), (torch.bfloat16, False, 5e-2),
                                                  (torch.bfloat16, True, 0.15)], ids=["fp32", "bf16", "bf16-compiled"])
@@ -92,6 +125,25 @@ def test_cuda_graph_decode_with_the_kernels_matches_the_hf_model(pair, dtype, co
     engine.model(tokens[:12], torch.arange(12, device="cuda"))
     for pos in range(12, 20):
         assert relative_error(engine.step(tokens[pos : pos + 1], pos), ref[pos : pos + 1]) < tol
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_cuda_graph_decode_of_teal_matches_the_hf_model(compile):
+    """TEAL on the GPU: each stacked projection (q | k | v, gate | up) one launch of the fused GEMV with a threshold
+    per output column, inside the CUDA graph, against the HF model's hooks in bf16."""
+    model = tiny_model("llama")
+    larosa.sparsify(model, larosa.TealConfig(0.5, random_windows(4, seed=5), greedy=True), progress=False)
+    hf = model.cuda().to(torch.bfloat16)
+    tokens = random_windows(1, seq_len=20)[0].cuda()
+    with torch.no_grad():
+        ref = hf(tokens[None]).logits[0].float()
+    engine = Engine(Transformer.from_hf(hf, max_seq=32), compile=compile)
+    layer = engine.model.layers[0]
+    assert layer.qkv.per_column and layer.qkv.state.shape == (128,) and layer.o.state.shape == (4,)
+    engine.model(tokens[:12], torch.arange(12, device="cuda"))
+    for pos in range(12, 20):
+        assert relative_error(engine.step(tokens[pos : pos + 1], pos), ref[pos : pos + 1]) < 0.15
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -411,6 +411,30 @@ def test_threshold_gemv_keeps_every_entry_at_or_above_the_threshold(d_in, d_out,
 
 
 @needs_triton
+@pytest.mark.parametrize("widths", [(40, 13, 13), (1100,), (300, 700)])
+def test_threshold_gemv_per_column_keeps_each_weights_own_entries(widths):
+    """TEAL's thresholds on q | k | v (gate | up) packed side by side: each output column sums the entries at or
+    above its own weight's threshold, segment borders inside a column block included."""
+    g = gen(sum(widths))
+    d_in, d_out = 257, sum(widths)
+    wt = torch.randn(d_in, d_out, generator=g).to(torch.bfloat16).to(DEVICE)
+    x = torch.randn(d_in, generator=g).to(torch.bfloat16).to(DEVICE)
+    levels = [float(x.float().abs().quantile(q)) for q in (0.2, 0.6, 0.9)[:len(widths)]]
+    state = K.column_thresholds(list(zip(levels, widths)), torch.bfloat16, DEVICE)
+    for cfg in ({}, dict(block_n=64, split_k=3)):
+        out = torch.full((d_out,), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+        assert K.threshold_gemv(x, wt, state, out=out, per_column=True, **cfg) is out
+        ref = torch.cat([torch.where(x.float().abs() >= torch.tensor(t).bfloat16().float(), x.float(), 0.0)
+                         @ part.float() for t, part in zip(levels, wt.split(list(widths), dim=1))])
+        assert rel_err(out, ref) < 1e-2
+        assert workspaces_clean()
+    with pytest.raises(ValueError, match="column_thresholds"):
+        K.threshold_gemv(x, wt, K.threshold_state(0.5, torch.bfloat16, DEVICE), per_column=True)
+    with pytest.raises(ValueError, match="threshold_state"):
+        K.threshold_gemv(x, wt, state)
+
+
+@needs_triton
 def test_the_kernels_are_custom_ops_that_compile_into_one_graph():
     """The engine calls the kernels as torch custom ops, so torch.compile keeps the decode step one graph: a
     graph break here would split it per projection (and recompile per input width)."""
@@ -423,7 +447,7 @@ def test_the_kernels_are_custom_ops_that_compile_into_one_graph():
     state = K.threshold_state(0.7, torch.bfloat16, DEVICE)
 
     def step(x):
-        return ops.topk_gemv(x, wt, 150, False) + ops.threshold_gemv(x, wt, state)
+        return ops.topk_gemv(x, wt, 150, False) + ops.threshold_gemv(x, wt, state, False)
 
     compiled = torch.compile(step, fullgraph=True, backend="eager")  # fullgraph: a graph break is an error
     want = K.topk_gemv(x, wt, 150) + K.threshold_gemv(x, wt, state)

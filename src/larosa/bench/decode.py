@@ -15,16 +15,20 @@ import time
 
 import torch
 
-from ..api import select_by_thresholds
+from ..api import select_by_thresholds, sparsify, unsparsify
 from ..arch import Dims, adapter_class, adapter_for
 from ..fold import FoldedSettings, folded_class
 from ..models import load_model
 from ..runtime import Engine, Transformer
 from ..runtime.hf import CACHE_STEP, engine_for
+from ..sparsity import TealConfig
 from ..sparsity import sites as larosa_sites
 from ..sparsity.levels import SparsityConfig, adapter_overhead, param_weighted, per_layer, site_weights
 from ..sparsity.topk import DEFAULT_SCOPE
 
+# What a row times: the folded LaRoSa model with exact Top-K or thresholds, or TEAL's greedy per-projection
+# thresholds on the dense model, in the same engine.
+SELECTIONS = ("topk", "threshold", "teal")
 # Shapes of the models the targets name (weights are random; only the shapes matter).
 CONFIGS = {
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -126,8 +130,9 @@ def bench_decode(config: str | None = "llama2-7b", sparsities: list[float] = (0.
                  selects: list[str] = ("topk", "threshold"), tokens: int = 128, prompt_len: int = 16,
                  repeats: int = 3, hf: bool = True, compile: bool = True) -> dict:
     """Tokens/s of the dense engine, of the folded model with each selection (exact Top-K; thresholds, which
-    are calibrated on random tokens where the model has none) and of transformers' generate, in one run: random
-    weights of a named config at each nominal sparsity, or a saved (dense or folded) model as it is."""
+    are calibrated on random tokens where the model has none), of TEAL ("teal": greedy thresholds per projection
+    on the dense model, random weights only) and of transformers' generate, in one run: random weights of a named
+    config at each nominal sparsity, or a saved (dense or folded) model as it is."""
     if not torch.cuda.is_available():
         raise RuntimeError("bench decode needs a CUDA device")
     max_seq = -(-(prompt_len + tokens) // CACHE_STEP) * CACHE_STEP  # the cache generate() sizes its engine with
@@ -140,12 +145,20 @@ def bench_decode(config: str | None = "llama2-7b", sparsities: list[float] = (0.
         levels = list(folded.levels) if folded and select != "dense" else None
         row = {"sparsity": label, "scope": folded.scope if levels else None, "select": select,
                "param_weighted_sparsity": param_weighted(levels, dims) if levels else 0.0}
-        if select == "threshold":
-            if folded.thresholds is None:
-                select_by_thresholds(model, _random_windows(dims, 4, 128), device="cuda", progress=False)
-                row["thresholds"] = "calibrated on random tokens"
+        if select == "teal":  # greedy thresholds per projection, calibrated on random tokens
+            sparsify(model, TealConfig(label, _random_windows(dims, 4, 128), greedy=True), device="cuda",
+                     progress=False)
+            levels = [SparsityConfig(label, label, label, label)] * dims.n_layers  # the same bytes on average
+            row.update(param_weighted_sparsity=label, thresholds="calibrated on random tokens")
+        if select == "threshold" and folded.thresholds is None:
+            select_by_thresholds(model, _random_windows(dims, 4, 128), device="cuda", progress=False)
+            row["thresholds"] = "calibrated on random tokens"
+        if select in ("threshold", "teal"):
             row["measured_param_weighted"] = _measured(model, _random_windows(dims, 2, 128, seed=1))
-        row["tokens_per_s"] = _engine_tokens_per_s(model, max_seq, prompt, tokens, repeats, compile, select)
+        row["tokens_per_s"] = _engine_tokens_per_s(model, max_seq, prompt, tokens, repeats, compile,
+                                                   "threshold" if select == "teal" else select)
+        if select == "teal":
+            unsparsify(model)
         uniform = levels[0] if levels and all(c == levels[0] for c in levels) else None
         row["byte_ideal_speedup"] = (byte_ideal_speedup(dims, uniform, row["scope"], max_seq,
                                                         folded.form if folded else "residual")
@@ -172,8 +185,10 @@ def bench_decode(config: str | None = "llama2-7b", sparsities: list[float] = (0.
         prompt = torch.randint(0, CONFIGS[config]["vocab_size"], (prompt_len,))
         for s in [0.0, *sparsities]:
             model = random_model(config, SparsityConfig.from_nominal(s) if s else None, scope)
-            for select in selects if s else ("dense",):
+            for select in [x for x in selects if x != "teal"] if s else ("dense",):
                 time_model(model, s, select)
+            for t in sparsities if not s and "teal" in selects else ():  # TEAL sits on the dense model
+                time_model(model, t, "teal")
             del model
             gc.collect()
             torch.cuda.empty_cache()

@@ -29,7 +29,7 @@ from ..rotations import Rotations, config_hash, is_rotations_file
 from ..rotations import check_file as check_rotations_file
 from ..runtime import generate
 from ..search import search
-from ..sparsity import SELECTS, SITES, CatsConfig, LaRoSaConfig, SparsityConfig, TealConfig
+from ..sparsity import SITES, CatsConfig, LaRoSaConfig, SparsityConfig, TealConfig
 from ..sparsity.levels import adapter_overhead, param_weighted
 from ..sparsity.plan import load_plans, merge, save_plans, select
 from .args import parser
@@ -213,11 +213,13 @@ def _cmd_bench(a: argparse.Namespace) -> dict:
         raise LarosaError("larosa bench needs a CUDA GPU")
     if a.out:
         prepare_dir(a.out)
-    from ..bench.decode import bench_decode, decode_table
+    from ..bench.decode import SELECTIONS, bench_decode, decode_table
 
-    unknown = [s for s in a.select if s not in SELECTS]
+    unknown = [s for s in a.select if s not in SELECTIONS]
     if unknown:
-        raise LarosaError(f"unknown selection(s) {', '.join(unknown)}; choose from {', '.join(SELECTS)}")
+        raise LarosaError(f"unknown selection(s) {', '.join(unknown)}; choose from {', '.join(SELECTIONS)}")
+    if a.model and "teal" in a.select:
+        raise LarosaError("--select teal times TEAL on random weights (--config); a saved model runs as saved")
     result = bench_decode(None if a.model else a.config, a.sparsity, model_dir=a.model, scope=a.scope,
                           selects=a.select, tokens=a.tokens, prompt_len=a.prompt, repeats=a.repeats, hf=not a.no_hf,
                           compile=not a.no_compile)

@@ -260,8 +260,9 @@ def _bench(sub) -> None:
     bd.add_argument("--config", choices=CONFIGS, default="llama2-7b", help="random weights of these shapes")
     bd.add_argument("--model", help="a saved dense or folded model instead of random weights (its own sparsity)")
     bd.add_argument("--select", type=lambda t: t.split(","), default=list(SELECTS),
-                    help="selections to time, comma-separated (default topk,threshold; thresholds are calibrated "
-                         "on random tokens where the model has none)")
+                    help="selections to time, comma-separated: topk and threshold (the folded LaRoSa model; "
+                         "thresholds are calibrated on random tokens where the model has none) and teal (TEAL's "
+                         "greedy thresholds per projection on the dense model, same engine); default topk,threshold")
     bd.add_argument("--sparsity", type=_levels, default=[0.25, 0.4, 0.5],
                     help="nominal sparsities, comma-separated (default 0.25,0.4,0.5)")
     bd.add_argument("--scope", choices=SCOPES, default=DEFAULT_SCOPE["folded"],

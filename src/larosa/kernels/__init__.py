@@ -4,6 +4,7 @@ without Triton (``HAVE_TRITON`` is False then); only calling a kernel needs it."
 from .topk_gemv import (
     HAVE_TRITON,
     MAX_D_IN,
+    column_thresholds,
     fused_config,
     gemv_config,
     pack_input_major,
@@ -24,6 +25,7 @@ from .topk_gemv import (
 __all__ = [
     "HAVE_TRITON",
     "MAX_D_IN",
+    "column_thresholds",
     "fused_config",
     "gemv_config",
     "pack_input_major",

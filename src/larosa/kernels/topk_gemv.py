@@ -245,13 +245,14 @@ if HAVE_TRITON:
     def _topk_gemv_kernel(
         x_ptr, wt_ptr, out_ptr, acc_ptr, cnt_ptr, ws_ptr, state_ptr, n, d_out, stride_w, P,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_SPLIT: tl.constexpr, PDL: tl.constexpr,
-        CLEAR: tl.constexpr,
+        CLEAR: tl.constexpr, COLUMNS: tl.constexpr,
     ):
         """y = topk(x) @ wt with the threshold from _threshold_kernel. Program (pid_n, pid_k) takes columns
         pid_n * BLOCK_N.. and positions pid_k * P.. (a slice of d_in, walked forwards): it loads the rows whose
         |x| passes the threshold (masked loads of the others move no bytes). Splits meet by fp32 atomics in
         a zeroed buffer; the last program of a column block to finish casts it to the output and re-zeroes
-        it, so there is no second launch."""
+        it, so there is no second launch. With COLUMNS the state is a threshold per output column (TEAL's q, k
+        and v, or gate and up, packed side by side): an element is read where |x| passes its column's."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -262,32 +263,48 @@ if HAVE_TRITON:
         if PDL:
             tl.extra.cuda.gdc_wait()  # the threshold kernel's results are visible from here on
         xv = tl.load(x_ptr + rows, mask=rows < p1, other=0.0)
-        t = tl.load(state_ptr)
-        need = tl.load(state_ptr + 1)
-        n_eq = tl.load(state_ptr + 2)
-        # Values equal to t: keep the first `need` in index order. Only when some are dropped does a
-        # program need to know how many come before its slice.
-        tie_end = tl.where(need < n_eq, p0, 0)
-        eq_seen = _ties_before(x_ptr, tie_end, t, 1024)
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for _ in range(p0, p1, BLOCK_K):
-            valid = rows < p1
-            b = tl.where(valid, xv.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF, -1)
-            eq = (b == t).to(tl.int32)
-            keep = (b > t) | ((eq != 0) & (eq_seen + tl.cumsum(eq, 0) - eq < need))
-            eq_seen += tl.sum(eq, 0)
-            w = tl.load(
-                wt_ptr + rows.to(tl.int64)[:, None] * stride_w + offs_n[None, :],
-                mask=keep[:, None] & mask_n[None, :],
-                other=0.0,
-                eviction_policy="evict_first",
-            )
-            v = tl.where(keep, xv, 0.0).to(tl.float32)
-            if CLEAR:  # the histogram bins the threshold search filled (none with a given threshold)
-                tl.store(ws_ptr + b, tl.zeros([BLOCK_K], tl.int32), mask=valid & (rows * 0 + pid_n == 0))
-            rows += BLOCK_K
-            xv = tl.load(x_ptr + rows, mask=rows < p1, other=0.0)  # the next step's x, with these rows
-            acc += tl.sum(v[:, None] * w.to(tl.float32), 0)
+        if COLUMNS:
+            t_col = tl.load(state_ptr + offs_n, mask=mask_n, other=0)
+            for _ in range(p0, p1, BLOCK_K):
+                b = tl.where(rows < p1, xv.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF, -1)
+                keep = b[:, None] >= t_col[None, :]
+                w = tl.load(
+                    wt_ptr + rows.to(tl.int64)[:, None] * stride_w + offs_n[None, :],
+                    mask=keep & mask_n[None, :],
+                    other=0.0,
+                    eviction_policy="evict_first",
+                )
+                v = tl.where(keep, xv[:, None], 0.0).to(tl.float32)
+                rows += BLOCK_K
+                xv = tl.load(x_ptr + rows, mask=rows < p1, other=0.0)
+                acc += tl.sum(v * w.to(tl.float32), 0)
+        else:
+            t = tl.load(state_ptr)
+            need = tl.load(state_ptr + 1)
+            n_eq = tl.load(state_ptr + 2)
+            # Values equal to t: keep the first `need` in index order. Only when some are dropped does a
+            # program need to know how many come before its slice.
+            tie_end = tl.where(need < n_eq, p0, 0)
+            eq_seen = _ties_before(x_ptr, tie_end, t, 1024)
+            for _ in range(p0, p1, BLOCK_K):
+                valid = rows < p1
+                b = tl.where(valid, xv.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF, -1)
+                eq = (b == t).to(tl.int32)
+                keep = (b > t) | ((eq != 0) & (eq_seen + tl.cumsum(eq, 0) - eq < need))
+                eq_seen += tl.sum(eq, 0)
+                w = tl.load(
+                    wt_ptr + rows.to(tl.int64)[:, None] * stride_w + offs_n[None, :],
+                    mask=keep[:, None] & mask_n[None, :],
+                    other=0.0,
+                    eviction_policy="evict_first",
+                )
+                v = tl.where(keep, xv, 0.0).to(tl.float32)
+                if CLEAR:  # the histogram bins the threshold search filled (none with a given threshold)
+                    tl.store(ws_ptr + b, tl.zeros([BLOCK_K], tl.int32), mask=valid & (rows * 0 + pid_n == 0))
+                rows += BLOCK_K
+                xv = tl.load(x_ptr + rows, mask=rows < p1, other=0.0)  # the next step's x, with these rows
+                acc += tl.sum(v[:, None] * w.to(tl.float32), 0)
         if ONE_SPLIT:
             tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
         else:
@@ -626,21 +643,38 @@ def threshold_state(threshold: float, dtype: torch.dtype, device: torch.device |
     return torch.tensor([bits, 2**31 - 1, 0, 0], dtype=torch.int32, device=device)
 
 
-def threshold_gemv(x: Tensor, wt: Tensor, state: Tensor, out: Tensor | None = None, **gemv_kwargs: int) -> Tensor:
+def column_thresholds(segments: Sequence[tuple[float, int]], dtype: torch.dtype, device: torch.device | str) -> Tensor:
+    """The state :func:`threshold_gemv` reads with ``per_column=True``: (threshold, width) for each weight packed
+    side by side (q | k | v, gate | up), so that each output column keeps the entries with |x| >= its weight's
+    threshold (rounded to x's 16-bit ``dtype``)."""
+    parts = []
+    for threshold, width in segments:
+        bits = threshold_state(threshold, dtype, "cpu")[0]
+        parts.append(bits.expand(int(width)))
+    if not parts:
+        raise ValueError("column_thresholds needs at least one (threshold, width) segment")
+    return torch.cat(parts).to(device)
+
+
+def threshold_gemv(x: Tensor, wt: Tensor, state: Tensor, out: Tensor | None = None, *, per_column: bool = False,
+                   **gemv_kwargs: int) -> Tensor:
     """(x with every |x| < threshold zeroed) @ wt for one decode token, in one launch: the fused GEMV with a
-    calibrated threshold (``state`` from :func:`threshold_state`) instead of a search for the k-th largest. Not a
-    programmatic dependent launch: so launched, Llama-2-7B decoded 2 % slower at 25 / 40 / 50 % (H200, 2026-11-30),
-    its programs waiting on SMs the kernel before still used."""
+    calibrated threshold (``state`` from :func:`threshold_state`) instead of a search for the k-th largest; with
+    ``per_column``, a threshold per output column (``state`` from :func:`column_thresholds`). Not a programmatic
+    dependent launch: so launched, Llama-2-7B decoded 2 % slower at 25 / 40 / 50 % (H200, 2026-11-30), its programs
+    waiting on SMs the kernel before still used."""
     _check_weight(wt)
     xf = _flat_vector(x, "x")
     if xf.shape[0] != wt.shape[0]:
         raise ValueError(f"x has {xf.shape[0]} entries but wt has d_in={wt.shape[0]} rows")
     if xf.dtype == torch.float32:
         raise TypeError("a threshold GEMV takes a bf16 or fp16 x")
-    if state.shape != (4,) or state.dtype != torch.int32:
-        raise ValueError("state must be the int32 [4] tensor threshold_state makes")
+    want = (wt.shape[1],) if per_column else (4,)
+    if state.shape != want or state.dtype != torch.int32:
+        maker = "column_thresholds" if per_column else "threshold_state"
+        raise ValueError(f"state must be the int32 {list(want)} tensor {maker} makes")
     out = _fused_out(xf, wt, out)
-    _fused_gemv(xf, wt, out, pdl=False, clear=False, **gemv_kwargs)(state)
+    _fused_gemv(xf, wt, out, pdl=False, clear=False, columns=per_column, **gemv_kwargs)(state)
     return out.unsqueeze(0) if x.dim() == 2 else out
 
 
@@ -653,7 +687,8 @@ def _fused_out(xf: Tensor, wt: Tensor, out: Tensor | None) -> Tensor:
     return out
 
 
-def _fused_gemv(xf: Tensor, wt: Tensor, out: Tensor, *, pdl: bool, clear: bool, **gemv_kwargs: int):
+def _fused_gemv(xf: Tensor, wt: Tensor, out: Tensor, *, pdl: bool, clear: bool, columns: bool = False,
+                **gemv_kwargs: int):
     """The fused GEMV's launch, its arguments checked now: a function of the state that keeps the positions it
     selects and reads only their rows of ``wt``."""
     need_triton(xf, wt, out)
@@ -676,7 +711,8 @@ def _fused_gemv(xf: Tensor, wt: Tensor, out: Tensor, *, pdl: bool, clear: bool, 
         need_triton(xf, state)
         _topk_gemv_kernel[(n_blocks, split)](
             xf, wt, out, acc, cnt, _workspace(xf.device), state, d_in, d_out, wt.stride(0), chunk, BLOCK_N=bn,
-            BLOCK_K=bk, ONE_SPLIT=split == 1, PDL=pdl, CLEAR=clear, num_warps=cfg["num_warps"], **extra,
+            BLOCK_K=bk, ONE_SPLIT=split == 1, PDL=pdl, CLEAR=clear, COLUMNS=columns, num_warps=cfg["num_warps"],
+            **extra,
         )
 
     return launch

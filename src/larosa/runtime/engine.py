@@ -9,7 +9,7 @@ gather-GEMV kernel; a dense one keeps the ``[d_out, d_in]`` layout cuBLAS reads 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,8 +19,9 @@ from torch import nn
 from ..arch import adapter_for, soft_cap
 from ..errors import LarosaError
 from ..fold import FoldedSettings
-from ..kernels import pdl_supported, threshold_state
+from ..kernels import column_thresholds, pdl_supported, threshold_state
 from ..sparsity import sites
+from ..sparsity.peers import teal_thresholds
 from ..sparsity.levels import keep_count, site_sizes
 from ..sparsity.topk import keep_top, score
 from . import ops
@@ -42,12 +43,17 @@ class Proj(nn.Module):
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, k: int | None = None,
-                 scale: torch.Tensor | None = None, threshold: float | None = None,
+                 scale: torch.Tensor | None = None, threshold: float | Sequence[tuple[float, int]] | None = None,
                  offset: torch.Tensor | None = None):
         super().__init__()
-        self.threshold = threshold
-        self.k = None if threshold is not None or k is None or k >= weight.shape[1] else k
-        sparse = self.k is not None or threshold is not None
+        # A threshold, or (threshold, rows) for each weight stacked in ``weight`` (TEAL's q, k, v or gate, up)
+        self.segments = _segments(threshold, weight.shape[0])
+        self.per_column = self.segments is not None and len(self.segments) > 1
+        if self.per_column and (scale is not None or offset is not None):
+            raise ValueError("thresholds per stacked weight take no weight-aware scale or centring offset")
+        self.threshold = self.segments[0][0] if self.segments and not self.per_column else None
+        self.k = None if self.segments or k is None or k >= weight.shape[1] else k
+        sparse = self.k is not None or self.segments is not None
         self.input_major = sparse and weight.is_cuda
         self.scale = nn.Parameter(scale, requires_grad=False) if scale is not None and sparse else None
         self.offset = nn.Parameter(offset, requires_grad=False) if offset is not None and sparse else None
@@ -60,8 +66,10 @@ class Proj(nn.Module):
             weight = weight.T.contiguous()
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        state = threshold_state(threshold, weight.dtype, weight.device) if threshold is not None and \
-            self.input_major and weight.dtype in HALF else None
+        state = None
+        if self.segments and self.input_major and weight.dtype in HALF:
+            state = (column_thresholds(self.segments, weight.dtype, weight.device) if self.per_column
+                     else threshold_state(self.threshold, weight.dtype, weight.device))
         self.register_buffer("state", state, persistent=False)
         self.pdl = weight.is_cuda and pdl_supported(weight.device)
 
@@ -69,8 +77,10 @@ class Proj(nn.Module):
         return keep_top(x, scores, self.k) if self.threshold is None else x.masked_fill(scores < self.threshold, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.k is None and self.threshold is None:
+        if self.k is None and self.segments is None:
             return F.linear(x, self.weight, self.bias)
+        if self.per_column and not (self.state is not None and x.shape[0] == 1):
+            return self._per_weight(x)
         if not self.input_major:  # as the folded model's site and module compute it
             if self.offset is None:
                 return F.linear(self.keep(x, score(x, self.scale)), self.weight, self.bias)
@@ -81,11 +91,37 @@ class Proj(nn.Module):
         if self.scale is not None:
             x = x * self.scale
         if x.shape[0] == 1 and x.dtype in HALF:
-            y = (ops.threshold_gemv(x[0], self.weight, self.state) if self.state is not None
+            y = (ops.threshold_gemv(x[0], self.weight, self.state, self.per_column) if self.state is not None
                  else ops.topk_gemv(x[0], self.weight, self.k, self.pdl))[None]
         else:
             y = self.keep(x, x.abs()) @ self.weight
         return y if self.bias is None else y + self.bias
+
+    def _per_weight(self, x: torch.Tensor) -> torch.Tensor:
+        """Each stacked weight's product with x under its own threshold, as its Linear and TEAL's site compute it."""
+        parts, start = [], 0
+        for threshold, rows in self.segments:
+            kept = x.masked_fill(x.abs() < threshold, 0)
+            end = start + rows
+            bias = None if self.bias is None else self.bias[start:end]
+            if self.input_major:
+                y = kept @ self.weight[:, start:end]
+                parts.append(y if bias is None else y + bias)
+            else:
+                parts.append(F.linear(kept, self.weight[start:end], bias))
+            start = end
+        return torch.cat(parts, dim=-1)
+
+
+def _segments(threshold: float | Sequence[tuple[float, int]] | None, rows: int) -> list[tuple[float, int]] | None:
+    if threshold is None:
+        return None
+    if isinstance(threshold, (int, float)):
+        return [(float(threshold), rows)]
+    segments = [(float(t), int(n)) for t, n in threshold]
+    if sum(n for _, n in segments) != rows:
+        raise ValueError(f"thresholds for {sum(n for _, n in segments)} output rows, the weight has {rows}")
+    return segments
 
 
 class RMSNorm(nn.Module):
@@ -258,9 +294,10 @@ class Transformer(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_hf(cls, model: nn.Module, max_seq: int, select: str | None = None) -> "Transformer":
-        """From a dense or folded Hugging Face model; a folded one brings its own sparsity and adapters, and
-        ``select`` ("dense", "topk" or "threshold") overrides how its sites select (default: as saved). Weights
-        the engine keeps as the model has them are the model's own tensors, not copies."""
+        """From a dense, folded or TEAL-sparsified Hugging Face model; a folded one brings its own sparsity and
+        adapters, and ``select`` ("dense", "topk" or "threshold") overrides how its sites select (default: as
+        saved); a TEAL one brings a threshold per projection ("threshold", the default, or "dense"). Weights the
+        engine keeps as the model has them are the model's own tensors, not copies."""
         adapter = adapter_for(model)
         dims = adapter.dims
         extras = adapter.attention_extras()
@@ -268,13 +305,26 @@ class Transformer(nn.Module):
             raise LarosaError(f"this model's attention has {extras}, which the decode engine does not compute; "
                               "run transformers' own generate on it")
         folded = FoldedSettings.of(model.config)
-        select = select or (folded.select if folded else "dense")
-        if select != "dense" and folded is None:
+        teal = teal_thresholds(model)
+        simulated = (sites.settings(model) or {}).get("mode") == "simulate" and teal is None
+        select = select or (folded.select if folded else "threshold" if teal else None if simulated else "dense")
+        if simulated and select != "dense":
+            method = sites.settings(model)["method"]
+            raise LarosaError(f"the engine runs dense, folded LaRoSa and TEAL models, not {method}'s simulated sites: "
+                              "fold the model (larosa sparsify --mode folded) or pass select='dense'")
+        if select != "dense" and folded is None and teal is None:
             raise ValueError(f"a dense model has no sparsity to select with ({select!r})")
-        if select == "threshold" and folded.thresholds is None:
+        if teal is not None and select == "topk":
+            raise ValueError("TEAL keeps the entries above its thresholds: select 'threshold' or 'dense'")
+        if folded is not None and select == "threshold" and folded.thresholds is None:
             raise ValueError("this folded model has no calibrated thresholds (fold it with select='threshold')")
-        configs = [None] * dims.n_layers if select == "dense" else list(folded.levels)
-        thresholds = folded.thresholds if select == "threshold" else [{}] * dims.n_layers
+        configs = [None] * dims.n_layers if select == "dense" or folded is None else list(folded.levels)
+        thresholds = folded.thresholds if select == "threshold" and folded else [{}] * dims.n_layers
+        if select == "threshold" and teal is not None:  # (threshold, rows) per stacked Linear, in each Proj's order
+            thresholds = [{"attn_in": [(by[m], m.out_features) for m in adapter.qkv(layer)],
+                           "o_in": by[adapter.o_proj(layer)],
+                           "mlp_in": [(by[m], m.out_features) for m in adapter.gate_up(layer)],
+                           "down_in": by[adapter.down_proj(layer)]} for layer, by in zip(adapter.layers(), teal)]
         sizes = site_sizes(dims)
         shape = Shape(dims.hidden, dims.n_heads, dims.n_kv_heads, dims.head_dim, dims.intermediate,
                       adapter.attention_scale())
@@ -287,8 +337,9 @@ class Transformer(nn.Module):
         layers = []
         for i, (layer, config, t) in enumerate(zip(adapter.layers(), configs, thresholds)):
             kept = {} if config is None else {site: keep_count(s, sizes[site]) for site, s in config.sites().items()}
-            scale = {name: site.scale for name, site in (sites.of(layer) or {}).items() if site.scale is not None}
-            offset = {name: site.offset for name, site in (sites.of(layer) or {}).items() if site.offset is not None}
+            made = {} if teal is not None else (sites.of(layer) or {})  # LaRoSa's sites carry scale and offset
+            scale = {name: site.scale for name, site in made.items() if site.scale is not None}
+            offset = {name: site.offset for name, site in made.items() if site.offset is not None}
             qkv = adapter.qkv(layer)  # q, k and v's Linears, or the one that fuses them (as gate_up)
             qkv_bias = None if qkv[0].bias is None else torch.cat([p.bias for p in qkv])
             adapters = [getattr(layer, name, None) for name in ("mid_adapter", "out_adapter")]

@@ -17,9 +17,10 @@ def topk_gemv(x: Tensor, wt: Tensor, k: int, pdl: bool) -> Tensor:
 
 
 @torch.library.custom_op("larosa::threshold_gemv", mutates_args=())
-def threshold_gemv(x: Tensor, wt: Tensor, state: Tensor) -> Tensor:
-    """(x with |x| below a calibrated threshold zeroed) @ wt for one token: the fused GEMV alone."""
-    return kernels.threshold_gemv(x, wt, state)
+def threshold_gemv(x: Tensor, wt: Tensor, state: Tensor, per_column: bool) -> Tensor:
+    """(x with |x| below a calibrated threshold zeroed) @ wt for one token: the fused GEMV alone (a threshold per
+    output column with ``per_column``: TEAL's q, k, v or gate, up packed side by side)."""
+    return kernels.threshold_gemv(x, wt, state, per_column=per_column)
 
 
 @topk_gemv.register_fake
@@ -28,5 +29,5 @@ def _(x: Tensor, wt: Tensor, k: int, pdl: bool) -> Tensor:
 
 
 @threshold_gemv.register_fake
-def _(x: Tensor, wt: Tensor, state: Tensor) -> Tensor:
+def _(x: Tensor, wt: Tensor, state: Tensor, per_column: bool) -> Tensor:
     return wt.new_empty(wt.shape[1])

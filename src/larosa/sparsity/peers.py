@@ -145,6 +145,17 @@ def _attach_cats(adapter: Adapter, layer: nn.Module, threshold: float, act: Call
     return site_protocol.attach(layer, {"cats": site}, [(gate, "output", site)])
 
 
+def teal_thresholds(model: nn.Module) -> list[dict[nn.Linear, float]] | None:
+    """Each layer's TEAL threshold per Linear (the projections of a fused Linear share one), for the decode
+    engine; None where ``model`` is not sparsified by TEAL."""
+    settings = site_protocol.settings(model) or {}
+    if LEGACY_NAMES.get(settings.get("method"), settings.get("method")) not in ("teal", "teal-greedy"):
+        return None
+    adapter = adapter_for(model)
+    return [{linear: plan[p]["threshold"] for p, linear in _projections(adapter, layer).items()}
+            for layer, plan in zip(adapter.layers(), settings["layers"])]
+
+
 def restore(model: nn.Module, settings: dict) -> nn.Module:
     """Make ``model`` sparse in place with saved :func:`teal` or :func:`cats` settings, without recalibrating."""
     adapter = adapter_for(model)
