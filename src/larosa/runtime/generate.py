@@ -55,9 +55,9 @@ class TextStream:
 def generate(model: nn.Module, tokenizer, prompt: str, *, max_new_tokens: int = 128, chat: bool = False,
              temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, compile: bool | None = None,
              on_text: Callable[[str], None] | None = None) -> dict:
-    """Continue ``prompt`` with ``model`` (a dense or folded Hugging Face model, on its device) in the decode
-    engine: greedy at temperature 0, else sampled (``top_p``, ``seed``). ``compile`` (default: on CUDA) compiles
-    the decode step; ``on_text`` receives the text as it is produced."""
+    """Continue ``prompt`` with ``model`` (a dense, folded or TEAL-sparsified Hugging Face model, on its device)
+    in the decode engine: greedy at temperature 0, else sampled (``top_p``, ``seed``). ``compile`` (default: on
+    CUDA) compiles the decode step; ``on_text`` receives the text as it is produced."""
     if max_new_tokens < 1:
         raise LarosaError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if temperature < 0 or not 0 < top_p <= 1:
