@@ -411,7 +411,7 @@ def test_threshold_gemv_keeps_every_entry_at_or_above_the_threshold(d_in, d_out,
 
 
 @needs_triton
-@pytest.mark.parametrize("widths", [(40, 13, 13), (1100,), (300, 700)])
+@pytest.mark.parametrize("widths", [(40, 16, 24), (1104,), (304, 696)])
 def test_threshold_gemv_per_column_keeps_each_weights_own_entries(widths):
     """TEAL's thresholds on q | k | v (gate | up) packed side by side: each output column sums the entries at or
     above its own weight's threshold, segment borders inside a column block included."""
@@ -432,6 +432,8 @@ def test_threshold_gemv_per_column_keeps_each_weights_own_entries(widths):
         K.threshold_gemv(x, wt, K.threshold_state(0.5, torch.bfloat16, DEVICE), per_column=True)
     with pytest.raises(ValueError, match="threshold_state"):
         K.threshold_gemv(x, wt, state)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        K.column_thresholds([(0.5, 40), (0.5, 13)], torch.bfloat16, DEVICE)
 
 
 @needs_triton

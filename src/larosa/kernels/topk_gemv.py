@@ -265,20 +265,26 @@ if HAVE_TRITON:
         xv = tl.load(x_ptr + rows, mask=rows < p1, other=0.0)
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         if COLUMNS:
-            t_col = tl.load(state_ptr + offs_n, mask=mask_n, other=0)
+            # Columns in groups of 8 (16 bytes, one vector load), one threshold a group: the weights packed side
+            # by side are each a multiple of 8 wide, so a group never straddles two.
+            group = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 8) * 8
+            cols = group[:, None] + tl.arange(0, 8)[None, :]
+            t_group = tl.load(state_ptr + group, mask=group < d_out, other=0)
+            acc_groups = tl.zeros([BLOCK_N // 8, 8], dtype=tl.float32)
             for _ in range(p0, p1, BLOCK_K):
                 b = tl.where(rows < p1, xv.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF, -1)
-                keep = b[:, None] >= t_col[None, :]
+                keep = b[:, None] >= t_group[None, :]
                 w = tl.load(
-                    wt_ptr + rows.to(tl.int64)[:, None] * stride_w + offs_n[None, :],
-                    mask=keep & mask_n[None, :],
+                    wt_ptr + rows.to(tl.int64)[:, None, None] * stride_w + cols[None, :, :],
+                    mask=keep[:, :, None] & (cols < d_out)[None, :, :],
                     other=0.0,
                     eviction_policy="evict_first",
                 )
                 v = tl.where(keep, xv[:, None], 0.0).to(tl.float32)
                 rows += BLOCK_K
                 xv = tl.load(x_ptr + rows, mask=rows < p1, other=0.0)
-                acc += tl.sum(v * w.to(tl.float32), 0)
+                acc_groups += tl.sum(v[:, :, None] * w.to(tl.float32), 0)
+            acc = tl.reshape(acc_groups, [BLOCK_N])
         else:
             t = tl.load(state_ptr)
             need = tl.load(state_ptr + 1)
@@ -649,6 +655,8 @@ def column_thresholds(segments: Sequence[tuple[float, int]], dtype: torch.dtype,
     threshold (rounded to x's 16-bit ``dtype``)."""
     parts = []
     for threshold, width in segments:
+        if width < 1 or width % 8:
+            raise ValueError(f"each packed weight must be a positive multiple of 8 wide (16-byte loads), got {width}")
         bits = threshold_state(threshold, dtype, "cpu")[0]
         parts.append(bits.expand(int(width)))
     if not parts:

@@ -67,7 +67,8 @@ class Proj(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         state = None
-        if self.segments and self.input_major and weight.dtype in HALF:
+        vectors = all(rows % 8 == 0 for _, rows in self.segments or ())  # the per-column kernel's 16-byte groups
+        if self.segments and self.input_major and weight.dtype in HALF and (vectors or not self.per_column):
             state = (column_thresholds(self.segments, weight.dtype, weight.device) if self.per_column
                      else threshold_state(self.threshold, weight.dtype, weight.device))
         self.register_buffer("state", state, persistent=False)
