@@ -46,6 +46,15 @@ def test_kernels_table_lists_every_row_and_the_sweep_winners():
     assert table.endswith("| 4096x12288 | 0.50 | block_n 512, block_k 16, 4 programs/SM | 15.2 |")  # the faster
 
 
+def test_bench_decode_cli_rejects_bad_selections_before_needing_a_gpu(capsys):
+    from larosa.cli import main
+
+    assert main(["bench", "decode", "--select", "topk,greedy"]) == 2
+    assert "unknown selection(s) greedy; choose from topk, threshold, teal" in capsys.readouterr().err
+    assert main(["bench", "decode", "--model", "some-dir", "--select", "teal"]) == 2
+    assert "random weights" in capsys.readouterr().err
+
+
 def test_bench_kernels_cli_rejects_bad_arguments_before_needing_a_gpu(capsys):
     from larosa.cli import main
 

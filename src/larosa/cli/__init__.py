@@ -209,10 +209,6 @@ def _cmd_generate(a: argparse.Namespace) -> dict:
 def _cmd_bench(a: argparse.Namespace) -> dict:
     if a.what == "kernels":
         return _cmd_bench_kernels(a)
-    if not torch.cuda.is_available():
-        raise LarosaError("larosa bench needs a CUDA GPU")
-    if a.out:
-        prepare_dir(a.out)
     from ..bench.decode import SELECTIONS, bench_decode, decode_table
 
     unknown = [s for s in a.select if s not in SELECTIONS]
@@ -220,6 +216,10 @@ def _cmd_bench(a: argparse.Namespace) -> dict:
         raise LarosaError(f"unknown selection(s) {', '.join(unknown)}; choose from {', '.join(SELECTIONS)}")
     if a.model and "teal" in a.select:
         raise LarosaError("--select teal times TEAL on random weights (--config); a saved model runs as saved")
+    if not torch.cuda.is_available():
+        raise LarosaError("larosa bench needs a CUDA GPU")
+    if a.out:
+        prepare_dir(a.out)
     result = bench_decode(None if a.model else a.config, a.sparsity, model_dir=a.model, scope=a.scope,
                           selects=a.select, tokens=a.tokens, prompt_len=a.prompt, repeats=a.repeats, hf=not a.no_hf,
                           compile=not a.no_compile)
