@@ -129,6 +129,30 @@ def test_sparsify_writes_a_directory_that_eval_reads_like_the_in_memory_fold(mod
     assert code == 2 and "exists" in err
 
 
+def test_sparsify_teal_writes_a_directory_that_loads_with_its_thresholds(model_dir, tmp_path, capsys):
+    """`sparsify --method teal-greedy` saves the model with TEAL's thresholds: eval reads the same perplexity as
+    TEAL calibrated in memory, and generate runs it in the engine."""
+    text, out = tmp_path / "text.txt", tmp_path / "teal"
+    teal = ("--method", "teal-greedy", "--target", 0.4, "--calib-data", text, "--calib-windows", 2,
+            "--calib-seq-len", 32)
+    code, printed, _ = run(capsys, "sparsify", model_dir, *teal, "--out", out, "--dtype", "float32", "--json",
+                           "--quiet")
+    assert code == 0 and json.loads(printed)["method"] == "teal-greedy"
+    common = ("--data", text, "--seq-len", 32, "--windows", 3, "--dtype", "float32", "--json", "--quiet")
+    saved = json.loads(run(capsys, "eval", "ppl", out, *common)[1])
+    in_memory = json.loads(run(capsys, "eval", "ppl", model_dir, *common, *teal)[1])
+    dense = json.loads(run(capsys, "eval", "ppl", model_dir, *common)[1])
+    assert saved["method"] == "teal-greedy" and saved["ppl"] == pytest.approx(in_memory["ppl"], rel=1e-6)
+    assert saved["ppl"] != pytest.approx(dense["ppl"], rel=1e-4)
+    code, printed, _ = run(capsys, "generate", out, "--prompt", "the", "--max-new-tokens", 5, "--json", "--quiet",
+                           "--dtype", "float32", "--device", "cpu")
+    assert code == 0 and json.loads(printed)["method"] == "teal-greedy" and json.loads(printed)["new_tokens"] >= 1
+    code, _, err = run(capsys, "sparsify", model_dir, "--target", 0.4, "--out", tmp_path / "x", "--quiet")
+    assert code == 2 and "give --rotations" in err
+    code, _, err = run(capsys, "sparsify", model_dir, *teal, "--sparsity", 0.4, "--out", tmp_path / "y", "--quiet")
+    assert code == 2 and "takes no --rotations, --sparsity" in err
+
+
 def test_sparsify_lazy_writes_what_sparsify_in_ram_writes_and_leaves_the_checkpoint(model_dir, tmp_path, capsys):
     from safetensors.torch import load_file
 

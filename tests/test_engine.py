@@ -99,6 +99,28 @@ def test_engine_runs_teal_with_a_threshold_per_projection(arch):
         Transformer.from_hf(model, max_seq=32, select="topk")
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_saved_teal_model_loads_with_its_thresholds(arch, tmp_path):
+    """save_folded writes a TEAL model as its family's larosa type: the Auto class loads it with the thresholds on
+    (the same logits bit for bit, not the dense model's), its settings intact, and the engine decodes it as
+    transformers does."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model(arch)
+    larosa.sparsify(model, larosa.TealConfig(0.5, random_windows(4, seed=5), greedy=True), progress=False)
+    windows = random_windows(2, seq_len=16, seed=9)
+    loaded = AutoModelForCausalLM.from_pretrained(larosa.save_folded(model, None, tmp_path / "teal"))
+    assert type(loaded).__name__.startswith("Larosa") and loaded.config.larosa["method"] == "teal-greedy"
+    with torch.no_grad():
+        got, want, dense = loaded(windows).logits, model(windows).logits, tiny_model(arch)(windows).logits
+    assert torch.equal(got, want) and relative_error(dense, want) > 1e-3
+    assert larosa.describe(loaded)["method"] == "teal-greedy"
+    generates_as_hf(loaded)
+    resaved = AutoModelForCausalLM.from_pretrained(larosa.save_folded(loaded, None, tmp_path / "again"))
+    with torch.no_grad():
+        assert torch.equal(resaved(windows).logits, want)
+
+
 def test_engine_refuses_simulated_sites_it_does_not_run():
     model = tiny_model("llama")
     rot = larosa.calibrate(model, random_windows(4, seed=3), progress=False)

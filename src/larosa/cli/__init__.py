@@ -76,6 +76,24 @@ def _larosa_config(a: argparse.Namespace, mode: str, tok) -> LaRoSaConfig | None
                         centre=a.centre)
 
 
+def _check_peer(a: argparse.Namespace) -> None:
+    """What a peer's options lack or have too many of, before the model loads."""
+    if a.target is None or not a.calib_data:
+        raise LarosaError(f"--method {a.method} needs --target (parameter-weighted) and --calib-data")
+    if a.rotations or a.sparsity is not None or a.site or a.plan or getattr(a, "mode", "simulate") != "simulate":
+        raise LarosaError(f"--method {a.method} takes no --rotations, --sparsity, --site, --plan or --mode folded")
+    if getattr(a, "lazy", False):
+        raise LarosaError(f"--method {a.method} is calibrated on a model in memory; leave out --lazy")
+
+
+def _apply_peer(a: argparse.Namespace, model, tok) -> None:
+    """Make ``model`` sparse with the peer the options name (TEAL or CATS), calibrated on --calib-data."""
+    calib = _calib_windows(a, tok)
+    config = (CatsConfig(a.target, calib) if a.method == "cats"
+              else TealConfig(a.target, calib, greedy=a.method == "teal-greedy"))
+    sparsify(model, config, device=a.device, progress=not a.quiet)
+
+
 def _check_select(a: argparse.Namespace) -> None:
     """What the options to threshold selection and centring lack, before the model loads."""
     calibrated = "--select threshold" if a.select == "threshold" else "--centre" if a.centre else None
@@ -106,15 +124,9 @@ def _eval_model(a: argparse.Namespace):
     if lazy and (a.method != "larosa" or a.mode == "folded"):
         raise LarosaError("--lazy scores the dense model or LaRoSa in simulate mode; not --mode folded or a peer")
     if a.method != "larosa":
-        if a.target is None or not a.calib_data:
-            raise LarosaError(f"--method {a.method} needs --target (parameter-weighted) and --calib-data")
-        if a.rotations or a.sparsity is not None or a.site or a.plan or a.mode != "simulate":
-            raise LarosaError(f"--method {a.method} takes no --rotations, --sparsity, --site, --plan or --mode folded")
+        _check_peer(a)
         model, tok = _load(a, False)
-        calib = _calib_windows(a, tok)
-        config = (CatsConfig(a.target, calib) if a.method == "cats"
-                  else TealConfig(a.target, calib, greedy=a.method == "teal-greedy"))
-        sparsify(model, config, device=a.device, progress=not a.quiet)
+        _apply_peer(a, model, tok)
         return model, tok, {**describe(model), "calib_data": a.calib_data, "calib_windows": a.calib_windows,
                             "model": a.model}, None
     _check_select(a)
@@ -147,10 +159,19 @@ def _cmd_eval(a: argparse.Namespace) -> dict:
 
 def _cmd_sparsify(a: argparse.Namespace) -> dict:
     check_output_dir(a.out, a.overwrite)
+    dtype = _dtype(a, "cpu")  # folding runs on the CPU, whatever --device
+    if a.method != "larosa":  # TEAL's thresholds on the model as it is: saved as its family's larosa type
+        _check_peer(a)
+        model, tok = load_model(a.model, device="cpu", dtype=dtype)
+        _apply_peer(a, model, tok)
+        deliver(a.out, lambda out: save_folded(model, tok, out, overwrite=a.overwrite))
+        return {"out": a.out, **describe(model), "calib_data": a.calib_data, "calib_windows": a.calib_windows}
+    if not a.rotations:
+        raise LarosaError("larosa sparsify folds LaRoSa's rotations: give --rotations (from larosa calibrate), or "
+                          "--method teal / teal-greedy")
     if a.sparsity is None and not a.site and a.target is None and a.plan is None:
         raise LarosaError("give --sparsity, --target, --plan or --site")
     _check_select(a)
-    dtype = _dtype(a, "cpu")  # folding runs on the CPU, whatever --device
     model, tok = load_lazy(a.model, dtype=dtype) if a.lazy else load_model(a.model, device="cpu", dtype=dtype)
     config = _larosa_config(a, "folded", tok)
     dims = adapter_for(model).dims
@@ -160,7 +181,7 @@ def _cmd_sparsify(a: argparse.Namespace) -> dict:
         folded = sparsify(model, config, device=a.device, progress=not a.quiet)
         deliver(a.out, lambda out: save_folded(folded, tok, out, overwrite=a.overwrite))
         settings = FoldedSettings.of(folded.config)
-    return {"out": a.out, **settings.to_dict(), "sparsity_source": config.source,
+    return {"out": a.out, "method": "larosa", **settings.to_dict(), "sparsity_source": config.source,
             "param_weighted_sparsity": param_weighted(settings.levels, dims),
             "adapter_overhead": adapter_overhead(dims, settings.scope, settings.form)}
 
@@ -288,6 +309,9 @@ def _print_text(command: str, out: dict) -> None:
             label = "dense" if r["nominal_sparsity"] == 0 else f"{r['nominal_sparsity']:.0%}"
             print(f"| {label} | {r['param_weighted_sparsity']:.3f} | {r['ppl']:.3f} | {site} |")
         print(f"\ntotal {out['seconds']:.0f} s")
+    elif command == "sparsify" and out["method"] != "larosa":
+        print(f"wrote {out['out']}: {out['label']}, parameter-weighted sparsity {out['param_weighted_sparsity']:.4f} "
+              f"(thresholds calibrated on {out['calib_windows']} windows of {out['calib_data']})")
     elif command == "sparsify":
         print(f"wrote {out['out']}: {out['scope']} scope, head rotation {out['head_rotation']}, "
               f"parameter-weighted sparsity {out['param_weighted_sparsity']:.4f}, "

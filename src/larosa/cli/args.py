@@ -99,8 +99,9 @@ def _lazy(p: argparse.ArgumentParser, what: str) -> None:
 
 def _larosa(p: argparse.ArgumentParser, folded_only: bool) -> None:
     """What makes a model LaRoSa-sparse: the same options wherever LaRoSa is applied."""
-    p.add_argument("--rotations", required=folded_only, help="rotations file from `larosa calibrate`"
-                   + ("" if folded_only else " (omit for unrotated Top-K)"))
+    p.add_argument("--rotations", help="rotations file from `larosa calibrate`"
+                   + (" (needed, but with --method teal / teal-greedy)" if folded_only
+                      else " (omit for unrotated Top-K)"))
     p.add_argument("--sparsity", type=float, help="nominal sparsity s in [0, 1), split by --split")
     p.add_argument("--split", type=_split, default=DEFAULT_SPLIT,
                    help="multipliers of the nominal sparsity at the rotated,plain sites (default 0.8,1.2)")
@@ -148,9 +149,14 @@ def _evaluated(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=("simulate", "folded"), default="simulate",
                    help="simulate: rotate, Top-K, rotate back around dense weights (the paper's code); "
                         "folded: the deployable model, built in memory")
-    p.add_argument("--method", choices=("larosa", "teal", "teal-greedy", "cats"), default="larosa",
+    _method(p, ("larosa", "teal", "teal-greedy", "cats"))
+
+
+def _method(p: argparse.ArgumentParser, methods: tuple[str, ...]) -> None:
+    p.add_argument("--method", choices=methods, default="larosa",
                    help="larosa (default), or a peer in the same harness: TEAL thresholds (uniform or greedy per "
-                        "projection) or CATS (MLP gate); peers need --target and --calib-data")
+                        "projection)" + (" or CATS (MLP gate)" if "cats" in methods else "")
+                        + "; peers need --target and --calib-data")
 
 
 def _calibrate(sub) -> None:
@@ -194,9 +200,11 @@ def _eval(sub) -> None:
 
 
 def _sparsify(sub) -> None:
-    f = sub.add_parser("sparsify", help="fold rotations and norm gains into the weights; save a loadable directory")
+    f = sub.add_parser("sparsify", help="fold rotations and norm gains into the weights (or calibrate TEAL's "
+                                        "thresholds); save a loadable directory")
     _model(f)
     _larosa(f, folded_only=True)
+    _method(f, ("larosa", "teal", "teal-greedy"))
     f.add_argument("--out", required=True, help="directory to write (safetensors, config, tokenizer)")
     f.add_argument("--overwrite", action="store_true",
                    help="replace --out if it is a model directory larosa wrote (anything else is refused)")

@@ -34,6 +34,7 @@ from ..models import nonfinite, resident
 from ..rotations import Rotations
 from ..sparsity import sites
 from ..sparsity.levels import SparsityConfig
+from ..sparsity.peers import teal_thresholds
 from ..sparsity.topk import LaRoSaConfig, weight_norms
 from .hf import folded_class
 from .schema import FoldedSettings
@@ -294,9 +295,18 @@ def fold_streamed(model: nn.Module, config: LaRoSaConfig, out: str | os.PathLike
 
 def save_folded(model: nn.Module, tokenizer, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write a loadable directory atomically: staged next to ``out``, checksummed, then renamed into place
-    (``overwrite`` replaces only a directory larosa wrote)."""
+    (``overwrite`` replaces only a directory larosa wrote). A folded model, or a TEAL-sparsified one: that saves
+    as its family's larosa type, whose loading puts the thresholds back (never the dense model by mistake)."""
+    teal = teal_thresholds(model) is not None and getattr(model.config, "larosa", None) is None
     with staged_dir(out, overwrite) as staged:
         model.save_pretrained(staged)
+        if teal:
+            path = Path(staged) / "config.json"
+            config = json.loads(path.read_text(encoding="utf-8"))
+            cls = folded_class(type(adapter_for(model)))
+            config.update(model_type=cls.config_class.model_type, architectures=[cls.__name__],
+                          larosa=json.loads(json.dumps(sites.settings(model))))
+            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         if tokenizer is not None:
             tokenizer.save_pretrained(staged)
     return Path(out)

@@ -1,6 +1,7 @@
 """The folded model as Hugging Face model types: for every architecture family, ``larosa_<family>`` (config and
 ``*ForCausalLM`` derived from the family's own), registered with the Auto classes, so that after ``import larosa``
-``AutoModelForCausalLM.from_pretrained(dir)`` loads a folded directory and ``generate()`` works.
+``AutoModelForCausalLM.from_pretrained(dir)`` loads a folded directory and ``generate()`` works. A saved TEAL model
+is the same type with the family's own layers and TEAL's thresholds (its settings name the method).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from ..errors import LarosaError
 from ..io import verify_checksums
 from ..sparsity import sites
 from ..sparsity.levels import site_sizes
+from ..sparsity.peers import restore
 from ..sparsity.topk import attach
 from .schema import FoldedSettings
 
@@ -72,6 +74,9 @@ class FoldedCausalLM:
     def __init__(self, config):
         super().__init__(config)
         settings = FoldedSettings.of(config)
+        if settings is None:  # TEAL's thresholds on the family's own layers
+            restore(self, config.larosa)
+            return
         adapter = adapter_for(self)
         layers = adapter.layers()
         sizes = site_sizes(adapter.dims)

@@ -56,6 +56,7 @@ class FoldedSettings:
 
     @classmethod
     def of(cls, config) -> FoldedSettings | None:
-        """The settings of a folded model's config; None for any other model."""
+        """The settings of a folded model's config; None for any other model (a saved TEAL model's settings name
+        their method; a folded model's do not)."""
         d = getattr(config, "larosa", None)
-        return None if d is None else cls.from_dict(d, config.num_hidden_layers)
+        return None if d is None or "method" in d else cls.from_dict(d, config.num_hidden_layers)

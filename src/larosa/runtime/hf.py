@@ -1,7 +1,7 @@
-"""transformers' ``generate`` on a folded model, through the engine: after ``import larosa``, greedy and sampled
-generation at batch 1 on CUDA run the decode engine (CUDA graph, the Top-K kernels) in place of the hooked
-Hugging Face modules and their dense matmuls, with transformers' own logits processors, stopping criteria and
-streamer around it."""
+"""transformers' ``generate`` on a folded (or saved TEAL) model, through the engine: after ``import larosa``, greedy
+and sampled generation at batch 1 on CUDA run the decode engine (CUDA graph, the Top-K kernels) in place of the
+hooked Hugging Face modules and their dense matmuls, with transformers' own logits processors, stopping criteria
+and streamer around it."""
 
 from __future__ import annotations
 
