@@ -121,12 +121,15 @@ def test_a_saved_teal_model_loads_with_its_thresholds(arch, tmp_path):
         assert torch.equal(resaved(windows).logits, want)
 
 
-def test_engine_refuses_simulated_sites_it_does_not_run():
+def test_engine_refuses_simulated_sites_it_does_not_run(tmp_path):
     model = tiny_model("llama")
     rot = larosa.calibrate(model, random_windows(4, seed=3), progress=False)
     larosa.sparsify(model, larosa.LaRoSaConfig(rot, sparsity=0.5, mode="simulate"))
     with pytest.raises(larosa.LarosaError, match="simulated sites"):
         Transformer.from_hf(model, max_seq=16)
+    with pytest.raises(larosa.LarosaError, match="would load dense"):
+        larosa.save_folded(model, None, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
     assert Transformer.from_hf(model, max_seq=16, select="dense").layers[0].qkv.k is None
 
 

@@ -298,6 +298,10 @@ def save_folded(model: nn.Module, tokenizer, out: str | os.PathLike, *, overwrit
     (``overwrite`` replaces only a directory larosa wrote). A folded model, or a TEAL-sparsified one: that saves
     as its family's larosa type, whose loading puts the thresholds back (never the dense model by mistake)."""
     teal = teal_thresholds(model) is not None and getattr(model.config, "larosa", None) is None
+    state = sites.settings(model) or {}
+    if state.get("mode") == "simulate" and teal_thresholds(model) is None:
+        raise LarosaError(f"{state['method']}'s simulated sites are hooks a checkpoint would not keep (it would load "
+                          "dense); fold the model first, or save a TEAL one")
     with staged_dir(out, overwrite) as staged:
         model.save_pretrained(staged)
         if teal:
