@@ -115,6 +115,8 @@ class Proj(nn.Module):
 
 
 def _segments(threshold: float | Sequence[tuple[float, int]] | None, rows: int) -> list[tuple[float, int]] | None:
+    """(threshold, rows) for each weight stacked in a Proj, checked to cover its ``rows``: one for a LaRoSa site,
+    one per Linear for TEAL."""
     if threshold is None:
         return None
     if isinstance(threshold, (int, float)):
