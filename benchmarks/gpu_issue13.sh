@@ -3,6 +3,7 @@
 #   tests    the kernel and engine tests on the GPU
 #   l2g l2l l3g l3l   larosa bench decode: Llama-2-7B / Llama-3-8B shapes, global / layer scope, 25 / 40 / 50 %
 #   prof     benchmarks/profile_decode.py: Llama-2-7B global, dense and 50 %, threshold and exact Top-K
+#   teal     larosa bench decode --select threshold,teal: TEAL's per-projection thresholds against LaRoSa's, Llama-2-7B
 #   pdl      the PDL test alone
 #   bash benchmarks/gpu_issue13.sh tests,l2g
 set -uo pipefail
@@ -22,6 +23,8 @@ for stage in ${1//,/ }; do
     l2l) decode llama2-7b-layer llama2-7b layer ;;
     l3g) decode llama3-8b-global llama3-8b global ;;
     l3l) decode llama3-8b-layer llama3-8b layer ;;
+    teal) larosa bench decode --config llama2-7b --scope global --select threshold,teal --repeats 2 --no-hf \
+            --out "$res/decode-teal" 2>&1 | grep -v "^\s*$" | tail -15 ;;
     prof) for sel in threshold topk; do
             python3 benchmarks/profile_decode.py --config llama2-7b --sparsity 0,0.5 --select $sel \
               --out "$res/profile-$sel" 2>&1 | tail -30
