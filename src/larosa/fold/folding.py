@@ -297,19 +297,18 @@ def save_folded(model: nn.Module, tokenizer, out: str | os.PathLike, *, overwrit
     """Write a loadable directory atomically: staged next to ``out``, checksummed, then renamed into place
     (``overwrite`` replaces only a directory larosa wrote). A folded model, or a TEAL-sparsified one: that saves
     as its family's larosa type, whose loading puts the thresholds back (never the dense model by mistake)."""
-    teal = teal_thresholds(model) is not None and getattr(model.config, "larosa", None) is None
     state = sites.settings(model) or {}
-    if state.get("mode") == "simulate" and teal_thresholds(model) is None:
+    teal = teal_thresholds(model) is not None
+    if state.get("mode") == "simulate" and not teal:
         raise LarosaError(f"{state['method']}'s simulated sites are hooks a checkpoint would not keep (it would load "
                           "dense); fold the model first, or save a TEAL one")
     with staged_dir(out, overwrite) as staged:
         model.save_pretrained(staged)
-        if teal:
+        if teal and getattr(model.config, "larosa", None) is None:  # still the family's own type: retype it
             path = Path(staged) / "config.json"
             config = json.loads(path.read_text(encoding="utf-8"))
             cls = folded_class(type(adapter_for(model)))
-            config.update(model_type=cls.config_class.model_type, architectures=[cls.__name__],
-                          larosa=json.loads(json.dumps(sites.settings(model))))
+            config.update(model_type=cls.config_class.model_type, architectures=[cls.__name__], larosa=state)
             path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         if tokenizer is not None:
             tokenizer.save_pretrained(staged)
