@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 13 on the device machine, in stages (comma list, in order), results tarred to $OUT/r.tgz:
-#   tests    the kernel and engine tests on the GPU
+#   tests    the kernel and engine tests on the GPU (and the families' engine tests)
 #   l2g l2l l3g l3l   larosa bench decode: Llama-2-7B / Llama-3-8B shapes, global / layer scope, 25 / 40 / 50 %
 #   prof     benchmarks/profile_decode.py: Llama-2-7B global, dense and 50 %, threshold and exact Top-K
 #   teal     larosa bench decode --select threshold,teal: TEAL's per-projection thresholds against LaRoSa's, Llama-2-7B
@@ -17,7 +17,8 @@ for stage in ${1//,/ }; do
   echo "== $stage $(date +%T)"
   case $stage in
     pdl) python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k pdl 2>&1 | tail -5 | tee "$res/pdl.log" ;;
-    tests) python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_engine.py 2>&1 | tail -15 \
+    tests) python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_engine.py \
+             tests/test_families.py::test_the_kernels_decode_the_family_in_the_cuda_graph_as_transformers 2>&1 | tail -15 \
              | tee "$res/tests.log" ;;
     l2g) decode llama2-7b-global llama2-7b global ;;
     l2l) decode llama2-7b-layer llama2-7b layer ;;

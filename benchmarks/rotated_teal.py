@@ -6,7 +6,8 @@ concentrates each projection's input, greedy allocation spends sparsity where it
 
     python benchmarks/rotated_teal.py ROTATIONS|none OUT.json [TARGETS]
 ROTATIONS "none": TEAL on the model as it is, in the same harness. Environment: LAROSA_SHARED_DATA (the folder with
-wikitext-2-raw-test.txt and calib-wikipedia.txt), WINDOWS (evaluation windows, 40), CALIB_WINDOWS (TEAL's, 16).
+wikitext-2-raw-test.txt and calib-wikipedia.txt), WINDOWS (evaluation windows, 40), CALIB_WINDOWS (TEAL's, 16),
+CENTRE (mean or median: centred thresholds), ALLOCATIONS (greedy,uniform).
 """
 
 import json
@@ -54,13 +55,17 @@ plain = model if rot_path == "none" else rotated(model)
 prefix = "" if rot_path == "none" else "rotated-"
 rows = [{"method": prefix + "dense", **larosa.perplexity(plain, evals, batch_size=4, progress=False)}]
 print(rows[-1]["ppl"], flush=True)
-for greedy in (True, False):
+centre = os.environ.get("CENTRE") or None
+for allocation in os.environ.get("ALLOCATIONS", "greedy,uniform").split(","):
+    greedy = allocation == "greedy"
     for t in targets:
         start = time.perf_counter()
-        larosa.sparsify(plain, larosa.TealConfig(t, calib, greedy=greedy), device=device, progress=False)
+        larosa.sparsify(plain, larosa.TealConfig(t, calib, greedy=greedy, centre=centre), device=device,
+                        progress=False)
         r = larosa.perplexity(plain, evals, batch_size=4, progress=False)
-        r.update({**larosa.describe(plain), "method": prefix + ("teal-greedy" if greedy else "teal"),
-                  "target": t, "seconds": round(time.perf_counter() - start, 1)})
+        method = prefix + ("teal-greedy" if greedy else "teal") + (f"-{centre}" if centre else "")
+        r.update({**larosa.describe(plain), "method": method, "target": t,
+                  "seconds": round(time.perf_counter() - start, 1)})
         larosa.unsparsify(plain)
         rows.append(r)
         print(r["method"], t, round(r["ppl"], 3), r.get("measured_param_weighted"), flush=True)

@@ -75,12 +75,14 @@ def test_generate_is_greedy_and_matches_hf_generate(pair):
         Engine(Transformer.from_hf(hf, max_seq=8)).generate(random_windows(1, seq_len=6)[0], 10)
 
 
-@pytest.mark.parametrize("arch", ["llama", "phi3"])
-def test_engine_runs_teal_with_a_threshold_per_projection(arch):
+@pytest.mark.parametrize("arch,centre", [("llama", None), ("phi3", None), ("llama", "median")])
+def test_engine_runs_teal_with_a_threshold_per_projection(arch, centre):
     """A TEAL-sparsified model decodes in the engine as its hooks compute it: q, k and v (gate and up) each under
-    their own threshold in one stacked product (Phi-3's fused Linears share one), token for token."""
+    their own threshold in one stacked product (Phi-3's fused Linears share one), token for token; centred, each
+    input's offset is subtracted once for the stacked product."""
     model = tiny_model(arch)
-    larosa.sparsify(model, larosa.TealConfig(0.5, random_windows(4, seed=5), greedy=True), progress=False)
+    larosa.sparsify(model, larosa.TealConfig(0.5, random_windows(4, seed=5), greedy=True, centre=centre),
+                    progress=False)
     engine = Transformer.from_hf(model, max_seq=32)
     qkv = engine.layers[0].qkv
     if arch == "llama":  # three thresholds, as TEAL's greedy allocation set them (not all equal)
@@ -88,6 +90,7 @@ def test_engine_runs_teal_with_a_threshold_per_projection(arch):
         assert len({t for layer in engine.layers for t, _ in layer.qkv.segments + layer.gate_up.segments}) > 2
     else:
         assert len(qkv.segments) == 1 and not qkv.per_column
+    assert (qkv.offset is not None) == (centre is not None)
     tokens = random_windows(1, seq_len=12)[0]
     with torch.no_grad():
         ref = model(tokens[None]).logits[0]
@@ -99,15 +102,16 @@ def test_engine_runs_teal_with_a_threshold_per_projection(arch):
         Transformer.from_hf(model, max_seq=32, select="topk")
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_a_saved_teal_model_loads_with_its_thresholds(arch, tmp_path):
+@pytest.mark.parametrize("arch,centre", [("llama", None), ("qwen2", None), ("qwen2", "mean")])
+def test_a_saved_teal_model_loads_with_its_thresholds(arch, centre, tmp_path):
     """save_folded writes a TEAL model as its family's larosa type: the Auto class loads it with the thresholds on
-    (the same logits bit for bit, not the dense model's), its settings intact, and the engine decodes it as
-    transformers does."""
+    (and the centring offsets: the same logits bit for bit, not the dense model's), its settings intact, and the
+    engine decodes it as transformers does."""
     from transformers import AutoModelForCausalLM
 
     model = tiny_model(arch)
-    larosa.sparsify(model, larosa.TealConfig(0.5, random_windows(4, seed=5), greedy=True), progress=False)
+    larosa.sparsify(model, larosa.TealConfig(0.5, random_windows(4, seed=5), greedy=True, centre=centre),
+                    progress=False)
     windows = random_windows(2, seq_len=16, seed=9)
     loaded = AutoModelForCausalLM.from_pretrained(larosa.save_folded(model, None, tmp_path / "teal"))
     assert type(loaded).__name__.startswith("Larosa") and loaded.config.larosa["method"] == "teal-greedy"
@@ -154,18 +158,21 @@ def test_cuda_graph_decode_with_the_kernels_matches_the_hf_model(pair, dtype, co
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
-def test_cuda_graph_decode_of_teal_matches_the_hf_model(compile):
+@pytest.mark.parametrize("centre", [None, "median"], ids=["", "centred"])
+def test_cuda_graph_decode_of_teal_matches_the_hf_model(compile, centre):
     """TEAL on the GPU: each stacked projection (q | k | v, gate | up) one launch of the fused GEMV with a threshold
-    per output column, inside the CUDA graph, against the HF model's hooks in bf16."""
+    per output column, inside the CUDA graph, against the HF model's hooks in bf16 (centred: the offset moves into
+    the bias)."""
     model = tiny_model("llama")
-    larosa.sparsify(model, larosa.TealConfig(0.5, random_windows(4, seed=5), greedy=True), progress=False)
+    larosa.sparsify(model, larosa.TealConfig(0.5, random_windows(4, seed=5), greedy=True, centre=centre),
+                    progress=False)
     hf = model.cuda().to(torch.bfloat16)
     tokens = random_windows(1, seq_len=20)[0].cuda()
     with torch.no_grad():
         ref = hf(tokens[None]).logits[0].float()
     engine = Engine(Transformer.from_hf(hf, max_seq=32), compile=compile)
     layer = engine.model.layers[0]
-    assert layer.qkv.per_column and layer.qkv.state.shape == (128,) and layer.o.state.shape == (4,)
+    assert layer.qkv.per_column and layer.qkv.state.shape == (4,) and layer.o.state.shape == (4,)  # blocks of 32
     engine.model(tokens[:12], torch.arange(12, device="cuda"))
     for pos in range(12, 20):
         assert relative_error(engine.step(tokens[pos : pos + 1], pos), ref[pos : pos + 1]) < 0.15

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, Phi3Config
 
 import larosa
 from larosa import LaRoSaConfig
-from larosa.runtime import Transformer
+from larosa.runtime import Engine, Transformer
 from larosa.sparsity import sites
 
 FAMILIES = ["mistral", "qwen3", "gemma3", "phi3"]
@@ -87,6 +87,26 @@ def test_the_engine_generates_what_transformers_generates(family):
     for hf in (model, folded):
         generates_as_hf(hf)
         decodes_as_hf(hf, 1e-5)  # and its logits, prefill and decode
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("select", ["topk", "threshold"])
+def test_the_kernels_decode_the_family_in_the_cuda_graph_as_transformers(family, select):
+    """On the GPU, bf16: the folded family at 50 % through the Triton kernels inside the CUDA graph, 20 positions
+    (past Gemma 3's window of 8), against transformers' own forward of the same folded model."""
+    arch, model, rot = family
+    calib = {"calib": random_windows(4, seed=5)} if select == "threshold" else {}
+    folded = larosa.sparsify(copy.deepcopy(model), LaRoSaConfig(rot, sparsity=0.5, mode="folded",
+                                                                form=FORMS[arch][0], select=select, **calib))
+    hf = folded.cuda().to(torch.bfloat16)
+    tokens = random_windows(1, seq_len=20)[0].cuda()
+    with torch.no_grad():
+        ref = hf(tokens[None]).logits[0].float()
+    engine = Engine(Transformer.from_hf(hf, max_seq=32))
+    assert engine.graph is not None and engine.model.layers[0].qkv.input_major
+    engine.model(tokens[:12], torch.arange(12, device="cuda"))
+    for pos in range(12, 20):
+        assert relative_error(engine.step(tokens[pos : pos + 1], pos), ref[pos : pos + 1]) < 5e-2
 
 
 @pytest.mark.parametrize("arch", ["mistral", "gemma3"])

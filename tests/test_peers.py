@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from conftest import random_windows, tiny_model
+from conftest import random_windows, relative_error, tiny_model
 from transformers.activations import ACT2FN
 
 import larosa
@@ -85,6 +85,36 @@ def test_quantiles_from_a_token_subsample(monkeypatch):
     model, windows = tiny_model("llama"), random_windows(8, seed=3)
     teal(model, TealConfig(0.5, windows), progress=False)
     assert larosa.perplexity(model, windows, progress=False)["measured_param_weighted"] == pytest.approx(0.5, abs=0.04)
+
+
+@pytest.mark.parametrize("centre", ["mean", "median"])
+def test_centred_teal_thresholds_the_distance_from_each_coordinates_offset(centre):
+    """Centred TEAL: at target 0 the model is dense (the offset goes out and comes back); at 0.5 each site's
+    offset is its input's per-coordinate mean or median on the calibration tokens, the measured sparsity holds,
+    and what a site passes on is x where |x - offset| >= threshold and the offset elsewhere."""
+    model, windows = tiny_model("llama"), random_windows(4, seed=3)
+    with torch.no_grad():
+        dense = model(windows).logits
+        teal(model, TealConfig(0.0, windows, centre=centre), progress=False)
+        assert relative_error(model(windows).logits, dense) < 1e-6
+    settings = teal(model, TealConfig(0.5, windows, centre=centre), progress=False)
+    assert settings["centre"] == centre and json.loads(json.dumps(settings)) == settings
+    assert larosa.perplexity(model, windows, progress=False)["measured_param_weighted"] == pytest.approx(0.5, abs=0.03)
+    ins, _ = capture(tiny_model("llama"), windows)
+    layer = adapter_for(model).layers()[0]
+    x = layer.input_layernorm(ins[0]).reshape(-1, 64)  # what q, k and v read
+    want = x.mean(0) if centre == "mean" else x.median(0).values
+    site = layer.larosa_sites["q"]
+    assert site.offset.shape == (64,) and relative_error(site.offset, want) < 0.05  # a subsample of the tokens
+    probe = x[:5]
+    kept = (probe - site.offset).abs() >= site.threshold
+    with torch.no_grad():  # (x - offset) + offset: x to rounding
+        assert torch.allclose(site(probe), torch.where(kept, probe, site.offset.expand_as(probe)), atol=1e-6)
+    assert 0.2 < kept.float().mean() < 0.8
+    with pytest.raises(LarosaError, match="centre must be"):
+        TealConfig(0.5, windows, centre="mode")
+    with pytest.raises(LarosaError, match="need their offsets"):
+        peers.restore(tiny_model("llama"), settings)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

@@ -96,7 +96,7 @@ def greedy_plan(model: nn.Module, rotations: Rotations, windows: torch.Tensor, t
     attach = prepare(model, LaRoSaConfig(rotations, sparsity=SparsityConfig(0.0, 0.0, 0.0, 0.0), scope=scope,
                                          score=score))[1]
 
-    def choose(i, layer, call, values, inputs) -> dict:
+    def choose(i, layer, call, values, inputs, offsets) -> dict:
         error = output_error(layer, call, inputs)
         layer_sites = attach(i, layer)
 

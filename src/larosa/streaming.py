@@ -21,9 +21,14 @@ from .models import check_context, check_device, default_device, nonfinite, resi
 
 SAMPLE = 1 << 20  # |x| values kept per tap and layer: quantiles to ~1e-3, and cheap to sort
 GREEDY_TOKENS = 4096  # calibration tokens a chooser measures layer output error on
+# Centring: a per-coordinate offset of a signal, subtracted before entries are selected (the weights add W·offset
+# back as a bias, free at run time): the dropped entries then stand at the offset, not at 0.
+CENTRES = ("mean", "median")
+CENTRE_TOKENS = 4096  # calibration tokens an offset is taken over
 
-# (layer index, layer, its call arguments, sorted samples per tap, dense inputs of GREEDY_TOKENS tokens) -> result
-Chooser = Callable[[int, nn.Module, tuple, dict[str, torch.Tensor], torch.Tensor], object]
+# (layer index, layer, its call arguments, sorted |samples| per tap (centred where offsets are), dense inputs of
+# GREEDY_TOKENS tokens, the taps' centring offsets (none unless asked)) -> result
+Chooser = Callable[[int, nn.Module, tuple, dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]], object]
 # (adapter, layer) -> (module to hook, how to read the signal from its (input, output))
 Tap = Callable[[Adapter, nn.Module], tuple[nn.Module, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]]
 
@@ -109,24 +114,30 @@ def passes(model: nn.Module, windows: torch.Tensor, desc: str, device: str | tor
 
 
 class QuantileSample:
-    """A random subsample of one tap's |signal| over the calibration tokens, for quantiles.
+    """A random subsample of one tap's signal over the calibration tokens, for quantiles of its magnitude.
 
     torch.quantile refuses large inputs and a full sort of every token would not fit on the device for big
-    models, so each window contributes a fixed number of random tokens (all of them when few).
+    models, so each window contributes a fixed number of random tokens (all of them when few; at least
+    ``min_rows`` where a per-coordinate offset is taken over the same tokens).
     """
 
-    def __init__(self, n_windows: int, generator: torch.Generator):
-        self.n_windows, self.generator = n_windows, generator
+    def __init__(self, n_windows: int, generator: torch.Generator, min_rows: int = 1):
+        self.n_windows, self.generator, self.min_rows = n_windows, generator, min_rows
         self.parts: list[torch.Tensor] = []
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1])
-        rows = min(x.shape[0], math.ceil(SAMPLE / (x.shape[1] * self.n_windows)))
+        rows = min(x.shape[0], max(self.min_rows, math.ceil(SAMPLE / (x.shape[1] * self.n_windows))))
         idx = torch.randperm(x.shape[0], generator=self.generator)[:rows].to(x.device)
-        self.parts.append(x[idx].abs().float().flatten())
+        self.parts.append(x[idx].float())
 
-    def sorted(self) -> torch.Tensor:
-        return torch.cat(self.parts).sort().values.cpu()
+    def offset(self, centre: str) -> torch.Tensor:
+        return centre_of(torch.cat(self.parts), centre)
+
+    def sorted(self, offset: torch.Tensor | None = None) -> torch.Tensor:
+        """The sampled |x| (|x - offset| where centred), sorted."""
+        rows = torch.cat(self.parts)
+        return (rows if offset is None else rows - offset).abs().flatten().sort().values.cpu()
 
 
 class RowSample:
@@ -146,6 +157,11 @@ class RowSample:
         return torch.cat(self.parts)
 
 
+def centre_of(rows: torch.Tensor, centre: str) -> torch.Tensor:
+    """The per-coordinate ``centre`` ("mean" or "median") of ``rows`` ([tokens, d]): a centring offset."""
+    return rows.mean(0) if centre == "mean" else rows.median(0).values
+
+
 def quantile(values: torch.Tensor, level: float) -> float:
     """The threshold under which a share ``level`` of the sorted sample ``values`` lies: zeroing |x| below it
     drops that share; level 0 keeps everything."""
@@ -156,15 +172,17 @@ def quantile(values: torch.Tensor, level: float) -> float:
 
 @torch.no_grad()
 def layerwise(model: nn.Module, windows: torch.Tensor, taps: dict[str, Tap], choose: Chooser, desc: str,
-              device: str | None, progress: bool) -> list:
+              device: str | None, progress: bool, centre: str | None = None) -> list:
     """Run the dense model layer by layer on ``windows``, sampling what ``taps`` read at each layer, and return
-    ``choose``'s result for every layer."""
+    ``choose``'s result for every layer; with ``centre`` ("mean" or "median") each tap's samples come centred on
+    their per-coordinate offset, which ``choose`` is given too."""
     adapter = adapter_for(model)
     kept = max(1, min(len(windows), GREEDY_TOKENS // windows.shape[1]))
     generator = torch.Generator().manual_seed(0)
     results = []
     for i, layer, call, hidden in passes(model, windows, desc, device, progress):
-        samples = {name: QuantileSample(len(windows), generator) for name in taps}
+        min_rows = math.ceil(CENTRE_TOKENS / len(windows)) if centre else 1
+        samples = {name: QuantileSample(len(windows), generator, min_rows) for name in taps}
         handles = []
         for name, tap in taps.items():
             module, read = tap(adapter, layer)
@@ -172,7 +190,10 @@ def layerwise(model: nn.Module, windows: torch.Tensor, taps: dict[str, Tap], cho
                 lambda m, a, out, s=samples[name], read=read: s.add(read(a[0], out))))
         inputs = hidden[:kept].clone()
         advance(layer, call, hidden, [h.remove for h in handles], index=i)
-        results.append(choose(i, layer, call, {name: s.sorted() for name, s in samples.items()}, inputs))
+        offsets = {name: s.offset(centre) for name, s in samples.items()} if centre else {}
+        values = {name: s.sorted(offsets.get(name)) for name, s in samples.items()}
+        offsets = {name: o.to(hidden.dtype) for name, o in offsets.items()}
+        results.append(choose(i, layer, call, values, inputs, offsets))
     return results
 
 

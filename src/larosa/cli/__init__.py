@@ -80,6 +80,8 @@ def _check_peer(a: argparse.Namespace) -> None:
     """What a peer's options lack or have too many of, before the model loads."""
     if a.target is None or not a.calib_data:
         raise LarosaError(f"--method {a.method} needs --target (parameter-weighted) and --calib-data")
+    if a.method == "cats" and a.centre:
+        raise LarosaError("--centre is for LaRoSa and TEAL, not CATS (its sites threshold the gate activation)")
     if a.rotations or a.sparsity is not None or a.site or a.plan or getattr(a, "mode", "simulate") != "simulate":
         raise LarosaError(f"--method {a.method} takes no --rotations, --sparsity, --site, --plan or --mode folded")
     if getattr(a, "lazy", False):
@@ -90,7 +92,7 @@ def _apply_peer(a: argparse.Namespace, model, tok) -> None:
     """Make ``model`` sparse with the peer the options name (TEAL or CATS), calibrated on --calib-data."""
     calib = _calib_windows(a, tok)
     config = (CatsConfig(a.target, calib) if a.method == "cats"
-              else TealConfig(a.target, calib, greedy=a.method == "teal-greedy"))
+              else TealConfig(a.target, calib, greedy=a.method == "teal-greedy", centre=a.centre))
     sparsify(model, config, device=a.device, progress=not a.quiet)
 
 

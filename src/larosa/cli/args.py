@@ -128,7 +128,7 @@ def _larosa(p: argparse.ArgumentParser, folded_only: bool) -> None:
                         "it folds exactly, else input)")
     p.add_argument("--centre", choices=CENTRES,
                    help="centre every site's (rotated) input on a per-coordinate offset, the mean or the median of "
-                        "it on --calib-data, before it selects; the weights add it back as a bias")
+                        "it on --calib-data, before it selects; the weights add it back as a bias (LaRoSa and TEAL)")
     p.add_argument("--select", choices=SELECTS, default="topk",
                    help="topk (default): exactly k entries a token at every site; threshold: every entry at or above "
                         "a per-site threshold calibrated on --calib-data to drop the site's share (k varies per "

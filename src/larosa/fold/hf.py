@@ -74,12 +74,14 @@ class FoldedCausalLM:
     def __init__(self, config):
         super().__init__(config)
         settings = FoldedSettings.of(config)
-        if settings is None:  # TEAL's thresholds on the family's own layers
-            restore(self, config.larosa)
-            return
         adapter = adapter_for(self)
         layers = adapter.layers()
         sizes = site_sizes(adapter.dims)
+        if settings is None:  # TEAL's thresholds on the family's own layers; offsets load over these zeros
+            centred = config.larosa.get("centre")
+            restore(self, config.larosa, [{s: torch.zeros(n) for s, n in sizes.items()} for _ in layers]
+                    if centred else None)
+            return
         residual = settings.form == "residual"
         for i, layer in enumerate(layers):
             layers[i] = FoldedDecoderLayer(

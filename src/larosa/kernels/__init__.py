@@ -4,6 +4,8 @@ without Triton (``HAVE_TRITON`` is False then); only calling a kernel needs it."
 from .topk_gemv import (
     HAVE_TRITON,
     MAX_D_IN,
+    MIN_COLUMN_BLOCK,
+    column_block,
     column_thresholds,
     fused_config,
     gemv_config,
@@ -25,6 +27,8 @@ from .topk_gemv import (
 __all__ = [
     "HAVE_TRITON",
     "MAX_D_IN",
+    "MIN_COLUMN_BLOCK",
+    "column_block",
     "column_thresholds",
     "fused_config",
     "gemv_config",

@@ -19,7 +19,7 @@ from torch import nn
 from ..arch import adapter_for, soft_cap
 from ..errors import LarosaError
 from ..fold import FoldedSettings
-from ..kernels import column_thresholds, pdl_supported, threshold_state
+from ..kernels import MIN_COLUMN_BLOCK, column_thresholds, pdl_supported, threshold_state
 from ..sparsity import sites
 from ..sparsity.peers import teal_thresholds
 from ..sparsity.levels import keep_count, site_sizes
@@ -49,8 +49,8 @@ class Proj(nn.Module):
         # A threshold, or (threshold, rows) for each weight stacked in ``weight`` (TEAL's q, k, v or gate, up)
         self.segments = _segments(threshold, weight.shape[0])
         self.per_column = self.segments is not None and len(self.segments) > 1
-        if self.per_column and (scale is not None or offset is not None):
-            raise ValueError("thresholds per stacked weight take no weight-aware scale or centring offset")
+        if self.per_column and scale is not None:
+            raise ValueError("thresholds per stacked weight take no weight-aware scale")
         self.threshold = self.segments[0][0] if self.segments and not self.per_column else None
         self.k = None if self.segments or k is None or k >= weight.shape[1] else k
         sparse = self.k is not None or self.segments is not None
@@ -67,8 +67,8 @@ class Proj(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         state = None
-        vectors = all(rows % 8 == 0 for _, rows in self.segments or ())  # the per-column kernel's 16-byte groups
-        if self.segments and self.input_major and weight.dtype in HALF and (vectors or not self.per_column):
+        blocks = all(rows % MIN_COLUMN_BLOCK == 0 for _, rows in self.segments or ())  # no block across two weights
+        if self.segments and self.input_major and weight.dtype in HALF and (blocks or not self.per_column):
             state = (column_thresholds(self.segments, weight.dtype, weight.device) if self.per_column
                      else threshold_state(self.threshold, weight.dtype, weight.device))
         self.register_buffer("state", state, persistent=False)
@@ -101,15 +101,17 @@ class Proj(nn.Module):
     def _per_weight(self, x: torch.Tensor) -> torch.Tensor:
         """Each stacked weight's product with x under its own threshold, as its Linear and TEAL's site compute it."""
         parts, start = [], 0
+        centred = x if self.offset is None else x - self.offset
         for threshold, rows in self.segments:
-            kept = x.masked_fill(x.abs() < threshold, 0)
+            kept = centred.masked_fill(centred.abs() < threshold, 0)
             end = start + rows
             bias = None if self.bias is None else self.bias[start:end]
-            if self.input_major:
+            if self.input_major:  # the bias holds W o
                 y = kept @ self.weight[:, start:end]
                 parts.append(y if bias is None else y + bias)
             else:
-                parts.append(F.linear(kept, self.weight[start:end], bias))
+                parts.append(F.linear(kept if self.offset is None else kept + self.offset, self.weight[start:end],
+                                      bias))
             start = end
         return torch.cat(parts, dim=-1)
 
@@ -323,11 +325,16 @@ class Transformer(nn.Module):
             raise ValueError("this folded model has no calibrated thresholds (fold it with select='threshold')")
         configs = [None] * dims.n_layers if select == "dense" or folded is None else list(folded.levels)
         thresholds = folded.thresholds if select == "threshold" and folded else [{}] * dims.n_layers
+        teal_offsets = [{}] * dims.n_layers
         if select == "threshold" and teal is not None:  # (threshold, rows) per stacked Linear, in each Proj's order
-            thresholds = [{"attn_in": [(by[m], m.out_features) for m in adapter.qkv(layer)],
-                           "o_in": by[adapter.o_proj(layer)],
-                           "mlp_in": [(by[m], m.out_features) for m in adapter.gate_up(layer)],
-                           "down_in": by[adapter.down_proj(layer)]} for layer, by in zip(adapter.layers(), teal)]
+            thresholds = [{"attn_in": [(by[m][0], m.out_features) for m in adapter.qkv(layer)],
+                           "o_in": by[adapter.o_proj(layer)][0],
+                           "mlp_in": [(by[m][0], m.out_features) for m in adapter.gate_up(layer)],
+                           "down_in": by[adapter.down_proj(layer)][0]} for layer, by in zip(adapter.layers(), teal)]
+            first = {"attn_in": lambda layer: adapter.qkv(layer)[0], "o_in": adapter.o_proj,
+                     "mlp_in": lambda layer: adapter.gate_up(layer)[0], "down_in": adapter.down_proj}
+            teal_offsets = [{site: by[linear(layer)][1] for site, linear in first.items()
+                             if by[linear(layer)][1] is not None} for layer, by in zip(adapter.layers(), teal)]
         sizes = site_sizes(dims)
         shape = Shape(dims.hidden, dims.n_heads, dims.n_kv_heads, dims.head_dim, dims.intermediate,
                       adapter.attention_scale())
@@ -338,11 +345,11 @@ class Transformer(nn.Module):
 
         kinds = list(dict.fromkeys(adapter.rotary_kind(i) for i in range(dims.n_layers)))  # the rotary tables
         layers = []
-        for i, (layer, config, t) in enumerate(zip(adapter.layers(), configs, thresholds)):
+        for i, (layer, config, t, teal_offset) in enumerate(zip(adapter.layers(), configs, thresholds, teal_offsets)):
             kept = {} if config is None else {site: keep_count(s, sizes[site]) for site, s in config.sites().items()}
             made = {} if teal is not None else (sites.of(layer) or {})  # LaRoSa's sites carry scale and offset
             scale = {name: site.scale for name, site in made.items() if site.scale is not None}
-            offset = {name: site.offset for name, site in made.items() if site.offset is not None}
+            offset = teal_offset or {name: site.offset for name, site in made.items() if site.offset is not None}
             qkv = adapter.qkv(layer)  # q, k and v's Linears, or the one that fuses them (as gate_up)
             qkv_bias = None if qkv[0].bias is None else torch.cat([p.bias for p in qkv])
             adapters = [getattr(layer, name, None) for name in ("mid_adapter", "out_adapter")]

@@ -13,7 +13,7 @@ and perplexity work on them as on LaRoSa's.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +21,7 @@ from torch import nn
 
 from ..arch import Adapter, Dims, adapter_for
 from ..errors import LarosaError
-from ..streaming import Chooser, layerwise, output_error, quantile
+from ..streaming import CENTRES, Chooser, layerwise, output_error, quantile
 from . import sites as site_protocol
 from .levels import MAX_SITE, check_target, greedy_levels, site_weights
 
@@ -36,12 +36,15 @@ LEGACY_NAMES = {"teal-uniform": "teal"}  # settings saved by larosa 0.1
 @dataclass(frozen=True)
 class TealConfig:
     """TEAL: magnitude thresholds per layer and projection, calibrated on ``calib`` ([n, seq_len] token ids) for
-    the parameter-weighted ``target``; ``greedy`` allocates it per projection by layer output error."""
+    the parameter-weighted ``target``; ``greedy`` allocates it per projection by layer output error. ``centre``
+    ("mean" or "median") thresholds each input's distance from its per-coordinate offset instead of its magnitude
+    (an extension: TEAL itself does not centre)."""
 
     target: float
     calib: torch.Tensor
     greedy: bool = False
     step: float = 0.05
+    centre: str | None = None
 
     def __post_init__(self) -> None:
         check_target(self.target)
@@ -50,6 +53,8 @@ class TealConfig:
                               "is too high")
         if not 0.0 < self.step <= 1.0:
             raise LarosaError(f"greedy step must be in (0, 1], got {self.step!r}")
+        if self.centre is not None and self.centre not in CENTRES:
+            raise LarosaError(f"centre must be one of {', '.join(CENTRES)}, got {self.centre!r}")
 
     @property
     def method(self) -> str:
@@ -75,17 +80,24 @@ class ThresholdSite(site_protocol.Site):
 
     The score is |x| (TEAL), or |act(x)| with x the gate projection's output (CATS): a zeroed pre-activation
     gives act(0) = 0, so the down_proj input is zero there and the up_proj row is not needed. ``columns`` are
-    the entries it decides, the others passing untouched: the gate's half of a fused gate | up output.
+    the entries it decides, the others passing untouched: the gate's half of a fused gate | up output. With an
+    ``offset`` (centring, TEAL only) the score is |x - offset| and a dropped entry stands at its offset, which is
+    what the weights compute with W·offset added as a bias.
     """
 
-    def __init__(self, threshold: float, weights: int, act: Callable | None = None, columns: slice = slice(None)):
+    def __init__(self, threshold: float, weights: int, act: Callable | None = None, columns: slice = slice(None),
+                 offset: torch.Tensor | None = None):
         super().__init__(weights)
         self.threshold = threshold
         self.act = act
         self.columns = columns
+        self.register_buffer("offset", offset)  # saved with the model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         decided = x[..., self.columns]
+        if self.offset is not None:
+            centred = decided - self.offset
+            return self.count(centred.masked_fill(centred.abs() < self.threshold, 0)) + self.offset
         score = decided if self.act is None else self.act(decided)
         kept = self.count(decided.masked_fill(score.abs() < self.threshold, 0))
         if self.columns == slice(None):
@@ -127,11 +139,19 @@ def _activation(adapter: Adapter) -> Callable:
 
 
 # -- attaching sites ----------------------------------------------------------------------------------------
-def _teal_sites(adapter: Adapter, layer: nn.Module, thresholds: dict[str, float]):
+def _copy(offset: torch.Tensor | None) -> torch.Tensor | None:
+    """Each site its own tensor: a checkpoint refuses buffers that share one."""
+    return None if offset is None else offset.clone()
+
+
+def _teal_sites(adapter: Adapter, layer: nn.Module, thresholds: dict[str, float],
+                offsets: dict[str, torch.Tensor] | None = None):
     """One site per projection, on its input: q, k and v (gate and up) may have different thresholds, unless one
-    fused Linear computes them."""
+    fused Linear computes them; ``offsets`` are per input signal (attn_in, o_in, mlp_in, down_in)."""
     projections = _projections(adapter, layer)
-    made = {p: ThresholdSite(thresholds[p], linear.weight.numel()) for p, linear in projections.items()}
+    offsets = offsets or {}
+    made = {p: ThresholdSite(thresholds[p], linear.weight.numel(), offset=_copy(offsets.get(_input_of(p))))
+            for p, linear in projections.items()}
     return made, [(linear, "input", made[p]) for p, linear in projections.items()]
 
 
@@ -145,19 +165,23 @@ def _attach_cats(adapter: Adapter, layer: nn.Module, threshold: float, act: Call
     return site_protocol.attach(layer, {"cats": site}, [(gate, "output", site)])
 
 
-def teal_thresholds(model: nn.Module) -> list[dict[nn.Linear, float]] | None:
-    """Each layer's TEAL threshold per Linear (the projections of a fused Linear share one), for the decode
-    engine; None where ``model`` is not sparsified by TEAL."""
+def teal_thresholds(model: nn.Module) -> list[dict[nn.Linear, tuple[float, torch.Tensor | None]]] | None:
+    """Each layer's TEAL threshold and centring offset (None uncentred) per Linear (the projections of a fused
+    Linear share them), for the decode engine; None where ``model`` is not sparsified by TEAL."""
     settings = site_protocol.settings(model) or {}
     if LEGACY_NAMES.get(settings.get("method"), settings.get("method")) not in ("teal", "teal-greedy"):
         return None
     adapter = adapter_for(model)
-    return [{linear: plan[p]["threshold"] for p, linear in _projections(adapter, layer).items()}
+    return [{linear: (plan[p]["threshold"], site_protocol.of(layer)[p].offset)
+             for p, linear in _projections(adapter, layer).items()}
             for layer, plan in zip(adapter.layers(), settings["layers"])]
 
 
-def restore(model: nn.Module, settings: dict) -> nn.Module:
-    """Make ``model`` sparse in place with saved :func:`teal` or :func:`cats` settings, without recalibrating."""
+
+def restore(model: nn.Module, settings: dict, offsets: Sequence[dict[str, torch.Tensor]] | None = None) -> nn.Module:
+    """Make ``model`` sparse in place with saved :func:`teal` or :func:`cats` settings, without recalibrating.
+
+    Centred settings need each layer's ``offsets`` (per input signal); a saved model loads them over zeros."""
     adapter = adapter_for(model)
     site_protocol.refuse_folded(model)
     method = LEGACY_NAMES.get(settings.get("method"), settings.get("method"))
@@ -167,13 +191,17 @@ def restore(model: nn.Module, settings: dict) -> nn.Module:
     if len(settings["layers"]) != len(layers):
         raise LarosaError(f"settings are for {len(settings['layers'])} layers, the model has {len(layers)}")
     act = _activation(adapter) if method == "cats" else None
+    if settings.get("centre") and offsets is None:
+        raise LarosaError("centred TEAL settings need their offsets (saved with the model's weights)")
+    if offsets is not None and len(offsets) != len(layers):
+        raise LarosaError(f"offsets are for {len(offsets)} layers, the model has {len(layers)}")
     site_protocol.remove(model)
-    for layer, plan in zip(layers, settings["layers"]):
+    for i, (layer, plan) in enumerate(zip(layers, settings["layers"])):
         if method == "cats":
             _attach_cats(adapter, layer, plan["cats"]["threshold"], act)
         else:
             thresholds = {p: plan[p]["threshold"] for p in _projections(adapter, layer)}
-            site_protocol.attach(layer, *_teal_sites(adapter, layer, thresholds))
+            site_protocol.attach(layer, *_teal_sites(adapter, layer, thresholds, offsets and offsets[i]))
     site_protocol.install(model, {**settings, "method": method, "mode": "simulate"})
     return model
 
@@ -187,10 +215,11 @@ def _greedy(adapter: Adapter, target: float, step: float) -> Chooser:
     """TEAL's block-wise greedy allocation over the seven projections (the layer's Linears where some are fused),
     by layer output error (the thresholds of each trial are the quantiles of that projection's input)."""
 
-    def choose(i, layer, call, values, inputs) -> dict:
+    def choose(i, layer, call, values, inputs, offsets) -> dict:
         weights = {p: m.weight.numel() for p, m in _projections(adapter, layer).items()}
         error = output_error(layer, call, inputs)
-        with site_protocol.attached(layer, *_teal_sites(adapter, layer, dict.fromkeys(weights, 0.0))) as sites:
+        with site_protocol.attached(layer, *_teal_sites(adapter, layer, dict.fromkeys(weights, 0.0),
+                                                        offsets)) as sites:
 
             def trial_error(levels: dict[str, float]) -> float:
                 for p, level in levels.items():
@@ -216,7 +245,8 @@ def teal(model: nn.Module, config: TealConfig, *, device: str | None = None, pro
     """Calibrate TEAL thresholds on ``config.calib`` and make ``model`` sparse in place.
 
     Uniform mode puts every projection at the target; greedy mode allocates it per layer and projection by
-    layer output error (:func:`_greedy`). Returns the JSON-serialisable settings that :func:`restore` re-applies.
+    layer output error (:func:`_greedy`). Returns the JSON-serialisable settings that :func:`restore` re-applies
+    (with the centring offsets, which stay on the model's sites: saving the model saves them).
     """
     adapter = adapter_for(model)
     site_protocol.refuse_folded(model)
@@ -224,16 +254,22 @@ def teal(model: nn.Module, config: TealConfig, *, device: str | None = None, pro
     start = time.perf_counter()
     taps = {signal: _input_tap(signal) for signal in ("attn_in", "o_in", "mlp_in", "down_in")}
 
-    def uniform(i, layer, call, values, inputs) -> dict:
+    def uniform(i, layer, call, values, inputs, offsets) -> dict:
         return _teal_plan(values, dict.fromkeys(_projections(adapter, layer), config.target))
 
-    choose = _greedy(adapter, config.target, config.step) if config.greedy else uniform
+    pick = _greedy(adapter, config.target, config.step) if config.greedy else uniform
+    offsets: list[dict[str, torch.Tensor]] = []
+
+    def choose(i, layer, call, values, inputs, layer_offsets) -> dict:
+        offsets.append({name: o.cpu() for name, o in layer_offsets.items()})
+        return pick(i, layer, call, values, inputs, layer_offsets)
+
     windows = config.calib
-    layers = layerwise(model, windows, taps, choose, config.method, device, progress)
+    layers = layerwise(model, windows, taps, choose, config.method, device, progress, config.centre)
     settings = {"method": config.method, "target": config.target, **({"step": config.step} if config.greedy else {}),
-                "windows": windows.shape[0], "seq_len": windows.shape[1],
-                "seconds": round(time.perf_counter() - start, 3), "layers": layers}
-    restore(model, settings)
+                **({"centre": config.centre} if config.centre else {}), "windows": windows.shape[0],
+                "seq_len": windows.shape[1], "seconds": round(time.perf_counter() - start, 3), "layers": layers}
+    restore(model, settings, offsets if config.centre else None)
     return settings
 
 
@@ -269,7 +305,7 @@ def cats(model: nn.Module, config: CatsConfig, *, device: str | None = None, pro
 
     taps = {"gate": gate_tap}
 
-    def choose(i, layer, call, values, inputs) -> dict:
+    def choose(i, layer, call, values, inputs, offsets) -> dict:
         return {"cats": {"sparsity": level, "threshold": quantile(values["gate"], level)}}
 
     windows = config.calib

@@ -18,7 +18,7 @@ from torch import nn
 from ..arch import Adapter, adapter_for
 from ..errors import LarosaError
 from ..rotations import SCOPES, Rotations
-from ..streaming import QuantileSample, RowSample, advance, passes, quantile
+from ..streaming import CENTRE_TOKENS, CENTRES, QuantileSample, RowSample, advance, centre_of, passes, quantile
 from . import sites as site_protocol
 from .levels import (DEFAULT_SPLIT, FORMS, SCORES, Sparsity, SparsityConfig, check_target, default_config,
                      keep_count, per_layer, site_sizes, site_weights)
@@ -31,10 +31,6 @@ DEFAULT_SCOPE = {"simulate": "block", "folded": "global"}
 # calibrated to drop the site's share of the calibration entries (k then varies per token, as in TEAL).
 SELECTS = ("topk", "threshold")
 Thresholds = Sequence[dict[str, float]]  # one {site: threshold} per layer
-# Centring: each site subtracts a per-coordinate offset of its (rotated) input before selecting, and the weights it
-# feeds add W·offset back as a bias (free at run time): the dropped entries then stand at the offset, not at 0.
-CENTRES = ("mean", "median")
-CENTRE_TOKENS = 4096  # calibration tokens an offset is taken over
 
 
 @dataclass(frozen=True)
@@ -381,9 +377,7 @@ def calibrate_offsets(model: nn.Module, windows: torch.Tensor, centre: str, *, d
         try:
             advance(layer, call, hidden)
             for site in made.values():
-                values = site.rows.all()
-                offset = values.mean(0) if centre == "mean" else values.median(0).values
-                site.offset = offset.to(hidden.device, hidden.dtype)
+                site.offset = centre_of(site.rows.all(), centre).to(hidden.device, hidden.dtype)
         finally:
             for site in made.values():
                 site.rows = None
