@@ -172,7 +172,7 @@ def test_cuda_graph_decode_of_teal_matches_the_hf_model(compile, centre):
         ref = hf(tokens[None]).logits[0].float()
     engine = Engine(Transformer.from_hf(hf, max_seq=32), compile=compile)
     layer = engine.model.layers[0]
-    assert layer.qkv.per_column and layer.qkv.state.shape == (4,) and layer.o.state.shape == (4,)  # blocks of 32
+    assert layer.qkv.per_column and layer.qkv.state.shape == (128,) and layer.o.state.shape == (4,)
     engine.model(tokens[:12], torch.arange(12, device="cuda"))
     for pos in range(12, 20):
         assert relative_error(engine.step(tokens[pos : pos + 1], pos), ref[pos : pos + 1]) < 0.15

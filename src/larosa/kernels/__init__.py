@@ -4,8 +4,6 @@ without Triton (``HAVE_TRITON`` is False then); only calling a kernel needs it."
 from .topk_gemv import (
     HAVE_TRITON,
     MAX_D_IN,
-    MIN_COLUMN_BLOCK,
-    column_block,
     column_thresholds,
     fused_config,
     gemv_config,
@@ -27,8 +25,6 @@ from .topk_gemv import (
 __all__ = [
     "HAVE_TRITON",
     "MAX_D_IN",
-    "MIN_COLUMN_BLOCK",
-    "column_block",
     "column_thresholds",
     "fused_config",
     "gemv_config",

@@ -38,7 +38,6 @@ except ImportError:  # the pure-torch helpers below still work
 
 MAX_D_IN = 32768  # one program holds the whole vector in registers (32 values a thread at 32 warps)
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-MIN_COLUMN_BLOCK = 16  # the fused GEMV's narrowest column block
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -252,9 +251,10 @@ if HAVE_TRITON:
         pid_n * BLOCK_N.. and positions pid_k * P.. (a slice of d_in, walked forwards): it loads the rows whose
         |x| passes the threshold (masked loads of the others move no bytes). Splits meet by fp32 atomics in
         a zeroed buffer; the last program of a column block to finish casts it to the output and re-zeroes
-        it, so there is no second launch. With COLUMNS the state is a threshold per column block (TEAL's q, k
-        and v, or gate and up, packed side by side, each a whole number of blocks wide): a row of the block is
-        read where |x| passes its weight's threshold."""
+        it, so there is no second launch. With COLUMNS the state is a threshold per output column (TEAL's q, k
+        and v, or gate and up, packed side by side): a row is read where |x| passes the lowest threshold of the
+        program's columns (a row mask, so the loads stay 16-byte vectors; only a block that straddles two
+        weights reads rows one of them drops), and each column sums the entries that pass its own."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -266,8 +266,9 @@ if HAVE_TRITON:
             tl.extra.cuda.gdc_wait()  # the threshold kernel's results are visible from here on
         xv = tl.load(x_ptr + rows, mask=rows < p1, other=0.0)
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        if COLUMNS:  # keep every value equal to the block's threshold
-            t = tl.load(state_ptr + pid_n)
+        if COLUMNS:  # keep every value equal to a threshold
+            t_col = tl.load(state_ptr + offs_n, mask=mask_n, other=0x7FFF)
+            t = tl.min(t_col, 0)
             need = t * 0 + 2147483647
             n_eq = t * 0
         else:
@@ -290,12 +291,15 @@ if HAVE_TRITON:
                 other=0.0,
                 eviction_policy="evict_first",
             )
-            v = tl.where(keep, xv, 0.0).to(tl.float32)
+            if COLUMNS:  # each column's own threshold
+                v = tl.where(b[:, None] >= t_col[None, :], xv[:, None], 0.0).to(tl.float32)
+            else:
+                v = tl.where(keep, xv, 0.0).to(tl.float32)[:, None]
             if CLEAR:  # the histogram bins the threshold search filled (none with a given threshold)
                 tl.store(ws_ptr + b, tl.zeros([BLOCK_K], tl.int32), mask=valid & (rows * 0 + pid_n == 0))
             rows += BLOCK_K
             xv = tl.load(x_ptr + rows, mask=rows < p1, other=0.0)  # the next step's x, with these rows
-            acc += tl.sum(v[:, None] * w.to(tl.float32), 0)
+            acc += tl.sum(v * w.to(tl.float32), 0)
         if ONE_SPLIT:
             tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
         else:
@@ -634,27 +638,14 @@ def threshold_state(threshold: float, dtype: torch.dtype, device: torch.device |
     return torch.tensor([bits, 2**31 - 1, 0, 0], dtype=torch.int32, device=device)
 
 
-def column_block(widths: Sequence[int]) -> int:
-    """The column block of a GEMV over weights packed side by side: the largest power of two up to 1024 (the
-    fused GEMV's own block) that divides every width, so that no block straddles two weights."""
-    if not widths or any(w < 1 or w % MIN_COLUMN_BLOCK for w in widths):
-        raise ValueError(f"each packed weight must be a positive multiple of {MIN_COLUMN_BLOCK} wide, got "
-                         f"{list(widths)}")
-    block = MIN_COLUMN_BLOCK
-    while block < 1024 and all(w % (2 * block) == 0 for w in widths):
-        block *= 2
-    return block
-
-
 def column_thresholds(segments: Sequence[tuple[float, int]], dtype: torch.dtype, device: torch.device | str) -> Tensor:
     """The state :func:`threshold_gemv` reads with ``per_column=True``: from (threshold, width) for each weight
-    packed side by side (q | k | v, gate | up), a threshold per column block of :func:`column_block` columns, so
-    that each output column keeps the entries with |x| >= its weight's threshold (rounded to x's 16-bit
-    ``dtype``). Its length gives the block: one threshold per block, never a block across two weights (a
-    mask per group of 8 columns decoded Llama-2-7B at 0.57-0.63x the dense speed, H200 2026-11-30)."""
-    block = column_block([int(width) for _, width in segments])
-    parts = [threshold_state(threshold, dtype, "cpu")[0].expand(int(width) // block) for threshold, width in segments]
-    return torch.cat(parts).to(device)
+    packed side by side (q | k | v, gate | up), a threshold per output column, so that each column keeps the
+    entries with |x| >= its weight's threshold (rounded to x's 16-bit ``dtype``)."""
+    if not segments or any(int(width) < 1 for _, width in segments):
+        raise ValueError(f"column_thresholds needs (threshold, width >= 1) segments, got {list(segments)}")
+    return torch.cat([threshold_state(threshold, dtype, "cpu")[0].expand(int(width))
+                      for threshold, width in segments]).to(device)
 
 
 def threshold_gemv(x: Tensor, wt: Tensor, state: Tensor, out: Tensor | None = None, *, per_column: bool = False,
@@ -670,22 +661,13 @@ def threshold_gemv(x: Tensor, wt: Tensor, state: Tensor, out: Tensor | None = No
         raise ValueError(f"x has {xf.shape[0]} entries but wt has d_in={wt.shape[0]} rows")
     if xf.dtype == torch.float32:
         raise TypeError("a threshold GEMV takes a bf16 or fp16 x")
-    ok = (state.dim() == 1 and state.shape[0] > 0 and wt.shape[1] % state.shape[0] == 0
-          and _is_block(wt.shape[1] // state.shape[0])) if per_column else state.shape == (4,)
-    if not ok or state.dtype != torch.int32:
+    want = (wt.shape[1],) if per_column else (4,)
+    if state.shape != want or state.dtype != torch.int32:
         maker = "column_thresholds" if per_column else "threshold_state"
-        raise ValueError(f"state must be the int32 tensor {maker} makes for d_out={wt.shape[1]}")
-    if per_column:
-        if gemv_kwargs.get("block_n", wt.shape[1] // state.shape[0]) != wt.shape[1] // state.shape[0]:
-            raise ValueError("with per_column the column block is the state's (d_out / its length)")
-        gemv_kwargs["block_n"] = wt.shape[1] // state.shape[0]
+        raise ValueError(f"state must be the int32 {list(want)} tensor {maker} makes")
     out = _fused_out(xf, wt, out)
     _fused_gemv(xf, wt, out, pdl=False, clear=False, columns=per_column, **gemv_kwargs)(state)
     return out.unsqueeze(0) if x.dim() == 2 else out
-
-
-def _is_block(n: int) -> bool:
-    return MIN_COLUMN_BLOCK <= n <= 1024 and n & (n - 1) == 0
 
 
 def _fused_out(xf: Tensor, wt: Tensor, out: Tensor | None) -> Tensor:

@@ -19,7 +19,7 @@ from torch import nn
 from ..arch import adapter_for, soft_cap
 from ..errors import LarosaError
 from ..fold import FoldedSettings
-from ..kernels import MIN_COLUMN_BLOCK, column_thresholds, pdl_supported, threshold_state
+from ..kernels import column_thresholds, pdl_supported, threshold_state
 from ..sparsity import sites
 from ..sparsity.peers import teal_thresholds
 from ..sparsity.levels import keep_count, site_sizes
@@ -67,8 +67,7 @@ class Proj(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         state = None
-        blocks = all(rows % MIN_COLUMN_BLOCK == 0 for _, rows in self.segments or ())  # no block across two weights
-        if self.segments and self.input_major and weight.dtype in HALF and (blocks or not self.per_column):
+        if self.segments and self.input_major and weight.dtype in HALF:
             state = (column_thresholds(self.segments, weight.dtype, weight.device) if self.per_column
                      else threshold_state(self.threshold, weight.dtype, weight.device))
         self.register_buffer("state", state, persistent=False)
