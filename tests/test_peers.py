@@ -3,12 +3,13 @@ import json
 
 import pytest
 import torch
-from conftest import random_windows, relative_error, tiny_model
+from conftest import generates_as_hf, random_windows, relative_error, tiny_model
 from transformers.activations import ACT2FN
 
 import larosa
 from larosa.arch import adapter_for
 from larosa.errors import LarosaError
+from larosa.fold import rotated
 from larosa.sparsity import peers
 from larosa.sparsity.levels import site_weights
 from larosa.sparsity.peers import PROJECTIONS, CatsConfig, TealConfig, cats, cats_level, restore, teal
@@ -115,6 +116,28 @@ def test_centred_teal_thresholds_the_distance_from_each_coordinates_offset(centr
         TealConfig(0.5, windows, centre="mode")
     with pytest.raises(LarosaError, match="need their offsets"):
         peers.restore(tiny_model("llama"), settings)
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_teal_on_the_globally_rotated_model(arch):
+    """TealConfig(rotations=...): the model turned into the basis of one global Q (a plain model of its family, the
+    same logits, other weights), then TEAL's thresholds on it, centred; the engine decodes it as transformers
+    does. Gemma 3, whose residual stream cannot be rotated, is refused."""
+    model, windows = tiny_model(arch), random_windows(4, seed=3)
+    rot = larosa.calibrate(model, windows, signal="gainfree", progress=False)
+    with torch.no_grad():
+        dense = model(windows).logits
+        plain = rotated(copy.deepcopy(model), rot)
+        assert type(plain) is type(model) and relative_error(plain(windows).logits, dense) < 1e-4
+    assert relative_error(plain.get_input_embeddings().weight, model.get_input_embeddings().weight) > 0.1
+    sparse = larosa.sparsify(copy.deepcopy(model), TealConfig(0.5, windows, greedy=True, centre="median",
+                                                              rotations=rot), progress=False)
+    assert type(sparse) is type(model) and sparse.larosa["rotated"] == "global"
+    assert larosa.perplexity(sparse, windows, progress=False)["measured_param_weighted"] == pytest.approx(0.5, abs=0.03)
+    generates_as_hf(sparse)
+    gemma = tiny_model("gemma3")
+    with pytest.raises(LarosaError, match="input form"):
+        rotated(gemma, larosa.calibrate(gemma, windows, signal="gainfree", progress=False))
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

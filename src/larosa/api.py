@@ -9,7 +9,7 @@ from torch import nn
 
 from .arch import adapter_for
 from .errors import LarosaError
-from .fold import FoldedSettings, fold
+from .fold import FoldedSettings, fold, rotated
 from .sparsity import LABELS, sites
 from .sparsity.levels import adapter_overhead, report
 from .sparsity.peers import CatsConfig, TealConfig, cats, teal
@@ -23,9 +23,9 @@ def sparsify(model: nn.Module, config: Config, *, device: str | None = None, pro
     """Apply ``config``'s method to ``model`` and return the sparse model.
 
     LaRoSa in simulate mode, TEAL and CATS change ``model`` in place (a method applied before is replaced);
-    :func:`unsparsify` undoes them. LaRoSa in folded mode returns a new, deployable model made from ``model``'s
-    weights, which are consumed. TEAL, CATS and LaRoSa's threshold selection calibrate their thresholds layer by
-    layer on ``device``.
+    :func:`unsparsify` undoes them. LaRoSa in folded mode, and TEAL with rotations, return a new model made from
+    ``model``'s weights, which are consumed. TEAL, CATS and LaRoSa's threshold selection calibrate their
+    thresholds layer by layer on ``device``.
     """
     if isinstance(config, LaRoSaConfig):
         sparse = fold(model, config) if config.mode == "folded" else simulate(model, config)
@@ -37,6 +37,8 @@ def sparsify(model: nn.Module, config: Config, *, device: str | None = None, pro
             select_by_thresholds(sparse, config.calib, device=device, progress=progress)
         return sparse
     if isinstance(config, TealConfig):
+        if config.rotations is not None:
+            model = rotated(model, config.rotations)
         teal(model, config, device=device, progress=progress)
         return model
     if isinstance(config, CatsConfig):

@@ -82,18 +82,22 @@ def _check_peer(a: argparse.Namespace) -> None:
         raise LarosaError(f"--method {a.method} needs --target (parameter-weighted) and --calib-data")
     if a.method == "cats" and a.centre:
         raise LarosaError("--centre is for LaRoSa and TEAL, not CATS (its sites threshold the gate activation)")
-    if a.rotations or a.sparsity is not None or a.site or a.plan or getattr(a, "mode", "simulate") != "simulate":
-        raise LarosaError(f"--method {a.method} takes no --rotations, --sparsity, --site, --plan or --mode folded")
+    if a.rotations and a.method == "cats":
+        raise LarosaError("--rotations is for LaRoSa and TEAL (which then thresholds the rotated model), not CATS")
+    if a.sparsity is not None or a.site or a.plan or getattr(a, "mode", "simulate") != "simulate":
+        raise LarosaError(f"--method {a.method} takes no --sparsity, --site, --plan or --mode folded")
     if getattr(a, "lazy", False):
         raise LarosaError(f"--method {a.method} is calibrated on a model in memory; leave out --lazy")
 
 
-def _apply_peer(a: argparse.Namespace, model, tok) -> None:
-    """Make ``model`` sparse with the peer the options name (TEAL or CATS), calibrated on --calib-data."""
+def _apply_peer(a: argparse.Namespace, model, tok):
+    """``model`` made sparse by the peer the options name (TEAL, on the rotated model with --rotations, or CATS),
+    calibrated on --calib-data."""
     calib = _calib_windows(a, tok)
+    rotations = Rotations.load(a.rotations) if a.rotations else None
     config = (CatsConfig(a.target, calib) if a.method == "cats"
-              else TealConfig(a.target, calib, greedy=a.method == "teal-greedy", centre=a.centre))
-    sparsify(model, config, device=a.device, progress=not a.quiet)
+              else TealConfig(a.target, calib, greedy=a.method == "teal-greedy", centre=a.centre, rotations=rotations))
+    return sparsify(model, config, device=a.device, progress=not a.quiet)
 
 
 def _check_select(a: argparse.Namespace) -> None:
@@ -128,7 +132,7 @@ def _eval_model(a: argparse.Namespace):
     if a.method != "larosa":
         _check_peer(a)
         model, tok = _load(a, False)
-        _apply_peer(a, model, tok)
+        model = _apply_peer(a, model, tok)
         return model, tok, {**describe(model), "calib_data": a.calib_data, "calib_windows": a.calib_windows,
                             "model": a.model}, None
     _check_select(a)
@@ -165,7 +169,7 @@ def _cmd_sparsify(a: argparse.Namespace) -> dict:
     if a.method != "larosa":  # TEAL's thresholds on the model as it is: saved as its family's larosa type
         _check_peer(a)
         model, tok = load_model(a.model, device="cpu", dtype=dtype)
-        _apply_peer(a, model, tok)
+        model = _apply_peer(a, model, tok)
         deliver(a.out, lambda out: save_folded(model, tok, out, overwrite=a.overwrite))
         return {"out": a.out, **describe(model), "calib_data": a.calib_data, "calib_windows": a.calib_windows}
     if not a.rotations:

@@ -101,7 +101,8 @@ def _larosa(p: argparse.ArgumentParser, folded_only: bool) -> None:
     """What makes a model LaRoSa-sparse: the same options wherever LaRoSa is applied."""
     p.add_argument("--rotations", help="rotations file from `larosa calibrate`"
                    + (" (needed, but with --method teal / teal-greedy)" if folded_only
-                      else " (omit for unrotated Top-K)"))
+                      else " (omit for unrotated Top-K)")
+                   + "; with --method teal / teal-greedy, TEAL's thresholds sit on the model rotated by its global Q")
     p.add_argument("--sparsity", type=float, help="nominal sparsity s in [0, 1), split by --split")
     p.add_argument("--split", type=_split, default=DEFAULT_SPLIT,
                    help="multipliers of the nominal sparsity at the rotated,plain sites (default 0.8,1.2)")

@@ -230,6 +230,26 @@ def fold(model: nn.Module, config: LaRoSaConfig) -> nn.Module:
     return folded.eval()
 
 
+@torch.no_grad()
+def rotated(model: nn.Module, rotations: Rotations) -> nn.Module:
+    """A new model of ``model``'s own family whose residual stream is in the basis of one gain-free Q: the folded
+    global residual form at sparsity 0 (norm gains in the weights, no adapters, the same logits), as a plain
+    model with unit norm gains, for a method that sits on a dense model (TEAL's thresholds then rank rotated
+    inputs). ``model``'s weights are changed in place and should be discarded."""
+    folded = fold(model, LaRoSaConfig(rotations, sparsity=0.0, scope="global", mode="folded", form="residual"))
+    drop = ("larosa", "model_type", "architectures")
+    config = type(model.config)(**{k: v for k, v in folded.config.to_dict().items() if k not in drop})
+    emb = folded.get_input_embeddings().weight
+    with no_init_weights(), torch.device(emb.device):
+        plain = type(model)(config).to(emb.dtype)
+    state = folded.state_dict()
+    gains = [k for k in plain.state_dict() if k not in state]  # the folded model's norms carry no gain
+    if not all(k.endswith("norm.weight") for k in gains):
+        raise LarosaError(f"the rotated model lacks weights that are not norm gains: {gains}")
+    plain.load_state_dict({**{k: torch.ones_like(plain.state_dict()[k]) for k in gains}, **state}, strict=True)
+    return plain.eval()
+
+
 def _check_finite(bad: str | None) -> None:
     if bad is not None:
         raise LarosaError(f"the folded {bad} holds NaN or Inf, so nothing was written: the model's weights are not "

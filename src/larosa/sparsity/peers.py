@@ -21,6 +21,7 @@ from torch import nn
 
 from ..arch import Adapter, Dims, adapter_for
 from ..errors import LarosaError
+from ..rotations import Rotations
 from ..streaming import CENTRES, Chooser, layerwise, output_error, quantile
 from . import sites as site_protocol
 from .levels import MAX_SITE, check_target, greedy_levels, site_weights
@@ -37,14 +38,17 @@ LEGACY_NAMES = {"teal-uniform": "teal"}  # settings saved by larosa 0.1
 class TealConfig:
     """TEAL: magnitude thresholds per layer and projection, calibrated on ``calib`` ([n, seq_len] token ids) for
     the parameter-weighted ``target``; ``greedy`` allocates it per projection by layer output error. ``centre``
-    ("mean" or "median") thresholds each input's distance from its per-coordinate offset instead of its magnitude
-    (an extension: TEAL itself does not centre)."""
+    ("mean" or "median") thresholds each input's distance from its per-coordinate offset instead of its magnitude;
+    ``rotations`` first turns the model's residual stream into the basis of their global Q (LaRoSa's folded global
+    form at sparsity 0, no adapters), so the thresholds rank rotated inputs. Both are extensions: TEAL does neither.
+    """
 
     target: float
     calib: torch.Tensor
     greedy: bool = False
     step: float = 0.05
     centre: str | None = None
+    rotations: Rotations | None = None
 
     def __post_init__(self) -> None:
         check_target(self.target)
@@ -267,7 +271,8 @@ def teal(model: nn.Module, config: TealConfig, *, device: str | None = None, pro
     windows = config.calib
     layers = layerwise(model, windows, taps, choose, config.method, device, progress, config.centre)
     settings = {"method": config.method, "target": config.target, **({"step": config.step} if config.greedy else {}),
-                **({"centre": config.centre} if config.centre else {}), "windows": windows.shape[0],
+                **({"centre": config.centre} if config.centre else {}),
+                **({"rotated": "global"} if config.rotations is not None else {}), "windows": windows.shape[0],
                 "seq_len": windows.shape[1], "seconds": round(time.perf_counter() - start, 3), "layers": layers}
     restore(model, settings, offsets if config.centre else None)
     return settings
