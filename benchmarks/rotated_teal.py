@@ -1,8 +1,9 @@
 """Experiment (issue 14): TEAL's per-projection thresholds, greedy or uniform, on the globally rotated model.
 
 The folded global form at sparsity 0 is a plain model of the same family with rotated weights (residual stream in
-the basis of one gain-free Q, norm gains folded, no adapters), so TEAL can sit on it unchanged: rotation
-concentrates each projection's input, greedy allocation spends sparsity where it hurts least.
+the basis of one gain-free Q, norm gains folded, no adapters; `larosa.fold.rotated`, which `TealConfig(rotations=...)`
+uses), so TEAL can sit on it unchanged: rotation concentrates each projection's input, greedy allocation spends
+sparsity where it hurts least.
 
     python benchmarks/rotated_teal.py ROTATIONS|none OUT.json [TARGETS]
 ROTATIONS "none": TEAL on the model as it is, in the same harness. Environment: LAROSA_SHARED_DATA (the folder with
@@ -30,22 +31,11 @@ evals = larosa.token_windows(tok, f"{data}/wikitext-2-raw-test.txt", windows, 20
 
 
 def rotated(model):
-    """The folded global form at sparsity 0 as a plain model of the family (checked: the dense logits)."""
-    rotations = larosa.Rotations.load(rot_path)
+    """The folded global form at sparsity 0 as a plain model of the family, checked: the dense logits."""
     probe = evals[:1, :128].to(device)
     with torch.no_grad():
         reference = model(probe).logits
-    folded = larosa.sparsify(model, larosa.LaRoSaConfig(rotations, sparsity=0.0, scope="global", mode="folded"))
-    drop = ("larosa", "model_type", "architectures")
-    config = type(model.config)(**{k: v for k, v in folded.config.to_dict().items() if k not in drop})
-    plain = type(model)(config).to(device)  # the same family, untied, its own (unit-gain) norms: no sites at all
-    missing, unexpected = plain.load_state_dict(folded.state_dict(), strict=False)
-    assert not unexpected and all(k.endswith("layernorm.weight") or k.endswith("norm.weight") for k in missing), missing
-    for name, p in plain.named_parameters():
-        if name in missing:
-            assert torch.all(folded.state_dict().get(name, torch.ones_like(p)) == 1)
-    plain.eval()
-    with torch.no_grad():  # the rotated model computes the dense one's logits
+        plain = larosa.fold.rotated(model, larosa.Rotations.load(rot_path))
         error = ((plain(probe).logits - reference).abs().max() / reference.abs().max()).item()
     assert error < 1e-4, error
     return plain
