@@ -332,7 +332,7 @@ def test_compare_runs_thresholds_and_centring_and_counts_the_bytes_each_row_read
 
     text = tmp_path / "text.txt"
     methods = ("teal,larosa,larosa-threshold,larosa-searched-threshold,larosa-centred,larosa-centred-threshold,"
-               "larosa-searched-wa-threshold,larosa-searched-centred-threshold")
+               "larosa-searched-wa-threshold,larosa-searched-centred-threshold,teal-greedy-rotated")
     code, printed, _ = run(capsys, "compare", model_dir, "--target", "0.4", "--data", text, "--windows", 2,
                            "--calib-data", text, "--calib-windows", 3, "--search-windows", 2,
                            "--held-out-windows", 2, "--seq-len", 32, "--device", "cpu", "--methods", methods,
@@ -344,7 +344,7 @@ def test_compare_runs_thresholds_and_centring_and_counts_the_bytes_each_row_read
     rows = {r["method"]: r for r in result["rows"]}
     assert set(rows) == set(methods.split(","))
     for name, r in rows.items():
-        extra = 0.0 if name == "teal" else input_form
+        extra = 0.0 if name.startswith("teal") else input_form  # the rotated TEAL model has no adapters
         assert r["relative_bytes"] == pytest.approx(1 - r["measured_param_weighted"] + extra)
         assert r["measured_param_weighted"] == pytest.approx(0.4, abs=0.06), name
     assert rows["larosa-centred"]["settings"]["centre"] == "median"
@@ -352,3 +352,5 @@ def test_compare_runs_thresholds_and_centring_and_counts_the_bytes_each_row_read
     assert rows["larosa-searched-centred-threshold"]["settings"]["centre"] == "median"
     assert rows["larosa-searched-wa-threshold"]["settings"]["select"] == "threshold"
     assert "| LaRoSa, centred + thresholds |" in result["table"]
+    assert rows["teal-greedy-rotated"]["settings"]["rotated"] == "global"
+    assert rows["teal-greedy-rotated"]["settings"]["centre"] == "median"

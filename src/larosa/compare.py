@@ -10,6 +10,7 @@ so a run cut short by a time limit loses at most the run in flight.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections.abc import Callable
@@ -51,7 +52,10 @@ VARIANTS = {
     "larosa-searched-centred-threshold": ("LaRoSa, searched + centred + thresholds",
                                           {"search": True, "centre": "median", "select": "threshold"}),
 }
+# TEAL greedy, centred, on the model in the basis of LaRoSa's global Q (no adapters): a new model each time.
+ROTATED_TEAL = "teal-greedy-rotated"
 ROWS = {**{m: LABELS[m] for m in ("dense", "teal", "teal-greedy", "cats")},
+        ROTATED_TEAL: "TEAL greedy, centred, on LaRoSa's global rotation",
         **{name: label for name, (label, _) in VARIANTS.items()}}
 DEFAULT_ROWS = ("dense", "teal", "teal-greedy", "cats", "larosa", "larosa-searched", "larosa-searched-wa")
 
@@ -110,6 +114,7 @@ def compare(model: nn.Module, methods: list[str], targets: list[float], *, calib
     if rotations is None and any(m.startswith("larosa") for m in methods):
         rotations = calibrate(model, calib, device=device, progress=progress)
     plans = [] if plans is None else plans
+    gainfree = None
     runs = [(m, t) for m in methods for t in ([0.0] if m == "dense" else targets)]
     finished = {(r["method"], r["target"]): r for r in done}
     rows = []
@@ -120,15 +125,25 @@ def compare(model: nn.Module, methods: list[str], targets: list[float], *, calib
             rows.append(finished[(method, target)])
             continue
         row = {"method": method, "label": ROWS[method], "target": target}
+        evaluated = model
         try:
             setup = time.perf_counter()
-            row["settings"] = {} if method == "dense" else _apply(
-                model, method, target, rotations, calib, search_windows, scope, device, batch_size, plans)
+            if method == ROTATED_TEAL:  # a rotated copy; the gain-free Q, which the measured rows used
+                if gainfree is None:
+                    gainfree = (rotations if rotations is not None and rotations.signal == "gainfree"
+                                else calibrate(model, calib, signal="gainfree", device=device, progress=progress))
+                evaluated = sparsify(copy.deepcopy(model), TealConfig(target, calib, greedy=True, centre="median",
+                                                                      rotations=gainfree), device=device,
+                                     progress=False)
+                row["settings"] = sites.settings(evaluated)
+            else:
+                row["settings"] = {} if method == "dense" else _apply(
+                    model, method, target, rotations, calib, search_windows, scope, device, batch_size, plans)
         except LarosaError as e:  # an unreachable target (CATS past the MLP's share): reported, not fatal
             row["error"] = str(e)
         else:  # a failing evaluation (a model giving NaN) is fatal
             row["setup_seconds"] = round(time.perf_counter() - setup, 1)
-            row.update(perplexity(model, windows, batch_size=batch_size, progress=False))
+            row.update(perplexity(evaluated, windows, batch_size=batch_size, progress=False))
             row["relative_bytes"] = relative_bytes(row, dims, scope, rotations, adapter.rotatable_residual)
         finally:
             unsparsify(model)
