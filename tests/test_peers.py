@@ -133,6 +133,8 @@ def test_teal_on_the_globally_rotated_model(arch):
     sparse = larosa.sparsify(copy.deepcopy(model), TealConfig(0.5, windows, greedy=True, centre="median",
                                                               rotations=rot), progress=False)
     assert type(sparse) is type(model) and sparse.larosa["rotated"] == "global"
+    described = larosa.describe(sparse)
+    assert (described["scope"], described["centre"]) == ("global", "median") and "rotation" in described["label"]
     assert larosa.perplexity(sparse, windows, progress=False)["measured_param_weighted"] == pytest.approx(0.5, abs=0.03)
     generates_as_hf(sparse)
     gemma = tiny_model("gemma3")

@@ -78,10 +78,12 @@ def describe(model: nn.Module, config: LaRoSaConfig | None = None) -> dict:
                 "sparsity_source": None, "scope": None, "signal": None, "score": None, "head_rotation": False,
                 "select": None, "form": None, "centre": None, "adapter_overhead": 0.0}
     if state["method"] != "larosa":  # a peer: thresholds calibrated for a parameter-weighted target
-        return {"method": state["method"], "label": LABELS[state["method"]], "mode": "simulate",
+        rotated, centre = state.get("rotated"), state.get("centre")  # TEAL on LaRoSa's global rotation, centred
+        label = LABELS[state["method"]] + (", centred" if centre else "") + (f", {rotated} rotation" if rotated else "")
+        return {"method": state["method"], "label": label, "mode": "simulate",
                 "nominal_sparsity": None, "param_weighted_sparsity": state["target"], "configured_site_sparsity": {},
-                "sparsity_source": state["method"], "scope": None, "signal": None, "score": None,
-                "head_rotation": False, "select": "threshold", "form": None, "centre": None, "adapter_overhead": 0.0}
+                "sparsity_source": state["method"], "scope": rotated, "signal": None, "score": None,
+                "head_rotation": False, "select": "threshold", "form": None, "centre": centre, "adapter_overhead": 0.0}
     scope = state["scope"]
     select = "thresholds" if state["select"] == "threshold" else "exact Top-K"
     label = f"{LABELS['larosa']} {state['mode']}, {scope} scope, {select}"
