@@ -118,11 +118,8 @@ def test_centred_teal_thresholds_the_distance_from_each_coordinates_offset(centr
         peers.restore(tiny_model("llama"), settings)
 
 
-@pytest.mark.parametrize("arch", ["llama", "phi3"])
-def test_teal_on_the_globally_rotated_model(arch):
-    """TealConfig(rotations=...): the model turned into the basis of one global Q (a plain model of its family, the
-    same logits, other weights), then TEAL's thresholds on it, centred; the engine decodes it as transformers
-    does. Gemma 3, whose residual stream cannot be rotated, is refused."""
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3", "phi3"])
+def test_the_rotated_model_is_a_plain_model_of_the_family_with_the_same_logits(arch):
     model, windows = tiny_model(arch), random_windows(4, seed=3)
     rot = larosa.calibrate(model, windows, signal="gainfree", progress=False)
     with torch.no_grad():
@@ -130,6 +127,17 @@ def test_teal_on_the_globally_rotated_model(arch):
         plain = rotated(copy.deepcopy(model), rot)
         assert type(plain) is type(model) and relative_error(plain(windows).logits, dense) < 1e-4
     assert relative_error(plain.get_input_embeddings().weight, model.get_input_embeddings().weight) > 0.1
+    folded_gains = {k for k, v in plain.state_dict().items() if k.endswith("norm.weight") and torch.all(v == 1)}
+    assert folded_gains and all("q_norm" not in k and "k_norm" not in k for k in folded_gains)  # Qwen3's stay
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_teal_on_the_globally_rotated_model(arch):
+    """TealConfig(rotations=...): the model turned into the basis of one global Q (a plain model of its family, the
+    same logits, other weights), then TEAL's thresholds on it, centred; the engine decodes it as transformers
+    does. Gemma 3, whose residual stream cannot be rotated, is refused."""
+    model, windows = tiny_model(arch), random_windows(4, seed=3)
+    rot = larosa.calibrate(model, windows, signal="gainfree", progress=False)
     sparse = larosa.sparsify(copy.deepcopy(model), TealConfig(0.5, windows, greedy=True, centre="median",
                                                               rotations=rot), progress=False)
     assert type(sparse) is type(model) and sparse.larosa["rotated"] == "global"
