@@ -146,7 +146,7 @@ def test_teal_on_the_globally_rotated_model(arch):
     assert larosa.perplexity(sparse, windows, progress=False)["measured_param_weighted"] == pytest.approx(0.5, abs=0.03)
     generates_as_hf(sparse)
     gemma = tiny_model("gemma3")
-    with pytest.raises(LarosaError, match="input form"):
+    with pytest.raises(LarosaError, match="without rotations"):
         rotated(gemma, larosa.calibrate(gemma, windows, signal="gainfree", progress=False))
 
 

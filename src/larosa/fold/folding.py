@@ -236,6 +236,10 @@ def rotated(model: nn.Module, rotations: Rotations) -> nn.Module:
     global residual form at sparsity 0 (norm gains in the weights, no adapters, the same logits), as a plain
     model with unit norm gains, for a method that sits on a dense model (TEAL's thresholds then rank rotated
     inputs). ``model``'s weights are changed in place and should be discarded."""
+    family = type(adapter_for(model))
+    if not family.rotatable_residual:
+        raise LarosaError(f"{family.model_types[0]} normalises each block's output with a gained RMSNorm before the "
+                          "residual add, so its residual stream cannot be rotated: use TEAL on it without rotations")
     folded = fold(model, LaRoSaConfig(rotations, sparsity=0.0, scope="global", mode="folded", form="residual"))
     drop = ("larosa", "model_type", "architectures")
     config = type(model.config)(**{k: v for k, v in folded.config.to_dict().items() if k not in drop})
