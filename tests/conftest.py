@@ -102,6 +102,20 @@ def decodes_as_hf(hf, tol: float, prefill: int = 12, total: int = 20) -> Engine:
     return engine
 
 
+def graph_decodes_as_hf(hf, tol: float, compile: bool = False, prefill: int = 12, total: int = 20) -> Engine:
+    """On the GPU: prefill, then decode one token at a time through the CUDA graph (the Triton kernels at batch 1),
+    each step's logits against the HF model's on the same tokens."""
+    tokens = random_windows(1, seq_len=total)[0].cuda()
+    with torch.no_grad():
+        ref = hf(tokens[None]).logits[0].float()
+    engine = Engine(Transformer.from_hf(hf, max_seq=32), compile=compile)
+    assert engine.graph is not None
+    engine.model(tokens[:prefill], torch.arange(prefill, device="cuda"))
+    for pos in range(prefill, total):
+        assert relative_error(engine.step(tokens[pos : pos + 1], pos), ref[pos : pos + 1]) < tol
+    return engine
+
+
 def generates_as_hf(hf, max_seq: int = 32, new_tokens: int = 12):
     """The engine's greedy generation from a 6-token prompt, asserted equal to transformers' token for token."""
     prompt = random_windows(1, seq_len=6)[0]

@@ -157,6 +157,9 @@ def test_sparsify_teal_writes_a_directory_that_loads_with_its_thresholds(model_d
     assert code == 2 and "give --rotations" in err
     code, _, err = run(capsys, "sparsify", model_dir, *teal, "--sparsity", 0.4, "--out", tmp_path / "y", "--quiet")
     assert code == 2 and "takes no --sparsity" in err
+    code, _, err = run(capsys, "eval", "ppl", model_dir, "--data", text, "--method", "cats", "--target", 0.4,
+                       "--calib-data", text, "--seq-len", 32, "--centre", "median", "--quiet")
+    assert code == 2 and "not CATS" in err
 
 
 def test_sparsify_lazy_writes_what_sparsify_in_ram_writes_and_leaves_the_checkpoint(model_dir, tmp_path, capsys):

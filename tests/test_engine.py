@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import decodes_as_hf, generates_as_hf, random_windows, relative_error, tiny_model
+from conftest import decodes_as_hf, generates_as_hf, graph_decodes_as_hf, random_windows, relative_error, tiny_model
 
 import larosa
 from larosa.runtime import Engine, Transformer
@@ -145,15 +145,7 @@ def test_cuda_graph_decode_with_the_kernels_matches_the_hf_model(pair, dtype, co
     threshold and the fused GEMV), also when torch.compile wraps the decode step. Compiled, the element-wise
     code rounds bf16 differently, which moves a few picks at the threshold (0.079 measured on the H200 with
     this session's v3 kernels, same selection rule); a broken kernel or workspace gives errors of order 1."""
-    hf = pair[1].cuda().to(dtype)
-    tokens = random_windows(1, seq_len=20)[0].cuda()
-    with torch.no_grad():
-        ref = hf(tokens[None]).logits[0].float()
-    engine = Engine(Transformer.from_hf(hf, max_seq=32), compile=compile)
-    assert engine.graph is not None
-    engine.model(tokens[:12], torch.arange(12, device="cuda"))
-    for pos in range(12, 20):
-        assert relative_error(engine.step(tokens[pos : pos + 1], pos), ref[pos : pos + 1]) < tol
+    graph_decodes_as_hf(pair[1].cuda().to(dtype), tol, compile)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -166,16 +158,8 @@ def test_cuda_graph_decode_of_teal_matches_the_hf_model(compile, centre):
     model = tiny_model("llama")
     larosa.sparsify(model, larosa.TealConfig(0.5, random_windows(4, seed=5), greedy=True, centre=centre),
                     progress=False)
-    hf = model.cuda().to(torch.bfloat16)
-    tokens = random_windows(1, seq_len=20)[0].cuda()
-    with torch.no_grad():
-        ref = hf(tokens[None]).logits[0].float()
-    engine = Engine(Transformer.from_hf(hf, max_seq=32), compile=compile)
-    layer = engine.model.layers[0]
+    layer = graph_decodes_as_hf(model.cuda().to(torch.bfloat16), 0.15, compile).model.layers[0]
     assert layer.qkv.per_column and layer.qkv.state.shape == (128,) and layer.o.state.shape == (4,)
-    engine.model(tokens[:12], torch.arange(12, device="cuda"))
-    for pos in range(12, 20):
-        assert relative_error(engine.step(tokens[pos : pos + 1], pos), ref[pos : pos + 1]) < 0.15
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -190,15 +174,8 @@ def test_cuda_graph_decode_with_calibrated_thresholds_matches_the_hf_model(compi
     folded = larosa.sparsify(model, larosa.LaRoSaConfig(rot, sparsity=0.5, mode="folded", select="threshold",
                                                         calib=random_windows(4, seed=5), centre=centre),
                              progress=False)
-    hf = folded.cuda().to(torch.bfloat16)
-    tokens = random_windows(1, seq_len=20)[0].cuda()
-    with torch.no_grad():
-        ref = hf(tokens[None]).logits[0].float()
-    engine = Engine(Transformer.from_hf(hf, max_seq=32), compile=compile)
+    engine = graph_decodes_as_hf(folded.cuda().to(torch.bfloat16), 0.15, compile)
     assert engine.model.layers[0].qkv.state is not None  # the kernel path, not the torch one
-    engine.model(tokens[:12], torch.arange(12, device="cuda"))
-    for pos in range(12, 20):
-        assert relative_error(engine.step(tokens[pos : pos + 1], pos), ref[pos : pos + 1]) < 0.15
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

@@ -9,13 +9,13 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (decodes_as_hf, generates_as_hf, loads_bit_exact, random_windows, relative_error, tiny_config,
-                      tiny_model)
+from conftest import (decodes_as_hf, generates_as_hf, graph_decodes_as_hf, loads_bit_exact, random_windows,
+                      relative_error, tiny_config, tiny_model)
 from transformers import AutoModelForCausalLM, Phi3Config
 
 import larosa
 from larosa import LaRoSaConfig
-from larosa.runtime import Engine, Transformer
+from larosa.runtime import Transformer
 from larosa.sparsity import sites
 
 FAMILIES = ["mistral", "qwen3", "gemma3", "phi3"]
@@ -98,15 +98,8 @@ def test_the_kernels_decode_the_family_in_the_cuda_graph_as_transformers(family,
     calib = {"calib": random_windows(4, seed=5)} if select == "threshold" else {}
     folded = larosa.sparsify(copy.deepcopy(model), LaRoSaConfig(rot, sparsity=0.5, mode="folded",
                                                                 form=FORMS[arch][0], select=select, **calib))
-    hf = folded.cuda().to(torch.bfloat16)
-    tokens = random_windows(1, seq_len=20)[0].cuda()
-    with torch.no_grad():
-        ref = hf(tokens[None]).logits[0].float()
-    engine = Engine(Transformer.from_hf(hf, max_seq=32))
-    assert engine.graph is not None and engine.model.layers[0].qkv.input_major
-    engine.model(tokens[:12], torch.arange(12, device="cuda"))
-    for pos in range(12, 20):
-        assert relative_error(engine.step(tokens[pos : pos + 1], pos), ref[pos : pos + 1]) < 5e-2
+    engine = graph_decodes_as_hf(folded.cuda().to(torch.bfloat16), 5e-2)
+    assert engine.model.layers[0].qkv.input_major
 
 
 @pytest.mark.parametrize("arch", ["mistral", "gemma3"])

@@ -11,6 +11,7 @@ so a run cut short by a time limit loses at most the run in flight.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -68,15 +69,20 @@ def check_rows(rows: list[str]) -> None:
 
 def _apply(model: nn.Module, method: str, target: float, rotations: Rotations | None, calib: torch.Tensor,
            search_windows: tuple[torch.Tensor, torch.Tensor | None], scope: str, device: str | None, batch_size: int,
-           plans: list[Plan]) -> dict:
-    """Make ``model`` sparse by ``method`` in place; returns what was chosen (thresholds, plan, ...). Plans it
-    searches are added to ``plans``."""
+           plans: list[Plan], gainfree: Callable[[], Rotations]) -> tuple[nn.Module, dict]:
+    """The model to score for ``method`` (``model`` made sparse in place, or for the rotated TEAL row a rotated
+    copy: ``gainfree()`` gives its Q) and what was chosen (thresholds, plan, ...). Plans it searches are added to
+    ``plans``."""
+    if method == ROTATED_TEAL:
+        teal = TealConfig(target, calib, greedy=True, centre="median", rotations=gainfree())
+        copied = sparsify(copy.deepcopy(model), teal, device=device, progress=False)
+        return copied, sites.settings(copied)
     if method in ("teal", "teal-greedy"):
         sparsify(model, TealConfig(target, calib, greedy=method == "teal-greedy"), device=device, progress=False)
-        return sites.settings(model)
+        return model, sites.settings(model)
     if method == "cats":
         sparsify(model, CatsConfig(target, calib), device=device, progress=False)
-        return sites.settings(model)
+        return model, sites.settings(model)
     options = dict(VARIANTS[method][1])
     score = options.pop("score", "magnitude")
     calibrated = {"calib": calib} if options.get("select") or options.get("centre") else {}
@@ -84,7 +90,7 @@ def _apply(model: nn.Module, method: str, target: float, rotations: Rotations | 
         config = default_config(adapter_for(model).dims, target)
         sparsify(model, LaRoSaConfig(rotations, sparsity=config, scope=scope, score=score, **options, **calibrated),
                  device=device, progress=False)
-        return {"sites": config.sites(), "nominal": config.nominal, **options}
+        return model, {"sites": config.sites(), "nominal": config.nominal, **options}
     found = [p for p in plans if round(p.target, 6) == round(target, 6) and p.scope == scope and p.score == score]
     fit, held_out = search_windows
     plan = found[0] if found else search(model, rotations, fit, target, held_out=held_out, scope=scope, score=score,
@@ -92,7 +98,7 @@ def _apply(model: nn.Module, method: str, target: float, rotations: Rotations | 
     if not found:
         plans[:] = merge(plans, [plan])
     sparsify(model, LaRoSaConfig(rotations, plan=plan, **options, **calibrated), device=device, progress=False)
-    return {"rotated_multiple": plan.rotated_multiple, "chosen": plan.chosen, "nll": plan.nll,
+    return model, {"rotated_multiple": plan.rotated_multiple, "chosen": plan.chosen, "nll": plan.nll,
             "seconds": plan.seconds, **options}
 
 
@@ -114,7 +120,13 @@ def compare(model: nn.Module, methods: list[str], targets: list[float], *, calib
     if rotations is None and any(m.startswith("larosa") for m in methods):
         rotations = calibrate(model, calib, device=device, progress=progress)
     plans = [] if plans is None else plans
-    gainfree = None
+
+    @functools.cache
+    def gainfree() -> Rotations:  # the rotated TEAL row's Q: gain-free, as its measured rows used
+        if rotations is not None and rotations.signal == "gainfree":
+            return rotations
+        return calibrate(model, calib, signal="gainfree", device=device, progress=progress)
+
     runs = [(m, t) for m in methods for t in ([0.0] if m == "dense" else targets)]
     finished = {(r["method"], r["target"]): r for r in done}
     rows = []
@@ -125,20 +137,10 @@ def compare(model: nn.Module, methods: list[str], targets: list[float], *, calib
             rows.append(finished[(method, target)])
             continue
         row = {"method": method, "label": ROWS[method], "target": target}
-        evaluated = model
         try:
             setup = time.perf_counter()
-            if method == ROTATED_TEAL:  # a rotated copy; the gain-free Q, which the measured rows used
-                if gainfree is None:
-                    gainfree = (rotations if rotations is not None and rotations.signal == "gainfree"
-                                else calibrate(model, calib, signal="gainfree", device=device, progress=progress))
-                evaluated = sparsify(copy.deepcopy(model), TealConfig(target, calib, greedy=True, centre="median",
-                                                                      rotations=gainfree), device=device,
-                                     progress=False)
-                row["settings"] = sites.settings(evaluated)
-            else:
-                row["settings"] = {} if method == "dense" else _apply(
-                    model, method, target, rotations, calib, search_windows, scope, device, batch_size, plans)
+            evaluated, row["settings"] = (model, {}) if method == "dense" else _apply(
+                model, method, target, rotations, calib, search_windows, scope, device, batch_size, plans, gainfree)
         except LarosaError as e:  # an unreachable target (CATS past the MLP's share): reported, not fatal
             row["error"] = str(e)
         else:  # a failing evaluation (a model giving NaN) is fatal

@@ -80,10 +80,9 @@ def _check_peer(a: argparse.Namespace) -> None:
     """What a peer's options lack or have too many of, before the model loads."""
     if a.target is None or not a.calib_data:
         raise LarosaError(f"--method {a.method} needs --target (parameter-weighted) and --calib-data")
-    if a.method == "cats" and a.centre:
-        raise LarosaError("--centre is for LaRoSa and TEAL, not CATS (its sites threshold the gate activation)")
-    if a.rotations and a.method == "cats":
-        raise LarosaError("--rotations is for LaRoSa and TEAL (which then thresholds the rotated model), not CATS")
+    if a.method == "cats" and (a.centre or a.rotations):
+        raise LarosaError("--centre and --rotations are for LaRoSa and TEAL, not CATS (its sites threshold the gate "
+                          "activation)")
     if a.sparsity is not None or a.site or a.plan or getattr(a, "mode", "simulate") != "simulate":
         raise LarosaError(f"--method {a.method} takes no --sparsity, --site, --plan or --mode folded")
     if getattr(a, "lazy", False):

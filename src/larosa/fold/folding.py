@@ -246,11 +246,11 @@ def rotated(model: nn.Module, rotations: Rotations) -> nn.Module:
     emb = folded.get_input_embeddings().weight
     with no_init_weights(), torch.device(emb.device):
         plain = type(model)(config).to(emb.dtype)
-    state = folded.state_dict()
-    gains = [k for k in plain.state_dict() if k not in state]  # the folded model's norms carry no gain
+    state, own = folded.state_dict(), plain.state_dict()
+    gains = [k for k in own if k not in state]  # the folded model's norms carry no gain
     if not all(k.endswith("norm.weight") for k in gains):
         raise LarosaError(f"the rotated model lacks weights that are not norm gains: {gains}")
-    plain.load_state_dict({**{k: torch.ones_like(plain.state_dict()[k]) for k in gains}, **state}, strict=True)
+    plain.load_state_dict({**{k: torch.ones_like(own[k]) for k in gains}, **state}, strict=True)
     return plain.eval()
 
 

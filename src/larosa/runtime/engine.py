@@ -326,14 +326,12 @@ class Transformer(nn.Module):
         thresholds = folded.thresholds if select == "threshold" and folded else [{}] * dims.n_layers
         teal_offsets = [{}] * dims.n_layers
         if select == "threshold" and teal is not None:  # (threshold, rows) per stacked Linear, in each Proj's order
-            thresholds = [{"attn_in": [(by[m][0], m.out_features) for m in adapter.qkv(layer)],
-                           "o_in": by[adapter.o_proj(layer)][0],
-                           "mlp_in": [(by[m][0], m.out_features) for m in adapter.gate_up(layer)],
-                           "down_in": by[adapter.down_proj(layer)][0]} for layer, by in zip(adapter.layers(), teal)]
-            first = {"attn_in": lambda layer: adapter.qkv(layer)[0], "o_in": adapter.o_proj,
-                     "mlp_in": lambda layer: adapter.gate_up(layer)[0], "down_in": adapter.down_proj}
-            teal_offsets = [{site: by[linear(layer)][1] for site, linear in first.items()
-                             if by[linear(layer)][1] is not None} for layer, by in zip(adapter.layers(), teal)]
+            stacked = {"attn_in": adapter.qkv, "o_in": lambda layer: [adapter.o_proj(layer)],
+                       "mlp_in": adapter.gate_up, "down_in": lambda layer: [adapter.down_proj(layer)]}
+            thresholds = [{site: [(by[m][0], m.out_features) for m in linears(layer)]
+                           for site, linears in stacked.items()} for layer, by in zip(adapter.layers(), teal)]
+            teal_offsets = [{site: by[linears(layer)[0]][1] for site, linears in stacked.items()  # one per input
+                             if by[linears(layer)[0]][1] is not None} for layer, by in zip(adapter.layers(), teal)]
         sizes = site_sizes(dims)
         shape = Shape(dims.hidden, dims.n_heads, dims.n_kv_heads, dims.head_dim, dims.intermediate,
                       adapter.attention_scale())
