@@ -8,7 +8,8 @@ sparsity where it hurts least.
     python benchmarks/rotated_teal.py ROTATIONS|none OUT.json [TARGETS]
 ROTATIONS "none": TEAL on the model as it is, in the same harness. Environment: LAROSA_SHARED_DATA (the folder with
 wikitext-2-raw-test.txt and calib-wikipedia.txt), WINDOWS (evaluation windows, 40), CALIB_WINDOWS (TEAL's, 16),
-CENTRE (mean or median: centred thresholds), ALLOCATIONS (greedy,uniform).
+CENTRE (mean or median: centred thresholds), SCORE (weight: weight-aware thresholds), ALLOCATIONS
+(greedy,uniform).
 """
 
 import json
@@ -46,14 +47,16 @@ prefix = "" if rot_path == "none" else "rotated-"
 rows = [{"method": prefix + "dense", **larosa.perplexity(plain, evals, batch_size=4, progress=False)}]
 print(rows[-1]["ppl"], flush=True)
 centre = os.environ.get("CENTRE") or None
+score = os.environ.get("SCORE") or "magnitude"
 for allocation in os.environ.get("ALLOCATIONS", "greedy,uniform").split(","):
     greedy = allocation == "greedy"
     for t in targets:
         start = time.perf_counter()
-        larosa.sparsify(plain, larosa.TealConfig(t, calib, greedy=greedy, centre=centre), device=device,
+        larosa.sparsify(plain, larosa.TealConfig(t, calib, greedy=greedy, centre=centre, score=score), device=device,
                         progress=False)
         r = larosa.perplexity(plain, evals, batch_size=4, progress=False)
-        method = prefix + ("teal-greedy" if greedy else "teal") + (f"-{centre}" if centre else "")
+        method = (prefix + ("teal-greedy" if greedy else "teal") + (f"-{centre}" if centre else "")
+                  + ("-wa" if score == "weight" else ""))
         r.update({**larosa.describe(plain), "method": method, "target": t,
                   "seconds": round(time.perf_counter() - start, 1)})
         larosa.unsparsify(plain)

@@ -4,14 +4,16 @@ import json
 import pytest
 import torch
 from conftest import generates_as_hf, random_windows, relative_error, tiny_model
+from transformers import AutoModelForCausalLM
 from transformers.activations import ACT2FN
 
 import larosa
 from larosa.arch import adapter_for
 from larosa.errors import LarosaError
-from larosa.fold import rotated
+from larosa.fold import rotated, weight_scaled
 from larosa.sparsity import peers
 from larosa.sparsity.levels import site_weights
+from larosa.sparsity.topk import weight_norms
 from larosa.sparsity.peers import PROJECTIONS, CatsConfig, TealConfig, cats, cats_level, restore, teal
 from larosa.sparsity.sites import measured_param_weighted, site_sparsity
 
@@ -129,6 +131,47 @@ def test_the_rotated_model_is_a_plain_model_of_the_family_with_the_same_logits(a
     assert relative_error(plain.get_input_embeddings().weight, model.get_input_embeddings().weight) > 0.1
     folded_gains = {k for k, v in plain.state_dict().items() if k.endswith("norm.weight") and torch.all(v == 1)}
     assert folded_gains and all("q_norm" not in k and "k_norm" not in k for k in folded_gains)  # Qwen3's stay
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3", "phi3"])
+def test_weight_scaling_keeps_the_logits_and_leaves_every_input_column_of_unit_norm(arch):
+    """After it, |x_i| is WINA's |x_i| ||W_:,i|| of the model before: the block inputs' and the down_proj input's
+    columns have norm 1, o_proj's an RMS of 1 over the query heads that share a KV head (Qwen2's GQA: 4 of them)."""
+    model, windows = tiny_model(arch), random_windows(4, seed=3)
+    with torch.no_grad():
+        dense = model(windows).logits
+        scaled = weight_scaled(copy.deepcopy(model))
+        assert relative_error(scaled(windows).logits, dense) < 1e-5
+    adapter = adapter_for(scaled)
+    d = adapter.dims
+    before = weight_norms(adapter_for(model), adapter_for(model).layers()[0])
+    for layer in adapter.layers():
+        norms = weight_norms(adapter, layer)
+        for name in ("attn_in", "mlp_in", "down_in"):
+            torch.testing.assert_close(norms[name], torch.ones_like(norms[name]))
+        o = norms["o_in"].view(d.n_kv_heads, -1, d.head_dim).square().mean(1)
+        torch.testing.assert_close(o, torch.ones_like(o))
+    assert relative_error(before["attn_in"], torch.ones_like(before["attn_in"])) > 0.1  # it had something to do
+
+
+def test_weight_aware_teal_thresholds_the_weighted_score_and_saves_as_a_plain_model(tmp_path):
+    """TealConfig(score="weight"): the rescaled model (same logits), TEAL's thresholds on it; the target holds, the
+    engine decodes it as transformers, and it saves and loads as any TEAL model (same logits)."""
+    model, windows = tiny_model("qwen2"), random_windows(4, seed=3)
+    sparse = larosa.sparsify(copy.deepcopy(model), TealConfig(0.5, windows, greedy=True, score="weight", step=0.1),
+                             progress=False)
+    described = larosa.describe(sparse)
+    assert described["score"] == "weight" and "weight-aware" in described["label"]
+    assert larosa.perplexity(sparse, windows, progress=False)["measured_param_weighted"] == pytest.approx(0.5, abs=0.03)
+    plain = larosa.sparsify(copy.deepcopy(model), TealConfig(0.5, windows, greedy=True, step=0.1), progress=False)
+    with torch.no_grad():  # a different choice of entries from magnitude TEAL's
+        assert relative_error(sparse(windows).logits, plain(windows).logits) > 1e-3
+    generates_as_hf(sparse)
+    loaded = AutoModelForCausalLM.from_pretrained(larosa.save_folded(sparse, None, tmp_path / "wa"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(windows).logits, sparse(windows).logits)
+    with pytest.raises(LarosaError, match="score must be one of"):
+        TealConfig(0.5, windows, score="gain")
 
 
 @pytest.mark.parametrize("arch", ["llama", "phi3"])

@@ -9,7 +9,7 @@ from torch import nn
 
 from .arch import adapter_for
 from .errors import LarosaError
-from .fold import FoldedSettings, fold, rotated
+from .fold import FoldedSettings, fold, rotated, weight_scaled
 from .sparsity import LABELS, sites
 from .sparsity.levels import adapter_overhead, report
 from .sparsity.peers import CatsConfig, TealConfig, cats, teal
@@ -24,7 +24,8 @@ def sparsify(model: nn.Module, config: Config, *, device: str | None = None, pro
 
     LaRoSa in simulate mode, TEAL and CATS change ``model`` in place (a method applied before is replaced);
     :func:`unsparsify` undoes them. LaRoSa in folded mode, and TEAL with rotations, return a new model made from
-    ``model``'s weights, which are consumed. TEAL, CATS and LaRoSa's threshold selection calibrate their
+    ``model``'s weights, which are consumed; TEAL with weight-aware scores rescales ``model``'s weights in place
+    (the same function). TEAL, CATS and LaRoSa's threshold selection calibrate their
     thresholds layer by layer on ``device``.
     """
     if isinstance(config, LaRoSaConfig):
@@ -39,6 +40,8 @@ def sparsify(model: nn.Module, config: Config, *, device: str | None = None, pro
     if isinstance(config, TealConfig):
         if config.rotations is not None:
             model = rotated(model, config.rotations)
+        if config.score == "weight":
+            weight_scaled(model)
         teal(model, config, device=device, progress=progress)
         return model
     if isinstance(config, CatsConfig):
@@ -78,11 +81,13 @@ def describe(model: nn.Module, config: LaRoSaConfig | None = None) -> dict:
                 "sparsity_source": None, "scope": None, "signal": None, "score": None, "head_rotation": False,
                 "select": None, "form": None, "centre": None, "adapter_overhead": 0.0}
     if state["method"] != "larosa":  # a peer: thresholds calibrated for a parameter-weighted target
-        rotated, centre = state.get("rotated"), state.get("centre")  # TEAL on LaRoSa's global rotation, centred
-        label = LABELS[state["method"]] + (", centred" if centre else "") + (f", {rotated} rotation" if rotated else "")
+        # TEAL on LaRoSa's global rotation, centred, weight-aware
+        rotated, centre, score = state.get("rotated"), state.get("centre"), state.get("score")
+        label = (LABELS[state["method"]] + (", centred" if centre else "") + (f", {rotated} rotation" if rotated else "")
+                 + (", weight-aware" if score == "weight" else ""))
         return {"method": state["method"], "label": label, "mode": "simulate",
                 "nominal_sparsity": None, "param_weighted_sparsity": state["target"], "configured_site_sparsity": {},
-                "sparsity_source": state["method"], "scope": rotated, "signal": None, "score": None,
+                "sparsity_source": state["method"], "scope": rotated, "signal": None, "score": score,
                 "head_rotation": False, "select": "threshold", "form": None, "centre": centre, "adapter_overhead": 0.0}
     scope = state["scope"]
     select = "thresholds" if state["select"] == "threshold" else "exact Top-K"

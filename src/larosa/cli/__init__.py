@@ -80,9 +80,9 @@ def _check_peer(a: argparse.Namespace) -> None:
     """What a peer's options lack or have too many of, before the model loads."""
     if a.target is None or not a.calib_data:
         raise LarosaError(f"--method {a.method} needs --target (parameter-weighted) and --calib-data")
-    if a.method == "cats" and (a.centre or a.rotations):
-        raise LarosaError("--centre and --rotations are for LaRoSa and TEAL, not CATS (its sites threshold the gate "
-                          "activation)")
+    if a.method == "cats" and (a.centre or a.rotations or a.score == "weight"):
+        raise LarosaError("--centre, --rotations and --score weight are for LaRoSa and TEAL, not CATS (its sites threshold "
+                          "the gate activation)")
     if a.sparsity is not None or a.site or a.plan or getattr(a, "mode", "simulate") != "simulate":
         raise LarosaError(f"--method {a.method} takes no --sparsity, --site, --plan or --mode folded")
     if getattr(a, "lazy", False):
@@ -95,7 +95,8 @@ def _apply_peer(a: argparse.Namespace, model, tok):
     calib = _calib_windows(a, tok)
     rotations = Rotations.load(a.rotations) if a.rotations else None
     config = (CatsConfig(a.target, calib) if a.method == "cats"
-              else TealConfig(a.target, calib, greedy=a.method == "teal-greedy", centre=a.centre, rotations=rotations))
+              else TealConfig(a.target, calib, greedy=a.method == "teal-greedy", centre=a.centre, rotations=rotations,
+                            score=a.score or "magnitude"))
     return sparsify(model, config, device=a.device, progress=not a.quiet)
 
 

@@ -118,8 +118,9 @@ def _larosa(p: argparse.ArgumentParser, folded_only: bool) -> None:
                         "code; global: one Q for all layers, no residual adapters when folded (default: the plan's, "
                         f"else {DEFAULT_SCOPE['simulate']} when simulated, {DEFAULT_SCOPE['folded']} when folded)")
     p.add_argument("--score", choices=SCORES,
-                   help="Top-K by |x| (magnitude) or by |x| times the norm of the weight row it multiplies "
-                        "(default: the plan's, else magnitude)")
+                   help="Top-K by |x| (magnitude) or by |x| times the norm of the weight row it multiplies; with "
+                        "TEAL the thresholds rank the same, the scales folded into the weights (default: the plan's, "
+                        "else magnitude)")
     p.add_argument("--head-rotation", action="store_true",
                    help="folded only: rotate the o_proj input per KV head (free at run time)")
     p.add_argument("--form", choices=FORMS,

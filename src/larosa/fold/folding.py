@@ -254,6 +254,52 @@ def rotated(model: nn.Module, rotations: Rotations) -> nn.Module:
     return plain.eval()
 
 
+@torch.no_grad()
+def weight_scaled(model: nn.Module) -> nn.Module:
+    """``model`` with entry i of every projection input multiplied by the norm of the weight column it meets, and
+    that column divided by it: the same function, whose thresholds on |x_i| then rank |x_i| ||W_:,i|| (weight-aware
+    scores, as WINA's), at no run-time cost. The scales go where a linear map makes the input: the norm gains
+    before q|k|v and gate|up (their columns' joint norms), v's rows before o_proj (one per KV head, the RMS over the
+    query heads that share it), up's rows before down_proj. In place (weights change, logits up to rounding)."""
+    adapter = adapter_for(model)
+    d = adapter.dims
+    group = d.n_heads // d.n_kv_heads
+
+    def safe(norms: torch.Tensor) -> torch.Tensor:  # a column of zeros keeps scale 1
+        return torch.where(norms > 0, norms, torch.ones_like(norms))
+
+    def scale_rows(linear: nn.Linear, rows: slice, s: torch.Tensor) -> None:
+        w = linear.weight.detach().double()
+        w[rows] *= s[:, None].to(w.device)
+        bias = None
+        if linear.bias is not None:
+            bias = linear.bias.detach().double()
+            bias[rows] *= s.to(bias.device)
+        _set(linear, w, bias)
+
+    def scale_columns(linears, s: torch.Tensor) -> None:
+        for linear in linears:
+            _set(linear, linear.weight.detach().double() / s.to(linear.weight.device))
+
+    for layer in adapter.layers():
+        norms = weight_norms(adapter, layer)
+        o = safe(norms["o_in"]).view(d.n_kv_heads, group, d.head_dim)
+        v = o.square().mean(1).sqrt()  # [n_kv, head_dim]: what v's rows can carry for the heads that read them
+        scale_rows(*adapter.projection(layer, "v"), v.flatten())
+        scale_columns([adapter.o_proj(layer)], v[:, None].expand_as(o).flatten())
+        down = safe(norms["down_in"])
+        scale_rows(*adapter.projection(layer, "up"), down)
+        scale_columns([adapter.down_proj(layer)], down)
+        norms = weight_norms(adapter, layer)  # v's and up's rows changed the block inputs' columns
+        for norm, linears, name in ((adapter.attn_norm(layer), adapter.qkv(layer), "attn_in"),
+                                    (adapter.mlp_norm(layer), adapter.gate_up(layer), "mlp_in")):
+            s = safe(norms[name])
+            gain = adapter.gain(norm).double()
+            adapter.set_gain(norm, gain * s.to(gain.device))
+            scale_columns(linears, s)
+    return model
+
+
 def _check_finite(bad: str | None) -> None:
     if bad is not None:
         raise LarosaError(f"the folded {bad} holds NaN or Inf, so nothing was written: the model's weights are not "

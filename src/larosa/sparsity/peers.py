@@ -24,7 +24,7 @@ from ..errors import LarosaError
 from ..rotations import Rotations
 from ..streaming import CENTRES, Chooser, layerwise, output_error, quantile
 from . import sites as site_protocol
-from .levels import MAX_SITE, check_target, greedy_levels, site_weights
+from .levels import MAX_SITE, SCORES, check_target, greedy_levels, site_weights
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 # The signal each projection reads: q/k/v share the attention norm's output, gate/up the MLP norm's.
@@ -40,7 +40,9 @@ class TealConfig:
     the parameter-weighted ``target``; ``greedy`` allocates it per projection by layer output error. ``centre``
     ("mean" or "median") thresholds each input's distance from its per-coordinate offset instead of its magnitude;
     ``rotations`` first turns the model's residual stream into the basis of their global Q (LaRoSa's folded global
-    form at sparsity 0, no adapters), so the thresholds rank rotated inputs. Both are extensions: TEAL does neither.
+    form at sparsity 0, no adapters), so the thresholds rank rotated inputs. ``score="weight"`` first rescales the
+    model (:func:`larosa.fold.weight_scaled`) so that they rank |x_i| times the norm of the weight column x_i meets
+    (WINA's score), free at run time. All three are extensions: TEAL does none of them.
     """
 
     target: float
@@ -49,9 +51,12 @@ class TealConfig:
     step: float = 0.05
     centre: str | None = None
     rotations: Rotations | None = None
+    score: str = "magnitude"
 
     def __post_init__(self) -> None:
         check_target(self.target)
+        if self.score not in SCORES:
+            raise LarosaError(f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
         if self.greedy and self.target > MAX_SITE:
             raise LarosaError(f"greedy TEAL leaves every projection at most {MAX_SITE} sparse; target {self.target} "
                               "is too high")
@@ -272,7 +277,8 @@ def teal(model: nn.Module, config: TealConfig, *, device: str | None = None, pro
     layers = layerwise(model, windows, taps, choose, config.method, device, progress, config.centre)
     settings = {"method": config.method, "target": config.target, **({"step": config.step} if config.greedy else {}),
                 **({"centre": config.centre} if config.centre else {}),
-                **({"rotated": "global"} if config.rotations is not None else {}), "windows": windows.shape[0],
+                **({"rotated": "global"} if config.rotations is not None else {}),
+                **({"score": config.score} if config.score != "magnitude" else {}), "windows": windows.shape[0],
                 "seq_len": windows.shape[1], "seconds": round(time.perf_counter() - start, 3), "layers": layers}
     restore(model, settings, offsets if config.centre else None)
     return settings
