@@ -4,7 +4,7 @@
 #   wa       TEAL greedy, centred (median), weight-aware, on the globally rotated SmolLM2 (WA_TARGETS)
 #   control  TEAL greedy, centred (median), on SmolLM2 as it is (CONTROL_TARGETS)
 #   quarter  TEAL greedy, centred (median), rotated, 25 % (QUARTER_TARGETS; SCORE applies)
-#   tasks    zero-shot, 8 tasks, LIMIT (250) each: dense, TEAL greedy at 0.4, and each TASK_ROWS entry (";" between
+#   tasks    zero-shot, 8 tasks, LIMIT (250) each: dense and TEAL greedy at 0.4 (unless TASK_BASE=0), and each TASK_ROWS entry (";" between
 #            them) NAME:TARGET:OPTIONS (options after --method teal-greedy, ROT standing for the rotations file)
 # The SmolLM2 wheel comes in two parts over two calls (benchmarks/device_env.sh). fp32, the PPL protocol of
 # benchmarks/gpu_issue14b.sh (calibration 16 x 2048, WikiText-2 first 40 x 2048).
@@ -23,11 +23,12 @@ teal() {  # NAME ROTATIONS|none TARGETS, environment CENTRE SCORE
   python3 benchmarks/rotated_teal.py "$2" "$res/$1.json" "$3" 2>&1 | grep -v Warn
 }
 task() {  # NAME ARGS...
-  [ -s "$res/tasks-$1.json" ] && return 0
+  local name=$1; shift
+  [ -s "$res/tasks-$name.json" ] && return 0
   larosa eval tasks builtin:smollm2 --tasks arc_easy,arc_challenge,boolq,hellaswag,openbookqa,piqa,winogrande,sciq \
     --task-data /tmp/tasks --limit ${LIMIT:-250} --batch-size 16 --json --quiet $LAROSA_ARGS "$@" \
-    > "$res/tasks-$1.json.tmp" 2> "$res/tasks-$1.err" && mv "$res/tasks-$1.json.tmp" "$res/tasks-$1.json"
-  tail -2 "$res/tasks-$1.err"
+    > "$res/tasks-$name.json.tmp" 2> "$res/tasks-$name.err" && mv "$res/tasks-$name.json.tmp" "$res/tasks-$name.json"
+  echo "$name $(date +%T)"; tail -2 "$res/tasks-$name.err"
 }
 for stage in ${1//,/ }; do
   echo "== $stage $(date +%T)"
@@ -40,8 +41,10 @@ for stage in ${1//,/ }; do
     control) ALLOCATIONS=greedy CENTRE=median teal control none "${CONTROL_TARGETS:-0.4,0.5}" ;;
     quarter) rotations; ALLOCATIONS=greedy CENTRE=median teal quarter $rot "${QUARTER_TARGETS:-0.26}" ;;
     tasks) rotations
-           task dense
-           task teal-greedy-40 --method teal-greedy --target 0.4 --calib-data "$data/calib-wikipedia.txt"
+           if [ "${TASK_BASE:-1}" = 1 ]; then
+             task dense
+             task teal-greedy-40 --method teal-greedy --target 0.4 --calib-data "$data/calib-wikipedia.txt"
+           fi
            IFS=';' read -ra rows <<< "${TASK_ROWS:-}"
            for row in "${rows[@]}"; do
              IFS=: read -r name target options <<< "$row"

@@ -6,6 +6,6 @@ Usage: python3 benchmarks/tasks_table.py RUN.json [RUN.json ...]
 import json
 import sys
 
-from larosa.tasks import table
+from larosa.eval.tasks import table
 
 print(table([json.loads(open(path).read()) for path in sys.argv[1:]]))

@@ -129,21 +129,25 @@ def test_sparsify_writes_a_directory_that_eval_reads_like_the_in_memory_fold(mod
     assert code == 2 and "exists" in err
 
 
-@pytest.mark.parametrize("rotated", [False, True], ids=["", "rotated-centred"])
-def test_sparsify_teal_writes_a_directory_that_loads_with_its_thresholds(model_dir, tmp_path, capsys, rotated):
+@pytest.mark.parametrize("form", ["", "rotated-centred", "default"])
+def test_sparsify_teal_writes_a_directory_that_loads_with_its_thresholds(model_dir, tmp_path, capsys, form):
     """`sparsify --method teal-greedy` saves the model with TEAL's thresholds (with --rotations and --centre: on the
-    rotated model, centred): eval reads the same perplexity as TEAL calibrated in memory, and generate runs it in
-    the engine."""
+    rotated model, centred; sparsify's default for a --target: the same, weight-aware, = eval's --select greedy):
+    eval reads the same perplexity as TEAL calibrated in memory, and generate runs it in the engine."""
     text, out, rot = tmp_path / "text.txt", tmp_path / "teal", tmp_path / "rot.safetensors"
-    teal = ("--method", "teal-greedy", "--target", 0.4, "--calib-data", text, "--calib-windows", 2,
-            "--calib-seq-len", 32)
-    if rotated:
+    calib = ("--target", 0.4, "--calib-data", text, "--calib-windows", 2, "--calib-seq-len", 32)
+    teal = ("--method", "teal-greedy", *calib)
+    if form:
         assert run(capsys, "calibrate", model_dir, "--data", text, "--out", rot, "--windows", 2, "--seq-len", 32,
                    "--signal", "gainfree", "--quiet")[0] == 0
-        teal += ("--rotations", rot, "--centre", "median")
+        teal = (*calib, "--rotations", rot) if form == "default" else (*teal, "--rotations", rot, "--centre", "median")
     code, printed, _ = run(capsys, "sparsify", model_dir, *teal, "--out", out, "--dtype", "float32", "--json",
                            "--quiet")
     assert code == 0 and json.loads(printed)["method"] == "teal-greedy"
+    if form == "default":
+        described = json.loads(printed)
+        assert (described["scope"], described["centre"], described["score"]) == ("global", "median", "weight")
+        teal += ("--select", "greedy")  # eval's default is exact Top-K
     common = ("--data", text, "--seq-len", 32, "--windows", 3, "--dtype", "float32", "--json", "--quiet")
     saved = json.loads(run(capsys, "eval", "ppl", out, *common)[1])
     in_memory = json.loads(run(capsys, "eval", "ppl", model_dir, *common, *teal)[1])
@@ -156,10 +160,20 @@ def test_sparsify_teal_writes_a_directory_that_loads_with_its_thresholds(model_d
     code, _, err = run(capsys, "sparsify", model_dir, "--target", 0.4, "--out", tmp_path / "x", "--quiet")
     assert code == 2 and "give --rotations" in err
     code, _, err = run(capsys, "sparsify", model_dir, *teal, "--sparsity", 0.4, "--out", tmp_path / "y", "--quiet")
-    assert code == 2 and "takes no --sparsity" in err
+    assert code == 2 and ("takes no --sparsity" in err or "not both" in err)
     code, _, err = run(capsys, "eval", "ppl", model_dir, "--data", text, "--method", "cats", "--target", 0.4,
                        "--calib-data", text, "--seq-len", 32, "--centre", "median", "--quiet")
     assert code == 2 and "not CATS" in err
+    if form == "default":
+        code, _, err = run(capsys, "sparsify", model_dir, "--rotations", rot, "--target", 0.4, "--out", tmp_path / "z",
+                           "--quiet")
+        assert code == 2 and "--select greedy" in err and "--select topk" in err
+        code, _, err = run(capsys, "sparsify", model_dir, "--rotations", rot, "--sparsity", 0.4, "--select", "greedy",
+                           *calib[2:], "--out", tmp_path / "z", "--quiet")
+        assert code == 2 and "parameter-weighted target" in err
+        code, _, err = run(capsys, "sparsify", model_dir, *calib, "--rotations", rot, "--scope", "block",
+                           "--out", tmp_path / "z", "--quiet")
+        assert code == 2 and "global scope only" in err
 
 
 def test_sparsify_lazy_writes_what_sparsify_in_ram_writes_and_leaves_the_checkpoint(model_dir, tmp_path, capsys):
@@ -236,7 +250,8 @@ def test_compare_writes_json_table_plot_and_reusable_plans(model_dir, tmp_path, 
                            "--device", "cpu", "--out", out, "--json", "--quiet")
     assert code == 0
     result = json.loads(printed)
-    assert len(result["rows"]) == 13 and "| LaRoSa, searched + weight-aware |" in result["table"]
+    assert len(result["rows"]) == 15 and "| LaRoSa, searched + weight-aware |" in result["table"]
+    assert "| LaRoSa greedy (sparsify's default): global rotation, centred, weight-aware |" in result["table"]
     for r in result["rows"][1:]:
         if r["method"] == "cats" and r["target"] == 0.6:  # CATS gates up + down only: 0.6 is out of its reach
             assert "out of reach" in r["error"]
@@ -335,7 +350,7 @@ def test_compare_runs_thresholds_and_centring_and_counts_the_bytes_each_row_read
 
     text = tmp_path / "text.txt"
     methods = ("teal,larosa,larosa-threshold,larosa-searched-threshold,larosa-centred,larosa-centred-threshold,"
-               "larosa-searched-wa-threshold,larosa-searched-centred-threshold,teal-greedy-rotated")
+               "larosa-searched-wa-threshold,larosa-searched-centred-threshold,larosa-greedy")
     code, printed, _ = run(capsys, "compare", model_dir, "--target", "0.4", "--data", text, "--windows", 2,
                            "--calib-data", text, "--calib-windows", 3, "--search-windows", 2,
                            "--held-out-windows", 2, "--seq-len", 32, "--device", "cpu", "--methods", methods,
@@ -347,7 +362,7 @@ def test_compare_runs_thresholds_and_centring_and_counts_the_bytes_each_row_read
     rows = {r["method"]: r for r in result["rows"]}
     assert set(rows) == set(methods.split(","))
     for name, r in rows.items():
-        extra = 0.0 if name.startswith("teal") else input_form  # the rotated TEAL model has no adapters
+        extra = 0.0 if name in ("teal", "larosa-greedy") else input_form  # the greedy row's model has no adapters
         assert r["relative_bytes"] == pytest.approx(1 - r["measured_param_weighted"] + extra)
         assert r["measured_param_weighted"] == pytest.approx(0.4, abs=0.06), name
     assert rows["larosa-centred"]["settings"]["centre"] == "median"
@@ -355,5 +370,6 @@ def test_compare_runs_thresholds_and_centring_and_counts_the_bytes_each_row_read
     assert rows["larosa-searched-centred-threshold"]["settings"]["centre"] == "median"
     assert rows["larosa-searched-wa-threshold"]["settings"]["select"] == "threshold"
     assert "| LaRoSa, centred + thresholds |" in result["table"]
-    assert rows["teal-greedy-rotated"]["settings"]["rotated"] == "global"
-    assert rows["teal-greedy-rotated"]["settings"]["centre"] == "median"
+    assert rows["larosa-greedy"]["settings"]["rotated"] == "global"
+    assert (rows["larosa-greedy"]["settings"]["centre"], rows["larosa-greedy"]["settings"]["score"]) == (
+        "median", "weight")

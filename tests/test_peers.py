@@ -174,6 +174,26 @@ def test_weight_aware_teal_thresholds_the_weighted_score_and_saves_as_a_plain_mo
         TealConfig(0.5, windows, score="gain")
 
 
+def test_larosa_greedy_selection_is_centred_weight_aware_teal_greedy_on_the_rotated_model():
+    """LaRoSaConfig(select="greedy") (sparsify's default form): exactly TealConfig with the rotations, greedy,
+    centred on the median and weight-aware; what it cannot take is refused."""
+    model, windows = tiny_model("llama"), random_windows(4, seed=3)
+    rot = larosa.calibrate(model, windows, signal="gainfree", progress=False)
+    larosa_greedy = larosa.sparsify(copy.deepcopy(model), larosa.LaRoSaConfig(rot, target=0.4, select="greedy",
+                                                                               calib=windows), progress=False)
+    teal_config = TealConfig(0.4, windows, greedy=True, centre="median", score="weight", rotations=rot)
+    teal_greedy = larosa.sparsify(copy.deepcopy(model), teal_config, progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(larosa_greedy(windows).logits, teal_greedy(windows).logits)
+    assert larosa.describe(larosa_greedy) == larosa.describe(teal_greedy)
+    refused = {"global scope only": {"scope": "block"}, "residual form only": {"form": "input", "mode": "folded"},
+               "parameter-weighted target": {"target": None, "sparsity": 0.4},
+               "give rotations": {"rotations": None}, "calibration windows": {"calib": None}}
+    for message, change in refused.items():
+        with pytest.raises(LarosaError, match=message):
+            larosa.LaRoSaConfig(**{"rotations": rot, "target": 0.4, "select": "greedy", "calib": windows, **change})
+
+
 @pytest.mark.parametrize("arch", ["llama", "phi3"])
 def test_teal_on_the_globally_rotated_model(arch):
     """TealConfig(rotations=...): the model turned into the basis of one global Q (a plain model of its family, the

@@ -23,11 +23,15 @@ def sparsify(model: nn.Module, config: Config, *, device: str | None = None, pro
     """Apply ``config``'s method to ``model`` and return the sparse model.
 
     LaRoSa in simulate mode, TEAL and CATS change ``model`` in place (a method applied before is replaced);
-    :func:`unsparsify` undoes them. LaRoSa in folded mode, and TEAL with rotations, return a new model made from
+    :func:`unsparsify` undoes them. LaRoSa in folded mode or with greedy selection (TEAL's thresholds on the
+    globally rotated model), and TEAL with rotations, return a new model made from
     ``model``'s weights, which are consumed; TEAL with weight-aware scores rescales ``model``'s weights in place
     (the same function). TEAL, CATS and LaRoSa's threshold selection calibrate their
     thresholds layer by layer on ``device``.
     """
+    if isinstance(config, LaRoSaConfig) and config.select == "greedy":
+        config = TealConfig(config.target, config.calib, greedy=True, centre=config.centre or "median",
+                            rotations=config.rotations, score=config.score or "weight")
     if isinstance(config, LaRoSaConfig):
         sparse = fold(model, config) if config.mode == "folded" else simulate(model, config)
         sites.settings(sparse)["source"] = config.source

@@ -53,12 +53,13 @@ VARIANTS = {
     "larosa-searched-centred-threshold": ("LaRoSa, searched + centred + thresholds",
                                           {"search": True, "centre": "median", "select": "threshold"}),
 }
-# TEAL greedy, centred, on the model in the basis of LaRoSa's global Q (no adapters): a new model each time.
-ROTATED_TEAL = "teal-greedy-rotated"
+# LaRoSa's greedy selection (sparsify's default): TEAL's greedy thresholds, centred and weight-aware, on the model
+# in the basis of the global gain-free Q (no adapters): a new model each time.
+GREEDY = "larosa-greedy"
 ROWS = {**{m: LABELS[m] for m in ("dense", "teal", "teal-greedy", "cats")},
-        ROTATED_TEAL: "TEAL greedy, centred, on LaRoSa's global rotation",
+        GREEDY: "LaRoSa greedy (sparsify's default): global rotation, centred, weight-aware",
         **{name: label for name, (label, _) in VARIANTS.items()}}
-DEFAULT_ROWS = ("dense", "teal", "teal-greedy", "cats", "larosa", "larosa-searched", "larosa-searched-wa")
+DEFAULT_ROWS = ("dense", "teal", "teal-greedy", "cats", GREEDY, "larosa", "larosa-searched", "larosa-searched-wa")
 
 
 def check_rows(rows: list[str]) -> None:
@@ -70,12 +71,12 @@ def check_rows(rows: list[str]) -> None:
 def _apply(model: nn.Module, method: str, target: float, rotations: Rotations | None, calib: torch.Tensor,
            search_windows: tuple[torch.Tensor, torch.Tensor | None], scope: str, device: str | None, batch_size: int,
            plans: list[Plan], gainfree: Callable[[], Rotations]) -> tuple[nn.Module, dict]:
-    """The model to score for ``method`` (``model`` made sparse in place, or for the rotated TEAL row a rotated
-    copy: ``gainfree()`` gives its Q) and what was chosen (thresholds, plan, ...). Plans it searches are added to
+    """The model to score for ``method`` (``model`` made sparse in place, or for the greedy row a rotated copy:
+    ``gainfree()`` gives its Q) and what was chosen (thresholds, plan, ...). Plans it searches are added to
     ``plans``."""
-    if method == ROTATED_TEAL:
-        teal = TealConfig(target, calib, greedy=True, centre="median", rotations=gainfree())
-        copied = sparsify(copy.deepcopy(model), teal, device=device, progress=False)
+    if method == GREEDY:
+        greedy = LaRoSaConfig(gainfree(), target=target, select="greedy", calib=calib)
+        copied = sparsify(copy.deepcopy(model), greedy, device=device, progress=False)
         return copied, sites.settings(copied)
     if method in ("teal", "teal-greedy"):
         sparsify(model, TealConfig(target, calib, greedy=method == "teal-greedy"), device=device, progress=False)
@@ -122,7 +123,7 @@ def compare(model: nn.Module, methods: list[str], targets: list[float], *, calib
     plans = [] if plans is None else plans
 
     @functools.cache
-    def gainfree() -> Rotations:  # the rotated TEAL row's Q: gain-free, as its measured rows used
+    def gainfree() -> Rotations:  # the greedy row's Q: gain-free, as its measured rows used
         if rotations is not None and rotations.signal == "gainfree":
             return rotations
         return calibrate(model, calib, signal="gainfree", device=device, progress=progress)
@@ -161,9 +162,9 @@ def relative_bytes(row: dict, dims, scope: str, rotations: Rotations | None, rot
     """Decoder weight bytes a token reads, over the dense model's: the share the row's sites did not skip, plus,
     for LaRoSa, the dense d x d matrices of the cheapest folded form that computes what it simulated (residual
     adapters for Q of the gain-free signal where the family's residual stream can be rotated, else the input form's
-    two transforms)."""
+    two transforms); the greedy row is a plain model in the global basis, with none."""
     read = 1.0 - row["measured_param_weighted"]
-    if not row["method"].startswith("larosa") or rotations is None:
+    if not row["method"].startswith("larosa") or row["method"] == GREEDY or rotations is None:
         return read
     residual = rotatable_residual and rotations.signal == "gainfree"
     return read + adapter_overhead(dims, scope, "residual" if residual else "input")

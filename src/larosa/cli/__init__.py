@@ -69,7 +69,7 @@ def _larosa_config(a: argparse.Namespace, mode: str, tok) -> LaRoSaConfig | None
             raise LarosaError("--rotations needs --sparsity, --target, --plan or --site")
         return None
     plan = select(load_plans(a.plan), a.target, a.scope, a.score, where=a.plan) if a.plan else None
-    calib = _calib_windows(a, tok) if (a.select == "threshold" or a.centre) and a.calib_data else None
+    calib = _calib_windows(a, tok) if (a.select != "topk" or a.centre) and a.calib_data else None
     return LaRoSaConfig(Rotations.load(a.rotations) if a.rotations else None, sparsity=sparsity,
                         target=None if plan else a.target, plan=plan, split=a.split, scope=a.scope, score=a.score,
                         mode=mode, head_rotation=a.head_rotation, form=a.form, select=a.select, calib=calib,
@@ -102,7 +102,10 @@ def _apply_peer(a: argparse.Namespace, model, tok):
 
 def _check_select(a: argparse.Namespace) -> None:
     """What the options to threshold selection and centring lack, before the model loads."""
-    calibrated = "--select threshold" if a.select == "threshold" else "--centre" if a.centre else None
+    calibrated = f"--select {a.select}" if a.select != "topk" else "--centre" if a.centre else None
+    if a.select == "greedy" and not a.calib_data:
+        raise LarosaError("--select greedy (sparsify's default for a --target) is calibrated on --calib-data: give it "
+                          "(the text the rotations came from, or builtin:wiki), or --select topk for exact Top-K")
     if calibrated and not a.calib_data:
         raise LarosaError(f"{calibrated} is calibrated on --calib-data; give it")
     if calibrated and getattr(a, "lazy", False):
@@ -181,6 +184,10 @@ def _cmd_sparsify(a: argparse.Namespace) -> dict:
     model, tok = load_lazy(a.model, dtype=dtype) if a.lazy else load_model(a.model, device="cpu", dtype=dtype)
     config = _larosa_config(a, "folded", tok)
     dims = adapter_for(model).dims
+    if config.select == "greedy":  # TEAL's thresholds on the rotated model, saved as its family's larosa type
+        model = sparsify(model, config, device=a.device, progress=not a.quiet)
+        deliver(a.out, lambda out: save_folded(model, tok, out, overwrite=a.overwrite))
+        return {"out": a.out, **describe(model), "calib_data": a.calib_data, "calib_windows": a.calib_windows}
     if a.lazy:
         settings = FoldedSettings.of(fold_streamed(model, config, a.out, tokenizer=tok, overwrite=a.overwrite))
     else:
@@ -365,10 +372,20 @@ def _check_before_work(a: argparse.Namespace) -> None:
             check_form(adapter_class(config), a.form)
 
 
+def _default_select(a: argparse.Namespace) -> None:
+    """--select left out: greedy thresholds where sparsify is given LaRoSa's --target alone (the deployable form
+    most accurate at equal bytes read), else exact Top-K."""
+    if "select" in a and a.select is None:
+        target_only = a.target is not None and a.sparsity is None and not a.site and not a.plan
+        greedy = a.command == "sparsify" and a.method == "larosa" and target_only
+        a.select = "greedy" if greedy else "topk"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a command: its result on stdout and exit 0; a failure as one line on stderr and exit 2 (1 for a bug);
     Ctrl-C as one line and exit 130. A result holding NaN or Inf is a failure, never printed."""
     a = parser().parse_args(argv)
+    _default_select(a)
     if getattr(a, "quiet", False) or getattr(a, "json", False):
         transformers.utils.logging.disable_progress_bar()  # its weight-loading bars
     try:

@@ -131,15 +131,18 @@ def _larosa(p: argparse.ArgumentParser, folded_only: bool) -> None:
     p.add_argument("--centre", choices=CENTRES,
                    help="centre every site's (rotated) input on a per-coordinate offset, the mean or the median of "
                         "it on --calib-data, before it selects; the weights add it back as a bias (LaRoSa and TEAL)")
-    p.add_argument("--select", choices=SELECTS, default="topk",
-                   help="topk (default): exactly k entries a token at every site; threshold: every entry at or above "
-                        "a per-site threshold calibrated on --calib-data to drop the site's share (k varies per "
-                        "token; no selection launch when decoding)")
+    p.add_argument("--select", choices=SELECTS,
+                   help="topk: exactly k entries a token at every site; threshold: every entry at or above a per-site "
+                        "threshold calibrated on --calib-data to drop the site's share (k varies per token; no "
+                        "selection launch when decoding); greedy: a threshold per projection of the globally "
+                        "rotated model, allocated for --target by TEAL's greedy search on --calib-data, centred and "
+                        "weight-aware (no adapters; the most accurate at equal bytes read). Default: greedy for "
+                        "sparsify given --target alone, else topk")
     _calib(p)
 
 
 def _calib(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--calib-data", help=f"text thresholds are calibrated on (--select threshold, peers; {DATA_HELP})")
+    p.add_argument("--calib-data", help=f"text thresholds are calibrated on (--select threshold|greedy, peers; {DATA_HELP})")
     p.add_argument("--calib-windows", type=_count, default=16, help="calibration windows (default 16)")
     p.add_argument("--calib-seq-len", type=_seq_len,
                    help="tokens per calibration window (default: --seq-len where the command has it, else 2048)")
@@ -269,7 +272,7 @@ def _bench(sub) -> None:
     bd = bsub.add_parser("decode", help="end-to-end batch-1 decode tokens/s: dense vs folded LaRoSa vs HF generate")
     bd.add_argument("--config", choices=CONFIGS, default="llama2-7b", help="random weights of these shapes")
     bd.add_argument("--model", help="a saved dense or folded model instead of random weights (its own sparsity)")
-    bd.add_argument("--select", type=lambda t: t.split(","), default=list(SELECTS),
+    bd.add_argument("--select", type=lambda t: t.split(","), default=["topk", "threshold"],
                     help="selections to time, comma-separated: topk and threshold (the folded LaRoSa model; "
                          "thresholds are calibrated on random tokens where the model has none) and teal (TEAL's "
                          "greedy thresholds per projection on the dense model, same engine); default topk,threshold")

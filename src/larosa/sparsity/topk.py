@@ -28,8 +28,9 @@ MODES = ("simulate", "folded")
 # The scope each mode uses unless told otherwise: the best quality measured in each (README, results).
 DEFAULT_SCOPE = {"simulate": "block", "folded": "global"}
 # How a site picks what it keeps: exactly its k largest entries per token, or every entry at or above a threshold
-# calibrated to drop the site's share of the calibration entries (k then varies per token, as in TEAL).
-SELECTS = ("topk", "threshold")
+# calibrated to drop the site's share of the calibration entries (k then varies per token, as in TEAL); greedy:
+# a threshold per projection, allocated by TEAL's greedy search, on the globally rotated model.
+SELECTS = ("topk", "threshold", "greedy")
 Thresholds = Sequence[dict[str, float]]  # one {site: threshold} per layer
 
 
@@ -50,6 +51,10 @@ class LaRoSaConfig:
     exactly k (no selection on the decode path): ``thresholds`` as calibrated before, or calibrated on apply
     from ``calib`` ([n, seq_len] token ids) in the basis each site sees. ``centre`` ("mean" or "median") centres
     every site's input on a per-coordinate offset calibrated on ``calib`` before it selects.
+    ``select="greedy"`` (``sparsify``'s default, the most accurate at equal bytes read, issue 14) turns the model
+    into the basis of the global Q (the folded global form at sparsity 0: no adapters) and puts a threshold on each
+    projection's input, allocated for ``target`` by TEAL's greedy search on ``calib``, centred (``centre``, default
+    the median) and weight-aware (``score``, default ``"weight"``): a :class:`~larosa.TealConfig` with rotations.
     """
 
     rotations: Rotations | None = None
@@ -95,8 +100,11 @@ class LaRoSaConfig:
             raise LarosaError(f"select must be one of {', '.join(SELECTS)}, got {self.select!r}")
         if self.centre is not None and self.centre not in CENTRES:
             raise LarosaError(f"centre must be one of {', '.join(CENTRES)}, got {self.centre!r}")
-        if self.select == "threshold" and self.thresholds is None and self.calib is None:
-            raise LarosaError("threshold selection needs calibration windows to set its thresholds on (--calib-data)")
+        if self.select != "topk" and self.thresholds is None and self.calib is None:
+            raise LarosaError(f"{self.select} selection needs calibration windows to set its thresholds on "
+                              "(--calib-data)")
+        if self.select == "greedy":
+            self._check_greedy()
         if self.centre and self.calib is None:
             raise LarosaError("centring needs calibration windows to set its offsets on (--calib-data)")
         if self.select == "topk" and self.thresholds is not None:
@@ -115,6 +123,22 @@ class LaRoSaConfig:
             if self.rotations is not None and self.plan.signal != self.rotations.signal:
                 warnings.warn(f"the plan was searched on {self.plan.signal}-signal rotations, these are "
                               f"{self.rotations.signal}-signal", stacklevel=3)
+
+    def _check_greedy(self) -> None:
+        """Greedy thresholds sit on the plain, globally rotated model: a parameter-weighted target, nothing of
+        Top-K's levels, scopes or forms."""
+        if self.rotations is None:
+            raise LarosaError("greedy selection puts thresholds on the model in the basis of the global Q: give "
+                              "rotations (--rotations)")
+        if self.target is None:
+            raise LarosaError("greedy selection allocates a parameter-weighted target (--target), not a nominal "
+                              "sparsity or a plan (those are Top-K's: --select topk)")
+        fixed = {"scope": (self.scope, "global"), "form": (self.form, "residual")}
+        for name, (given, only) in fixed.items():
+            if given not in (None, only):
+                raise LarosaError(f"greedy selection runs on the {only} {name} only, not {given!r}")
+        if self.head_rotation or self.thresholds is not None:
+            raise LarosaError("greedy selection calibrates its own thresholds and takes no head rotation")
 
     @property
     def resolved_scope(self) -> str:
