@@ -81,8 +81,8 @@ def _check_peer(a: argparse.Namespace) -> None:
     if a.target is None or not a.calib_data:
         raise LarosaError(f"--method {a.method} needs --target (parameter-weighted) and --calib-data")
     if a.method == "cats" and (a.centre or a.rotations or a.score == "weight"):
-        raise LarosaError("--centre, --rotations and --score weight are for LaRoSa and TEAL, not CATS (its sites threshold "
-                          "the gate activation)")
+        raise LarosaError("--centre, --rotations and --score weight are for LaRoSa and TEAL, not CATS (its sites "
+                          "threshold the gate activation)")
     if a.sparsity is not None or a.site or a.plan or getattr(a, "mode", "simulate") != "simulate":
         raise LarosaError(f"--method {a.method} takes no --sparsity, --site, --plan or --mode folded")
     if getattr(a, "lazy", False):

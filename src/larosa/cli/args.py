@@ -142,7 +142,8 @@ def _larosa(p: argparse.ArgumentParser, folded_only: bool) -> None:
 
 
 def _calib(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--calib-data", help=f"text thresholds are calibrated on (--select threshold|greedy, peers; {DATA_HELP})")
+    p.add_argument("--calib-data",
+                   help=f"text thresholds are calibrated on (--select threshold|greedy, peers; {DATA_HELP})")
     p.add_argument("--calib-windows", type=_count, default=16, help="calibration windows (default 16)")
     p.add_argument("--calib-seq-len", type=_seq_len,
                    help="tokens per calibration window (default: --seq-len where the command has it, else 2048)")

@@ -5,4 +5,5 @@ from .folding import check_form, fold, fold_streamed, rotated, save_folded, weig
 from .hf import folded_class
 from .schema import FoldedSettings
 
-__all__ = ["FoldedSettings", "check_form", "fold", "fold_streamed", "folded_class", "rotated", "save_folded", "weight_scaled"]
+__all__ = ["FoldedSettings", "check_form", "fold", "fold_streamed", "folded_class", "rotated", "save_folded",
+           "weight_scaled"]
