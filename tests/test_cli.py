@@ -174,6 +174,9 @@ def test_sparsify_teal_writes_a_directory_that_loads_with_its_thresholds(model_d
         code, _, err = run(capsys, "sparsify", model_dir, *calib, "--rotations", rot, "--scope", "block",
                            "--out", tmp_path / "z", "--quiet")
         assert code == 2 and "global scope only" in err
+        code, _, err = run(capsys, "sparsify", model_dir, *calib, "--rotations", rot, "--lazy", "--out", tmp_path / "z",
+                           "--quiet")
+        assert code == 2 and "leave out --lazy" in err and "--select topk" in err
 
 
 def test_sparsify_lazy_writes_what_sparsify_in_ram_writes_and_leaves_the_checkpoint(model_dir, tmp_path, capsys):

@@ -87,8 +87,8 @@ def describe(model: nn.Module, config: LaRoSaConfig | None = None) -> dict:
     if state["method"] != "larosa":  # a peer: thresholds calibrated for a parameter-weighted target
         # TEAL on LaRoSa's global rotation, centred, weight-aware
         rotated, centre, score = state.get("rotated"), state.get("centre"), state.get("score")
-        label = (LABELS[state["method"]] + (", centred" if centre else "")
-                 + (f", {rotated} rotation" if rotated else "") + (", weight-aware" if score == "weight" else ""))
+        base = f"LaRoSa {rotated} rotation + {LABELS[state['method']]} thresholds" if rotated else LABELS[state["method"]]
+        label = base + (", centred" if centre else "") + (", weight-aware" if score == "weight" else "")
         return {"method": state["method"], "label": label, "mode": "simulate",
                 "nominal_sparsity": None, "param_weighted_sparsity": state["target"], "configured_site_sparsity": {},
                 "sparsity_source": state["method"], "scope": rotated, "signal": None, "score": score,

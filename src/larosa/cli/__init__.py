@@ -109,7 +109,8 @@ def _check_select(a: argparse.Namespace) -> None:
     if calibrated and not a.calib_data:
         raise LarosaError(f"{calibrated} is calibrated on --calib-data; give it")
     if calibrated and getattr(a, "lazy", False):
-        raise LarosaError(f"{calibrated} is calibrated on a model in memory; leave out --lazy")
+        also = ", or fold exact Top-K layer by layer (--select topk)" if a.select == "greedy" else ""
+        raise LarosaError(f"{calibrated} is calibrated on a model in memory; leave out --lazy{also}")
 
 
 def _cmd_calibrate(a: argparse.Namespace) -> dict:

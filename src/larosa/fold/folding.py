@@ -92,8 +92,8 @@ class _Folding:
         check_form(type(adapter), config.form)
         config.check_model(model)
         if config.rotations.signal != "gainfree" and config.form == "residual":
-            warnings.warn("these rotations come from the gain-included signal, but folded Top-K sees the gain-free "
-                          "one; calibrate with signal='gainfree' (--signal gainfree): on SmolLM2 at 40 % the "
+            warnings.warn("these rotations come from the gain-included signal, but the folded model's sites see the "
+                          "gain-free one; calibrate with signal='gainfree' (--signal gainfree): on SmolLM2 at 40 % the "
                           "gain-included Q measured 28.4 PPL against 24.2", stacklevel=4)
         scope = config.resolved_scope
         return cls(adapter, config, config.levels(adapter.dims), config.rotations.for_scope(scope),
@@ -239,7 +239,8 @@ def rotated(model: nn.Module, rotations: Rotations) -> nn.Module:
     family = type(adapter_for(model))
     if not family.rotatable_residual:
         raise LarosaError(f"{family.model_types[0]} normalises each block's output with a gained RMSNorm before the "
-                          "residual add, so its residual stream cannot be rotated: use TEAL on it without rotations")
+                          "residual add, so its residual stream cannot be rotated: use TEAL on it without rotations, "
+                          "or LaRoSa's input form (select='topk' or 'threshold'; --select topk|threshold)")
     folded = fold(model, LaRoSaConfig(rotations, sparsity=0.0, scope="global", mode="folded", form="residual"))
     drop = ("larosa", "model_type", "architectures")
     config = type(model.config)(**{k: v for k, v in folded.config.to_dict().items() if k not in drop})
