@@ -87,7 +87,8 @@ def describe(model: nn.Module, config: LaRoSaConfig | None = None) -> dict:
     if state["method"] != "larosa":  # a peer: thresholds calibrated for a parameter-weighted target
         # TEAL on LaRoSa's global rotation, centred, weight-aware
         rotated, centre, score = state.get("rotated"), state.get("centre"), state.get("score")
-        base = f"LaRoSa {rotated} rotation + {LABELS[state['method']]} thresholds" if rotated else LABELS[state["method"]]
+        base = LABELS[state["method"]]
+        base = f"LaRoSa {rotated} rotation + {base} thresholds" if rotated else base
         label = base + (", centred" if centre else "") + (", weight-aware" if score == "weight" else "")
         return {"method": state["method"], "label": label, "mode": "simulate",
                 "nominal_sparsity": None, "param_weighted_sparsity": state["target"], "configured_site_sparsity": {},
