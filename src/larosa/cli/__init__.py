@@ -167,15 +167,19 @@ def _cmd_eval(a: argparse.Namespace) -> dict:
     return {**result, **report, "data": a.data}
 
 
+def _save_thresholded(a: argparse.Namespace, model, tok) -> dict:
+    """Write a model carrying TEAL's thresholds (a peer, or LaRoSa's greedy form) as its family's larosa type."""
+    deliver(a.out, lambda out: save_folded(model, tok, out, overwrite=a.overwrite))
+    return {"out": a.out, **describe(model), "calib_data": a.calib_data, "calib_windows": a.calib_windows}
+
+
 def _cmd_sparsify(a: argparse.Namespace) -> dict:
     check_output_dir(a.out, a.overwrite)
     dtype = _dtype(a, "cpu")  # folding runs on the CPU, whatever --device
     if a.method != "larosa":  # TEAL's thresholds on the model as it is: saved as its family's larosa type
         _check_peer(a)
         model, tok = load_model(a.model, device="cpu", dtype=dtype)
-        model = _apply_peer(a, model, tok)
-        deliver(a.out, lambda out: save_folded(model, tok, out, overwrite=a.overwrite))
-        return {"out": a.out, **describe(model), "calib_data": a.calib_data, "calib_windows": a.calib_windows}
+        return _save_thresholded(a, _apply_peer(a, model, tok), tok)
     if not a.rotations:
         raise LarosaError("larosa sparsify folds LaRoSa's rotations: give --rotations (from larosa calibrate), or "
                           "--method teal / teal-greedy")
@@ -185,10 +189,8 @@ def _cmd_sparsify(a: argparse.Namespace) -> dict:
     model, tok = load_lazy(a.model, dtype=dtype) if a.lazy else load_model(a.model, device="cpu", dtype=dtype)
     config = _larosa_config(a, "folded", tok)
     dims = adapter_for(model).dims
-    if config.select == "greedy":  # TEAL's thresholds on the rotated model, saved as its family's larosa type
-        model = sparsify(model, config, device=a.device, progress=not a.quiet)
-        deliver(a.out, lambda out: save_folded(model, tok, out, overwrite=a.overwrite))
-        return {"out": a.out, **describe(model), "calib_data": a.calib_data, "calib_windows": a.calib_windows}
+    if config.select == "greedy":  # TEAL's thresholds on the rotated model
+        return _save_thresholded(a, sparsify(model, config, device=a.device, progress=not a.quiet), tok)
     if a.lazy:
         settings = FoldedSettings.of(fold_streamed(model, config, a.out, tokenizer=tok, overwrite=a.overwrite))
     else:
